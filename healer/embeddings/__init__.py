@@ -1,0 +1,1 @@
+"""Untrained embedding rows: detection, unbiased mean, row writes."""

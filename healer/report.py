@@ -1,0 +1,99 @@
+"""Findings and reports: what doctor found, for people (rich table) and pipelines (JSON)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+Severity = Literal["error", "warning", "info"]
+SEVERITIES: tuple[Severity, ...] = ("error", "warning", "info")
+
+
+@dataclass
+class Finding:
+    """One problem found by one check. `check` is a stable id such as `tokenizer.fast_mismatch`."""
+
+    check: str
+    severity: Severity
+    message: str
+    fix: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        assert self.severity in SEVERITIES, self.severity
+
+    @property
+    def area(self) -> str:
+        return self.check.split(".", 1)[0]
+
+
+@dataclass
+class Report:
+    """All findings for one model directory."""
+
+    model: str
+    findings: list[Finding] = field(default_factory=list)
+
+    def summary(self) -> dict[str, int]:
+        return {s: sum(f.severity == s for f in self.findings) for s in SEVERITIES}
+
+    @property
+    def has_errors(self) -> bool:
+        return any(f.severity == "error" for f in self.findings)
+
+    def checks(self) -> set[str]:
+        return {f.check for f in self.findings}
+
+    def by_check(self, check: str) -> list[Finding]:
+        return [f for f in self.findings if f.check == check]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "findings": [asdict(f) for f in self.findings],
+            "summary": self.summary(),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False, default=_jsonable)
+
+    def render(self, console) -> None:
+        """Print a table grouped by area (tokenizer, template, embeddings, ...)."""
+        from rich.table import Table
+
+        styles = {"error": "bold red", "warning": "yellow", "info": "cyan"}
+        if not self.findings:
+            console.print(f"[green]No problems found[/green] in {self.model}")
+            return
+        order = {s: i for i, s in enumerate(SEVERITIES)}
+        findings = sorted(self.findings, key=lambda f: (f.area, order[f.severity], f.check))
+        table = Table(title=f"healer doctor: {self.model}", show_lines=False, expand=False)
+        table.add_column("area")
+        table.add_column("severity")
+        table.add_column("check")
+        table.add_column("finding", overflow="fold")
+        table.add_column("fix", overflow="fold")
+        last_area = None
+        for f in findings:
+            if last_area is not None and f.area != last_area:
+                table.add_section()
+            table.add_row(
+                f.area if f.area != last_area else "",
+                f"[{styles[f.severity]}]{f.severity}[/]",
+                f.check,
+                f.message,
+                f.fix or "",
+            )
+            last_area = f.area
+        console.print(table)
+        s = self.summary()
+        console.print(f"{s['error']} error(s), {s['warning']} warning(s), {s['info']} info")
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    return str(value)

@@ -1,0 +1,1 @@
+"""Chat templates: registry, rendering, detection, assistant masks, dataset formats."""

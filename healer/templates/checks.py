@@ -1,0 +1,3 @@
+from healer.doctor import Check
+
+CHECKS: list[Check] = []

@@ -1,0 +1,1 @@
+"""Tokenizer checks and repairs: slow<->fast comparison, conversion, special tokens, corpus."""

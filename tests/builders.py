@@ -1,0 +1,126 @@
+"""Build tiny but real Hugging Face checkpoints around real tokenizers, for tests.
+
+The weights come from transformers' own model classes (`save_pretrained`), so the files are
+exactly what a user's checkpoint looks like; only the sizes are tiny (hidden 64, 2 layers).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama": dict(model_type="llama", architectures=["LlamaForCausalLM"]),
+    "mistral": dict(model_type="mistral", architectures=["MistralForCausalLM"]),
+    "qwen2": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"]),
+    "gemma": dict(model_type="gemma", architectures=["GemmaForCausalLM"], head_dim=16),
+    "gemma2": dict(model_type="gemma2", architectures=["Gemma2ForCausalLM"], head_dim=16),
+    "phi3": dict(model_type="phi3", architectures=["Phi3ForCausalLM"]),
+}
+
+
+def tiny_config(family: str, vocab_size: int, **overrides: Any):
+    """A transformers config object of `family` with tiny sizes."""
+    from transformers import AutoConfig
+
+    base = dict(FAMILY_CONFIGS[family])
+    model_type = base.pop("model_type")
+    base.pop("architectures")
+    kwargs = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    )
+    kwargs.update(base)
+    kwargs.update(overrides)
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def save_tiny_model(out: Path, family: str, vocab_size: int, *, seed: int = 0, dtype=torch.float32,
+                    max_shard_size: str | None = None, **config_overrides: Any):
+    """Write config.json, generation_config.json and safetensors weights of a random tiny model."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_config(family, vocab_size, **config_overrides)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out, **kwargs)
+    return model
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+def sentencepiece_checkpoint(out: Path, sp_model: Path, *, family: str = "llama", vocab_size: int | None = None,
+                             add_bos: bool = True, chat_template: str | None = None,
+                             tokenizer_json: Path | None = None, pad_token: str | None = None,
+                             **config_overrides: Any) -> Path:
+    """A checkpoint whose tokenizer is a real sentencepiece model (optionally with a tokenizer.json)."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(sp_model))
+    n = vocab_size or sp.get_piece_size()
+    save_tiny_model(out, family, n, bos_token_id=sp.bos_id(), eos_token_id=sp.eos_id(),
+                    pad_token_id=sp.piece_to_id(pad_token) if pad_token else None, **config_overrides)
+    shutil.copyfile(sp_model, out / "tokenizer.model")
+    tc: dict[str, Any] = {
+        "tokenizer_class": "LlamaTokenizer",
+        "bos_token": sp.id_to_piece(sp.bos_id()),
+        "eos_token": sp.id_to_piece(sp.eos_id()),
+        "unk_token": sp.id_to_piece(sp.unk_id()),
+        "add_bos_token": add_bos,
+        "add_eos_token": False,
+        "model_max_length": 4096,
+    }
+    if pad_token:
+        tc["pad_token"] = pad_token
+    if chat_template:
+        tc["chat_template"] = chat_template
+    write_json(out / "tokenizer_config.json", tc)
+    if tokenizer_json is not None:
+        shutil.copyfile(tokenizer_json, out / "tokenizer.json")
+    return out
+
+
+def converted_tokenizer_json(sp_model: Path, dest_dir: Path, add_bos: bool = True) -> Path:
+    """tokenizer.json as transformers converts it from a sentencepiece model (what users get)."""
+    from transformers import AutoTokenizer
+
+    src = dest_dir / "_src"
+    src.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(sp_model, src / "tokenizer.model")
+    write_json(src / "tokenizer_config.json", {"tokenizer_class": "LlamaTokenizer", "add_bos_token": add_bos})
+    write_json(src / "config.json", {"model_type": "llama"})
+    tok = AutoTokenizer.from_pretrained(str(src))
+    tok.save_pretrained(str(dest_dir / "_out"))
+    return dest_dir / "_out" / "tokenizer.json"
+
+
+def fast_checkpoint(out: Path, tokenizer_json: Path, *, family: str = "llama", vocab_size: int | None = None,
+                    bos_token: str | None, eos_token: str, pad_token: str | None = None,
+                    chat_template: str | None = None, tokenizer_config: dict | None = None,
+                    **config_overrides: Any) -> Path:
+    """A checkpoint whose tokenizer is a real tokenizer.json (BPE vocabularies: Llama 3, Qwen2, ...)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    n = vocab_size or tok.get_vocab_size(with_added_tokens=True)
+    ids = {t: tok.token_to_id(t) for t in (bos_token, eos_token, pad_token) if t}
+    save_tiny_model(out, family, n, bos_token_id=ids.get(bos_token), eos_token_id=ids[eos_token],
+                    pad_token_id=ids.get(pad_token), **config_overrides)
+    shutil.copyfile(tokenizer_json, out / "tokenizer.json")
+    tc: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos_token,
+                          "eos_token": eos_token, "model_max_length": 8192}
+    if pad_token:
+        tc["pad_token"] = pad_token
+    if chat_template:
+        tc["chat_template"] = chat_template
+    tc.update(tokenizer_config or {})
+    write_json(out / "tokenizer_config.json", tc)
+    return out

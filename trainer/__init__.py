@@ -1,0 +1,1 @@
+"""trainer: a compact QLoRA trainer with one decoder for six model families."""
