@@ -1,0 +1,189 @@
+"""TrainConfig: one dataclass whose fields are the YAML keys and the `trainer run` flags.
+
+A YAML file sets fields; flags override the file; `resolve_config` validates the result. The
+field metadata carries the help text and, for switches, the flag pair the CLI shows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from healer.errors import HealerError
+
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LR_SCHEDULERS = ("linear", "cosine")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+REQUIRED = ("model", "data", "out")
+
+
+class ConfigError(HealerError):
+    """A training setting is missing, unknown or out of range."""
+
+
+def _f(default: Any, help: str, *, flag: str | None = None) -> Any:
+    meta = {"help": help, "flag": flag}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run (YAML key = field name; CLI flag = --field-name)."""
+
+    model: str | None = _f(None, "Hugging Face model directory to fine-tune.")
+    data: str | None = _f(None, "Local dataset file: .jsonl, .json, .parquet or .csv.")
+    out: str | None = _f(None, "Run directory to write (adapter, config, metrics, loss plot).")
+    template: str | None = _f(None, "Chat template: a name (chatml), a .jinja file, or unset for the model's own.")
+    max_seq_len: int = _f(2048, "Longest training sequence in tokens; longer examples are truncated.")
+    batch_size: int = _f(2, "Sequences per micro-batch.")
+    grad_accum: int = _f(4, "Micro-batches per optimizer step.")
+    lr: float = _f(2e-4, "Peak learning rate.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    epochs: int = _f(1, "Passes over the dataset (ignored when max_steps is set).")
+    max_steps: int | None = _f(None, "Optimizer steps to run (overrides epochs).")
+    warmup_steps: int = _f(10, "Linear warmup steps.")
+    lr_scheduler: str = _f("linear", "Learning-rate schedule after warmup: linear or cosine.")
+    max_grad_norm: float = _f(1.0, "Clip the gradient norm to this value (0 disables clipping).")
+    lora_r: int = _f(16, "LoRA rank.")
+    lora_alpha: float = _f(16.0, "LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).")
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA input.")
+    use_rslora: bool = _f(False, "Rank-stabilized LoRA scaling alpha / sqrt(r).", flag="--use-rslora/--no-rslora")
+    target_modules: list[str] = _f(list(DEFAULT_TARGET_MODULES), "Linear layers to adapt (comma-separated).")
+    modules_to_save: list[str] = _f([], "Whole modules to train and save, e.g. embed_tokens,lm_head.")
+    packing: bool = _f(False, "Pack examples into full sequences (no attention across examples).",
+                       flag="--packing/--no-packing")
+    train_on_inputs: bool = _f(False, "Train on every token, not only assistant replies.",
+                               flag="--train-on-inputs/--assistant-only")
+    load_in_4bit: bool = _f(True, "Quantize base weights to NF4 (QLoRA); --load-in-16bit for plain LoRA.",
+                            flag="--load-in-4bit/--load-in-16bit")
+    fix_untrained: bool = _f(True, "Repair untrained embedding rows of tokens the data uses (in memory).",
+                             flag="--fix-untrained/--no-fix-untrained")
+    max_bad_steps: int = _f(10, "Stop after this many consecutive steps with non-finite loss or gradients.")
+    seed: int = _f(42, "Random seed (data order, LoRA init, dropout).")
+    device: str = _f("auto", "auto, cpu or cuda.")
+    dtype: str = _f("auto", "Compute dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.")
+    logging_steps: int = _f(1, "Write metrics every N optimizer steps.")
+    save_steps: int = _f(0, "Save a checkpoint every N steps (0: only at the end).")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+def config_fields() -> list[dataclasses.Field]:
+    """The fields of TrainConfig in declaration order (the CLI builds one option per field)."""
+    return list(dataclasses.fields(TrainConfig))
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML config file; unknown keys are a ConfigError naming them."""
+    import yaml
+
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: config file not found") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"{p}: not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of setting: value, got {type(data).__name__}")
+    known = {f.name for f in config_fields()}
+    unknown = [str(k) for k in data if k not in known]
+    if unknown:
+        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known, 1)) else k
+                 for k in unknown]
+        raise ConfigError(f"{p}: unknown setting(s): {', '.join(hints)}")
+    return data
+
+
+def resolve_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
+    """Fields from the YAML file at `path`, then `overrides` that are not None; validated."""
+    values = read_yaml(path) if path is not None else {}
+    known = {f.name for f in config_fields()}
+    unknown = [k for k in overrides if k not in known]
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return validate(TrainConfig(**{k: _coerce(k, v) for k, v in values.items()}))
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Check a value against the field's type; lists may also come as comma-separated strings."""
+    hint = typing.get_type_hints(TrainConfig)[name]
+    args = typing.get_args(hint)
+    optional = isinstance(hint, types.UnionType) and type(None) in args
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"setting {name} cannot be empty")
+    base = next(a for a in args if a is not type(None)) if optional else hint
+    if typing.get_origin(base) is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"setting {name} must be a list of names, got {value!r}")
+        return list(value)
+    if base is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"setting {name} must be true or false, got {value!r}")
+        return value
+    if base is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"setting {name} must be an integer, got {value!r}")
+        return value
+    if base is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"setting {name} must be a number, got {value!r}")
+        return float(value)
+    if base is str:
+        if not isinstance(value, (str, Path)):
+            raise ConfigError(f"setting {name} must be a string, got {value!r}")
+        return str(value)
+    raise AssertionError(f"unhandled field type {hint} for {name}")
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Raise ConfigError on missing required settings or values out of range; return cfg."""
+    missing = [n for n in REQUIRED if getattr(cfg, n) is None]
+    if missing:
+        raise ConfigError("missing setting(s): " + ", ".join(missing)
+                          + " (give --" + " --".join(m.replace("_", "-") for m in missing)
+                          + " or set them in the config file)")
+    positive = ("max_seq_len", "batch_size", "grad_accum", "epochs", "lora_r", "max_bad_steps", "logging_steps")
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"setting {name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise ConfigError(f"setting max_steps must be at least 1, got {cfg.max_steps}")
+    for name in ("warmup_steps", "save_steps"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"setting {name} must be 0 or more, got {getattr(cfg, name)}")
+    if not cfg.lr > 0:
+        raise ConfigError(f"setting lr must be positive, got {cfg.lr}")
+    if cfg.max_grad_norm < 0 or cfg.weight_decay < 0:
+        raise ConfigError("settings max_grad_norm and weight_decay must be 0 or more")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise ConfigError(f"setting lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
+    if not cfg.target_modules:
+        raise ConfigError("setting target_modules is empty: name at least one linear layer, e.g. q_proj")
+    for name, allowed in (("lr_scheduler", LR_SCHEDULERS), ("device", DEVICES), ("dtype", DTYPES)):
+        if getattr(cfg, name) not in allowed:
+            raise ConfigError(f"setting {name} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
+    return cfg
