@@ -83,6 +83,72 @@ def doctor(model_dir: Path | None, as_json: bool, corpus: Path | None, check_wei
     sys.exit(EXIT_FINDINGS if report.has_errors else EXIT_OK)
 
 
+@healer.group()
+def template() -> None:
+    """Chat template registry: list entries, show one, render a conversation (with its loss mask)."""
+
+
+@template.command("list")
+def template_list() -> None:
+    """List the registry's chat templates."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from healer.templates import TEMPLATES
+
+    table = Table("name", "end of turn", "emits BOS", "description")
+    for t in TEMPLATES.values():
+        eot = "eos_token" if t.eot_token is None else t.eot_token
+        table.add_row(t.name, Text(eot), "yes" if t.emits_bos else "no", Text(t.description))
+    _console().print(table)
+
+
+@template.command("show")
+@click.argument("name")
+@friendly_errors
+def template_show(name: str) -> None:
+    """Print NAME's Jinja source (as it would be written into a checkpoint)."""
+    from healer.templates import get
+
+    click.echo(get(name).source)
+
+
+@template.command("render")
+@click.argument("name")
+@click.option("--messages", "messages_file", required=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="JSON file: a list of {role, content} messages, or one ShareGPT/Alpaca/messages record.")
+@click.option("--tokenizer", "model_dir", type=click.Path(path_type=Path),
+              help="Model dir whose tokenizer supplies bos/eos (and tokens for --mask).")
+@click.option("--mask", is_flag=True, help="Highlight the trained (assistant) spans; needs --tokenizer.")
+@click.option("--generation-prompt", is_flag=True, help="Append the assistant cue (add_generation_prompt).")
+@friendly_errors
+def template_render(name: str, messages_file: Path, model_dir: Path | None, mask: bool,
+                    generation_prompt: bool) -> None:
+    """Render the conversation in --messages with template NAME."""
+    from healer.templates import get, highlight, load_messages, render_with_mask
+
+    entry = get(name)
+    messages = load_messages(messages_file)
+    if mask and model_dir is None:
+        raise click.UsageError("--mask needs --tokenizer MODEL_DIR")
+    if model_dir is None:
+        click.echo(entry.render(messages, add_generation_prompt=generation_prompt), nl=False)
+        return
+    from healer.checkpoint import Checkpoint
+
+    masked = render_with_mask(entry, messages, Checkpoint(model_dir).hf_tokenizer(),
+                              add_generation_prompt=generation_prompt)
+    if not mask:
+        click.echo(masked.text, nl=False)
+    elif sys.stdout.isatty():
+        _console().print(highlight(masked.text, masked.spans, markup=True), end="")
+    else:
+        click.echo(highlight(masked.text, masked.spans, markup=False), nl=False)
+    if mask:
+        trained = sum(label != -100 for label in masked.labels)
+        _console(stderr=True).print(f"{len(masked.input_ids)} tokens, {trained} trained")
+
+
 # ----------------------------------------------------------------------------- trainer
 
 

@@ -1,0 +1,341 @@
+"""The chat template registry: our own Jinja templates for the common chat formats.
+
+Each template is written in the format transformers' apply_chat_template reads (`messages`,
+`add_generation_prompt`, `bos_token`, `eos_token`, `raise_exception`). Where a model family
+publishes an official template, ours renders exactly the same string for chats without tool
+calls (tests/templates compares them); tool calling is out of scope.
+
+Sources carry `{% generation %}` blocks around the trained part of each assistant turn
+(content + end-of-turn token). `ChatTemplate.source` is the template with those tags removed,
+which is what gets written into a checkpoint (llama.cpp and others do not know the tag);
+`ChatTemplate.tracked_source` keeps them for assistant-only masks. Every output in these
+sources goes through `{{- ... }}` so removing the tags cannot change whitespace.
+
+Naming decisions:
+- `llama-3` is the Llama 3.0 Instruct template; `llama-3.1` is the 3.1 / 3.2 / 3.3 one, which
+  always writes a system header with "Cutting Knowledge Date: December 2023" and
+  "Today Date: {date_string}" (default "26 Jul 2024", as in 3.1 and 3.3; 3.2's official
+  template asks `strftime_now` for today's date unless `date_string` is passed, so it matches
+  ours when the date is passed).
+- Mistral has three spellings that differ only in spaces (each space is a token): `mistral-v1`
+  (Mistral-7B-Instruct v0.1/v0.2, Mixtral-8x7B: `<s> [INST] q [/INST] a</s>`), `mistral-v3`
+  (Mistral-7B-Instruct-v0.3, Mixtral-8x22B: `<s>[INST] q[/INST] a</s>`, [INST] is a control
+  token) and `mistral-nemo` (tekken tokenizers, Mistral-Nemo-Instruct-2407: no spaces).
+  v3 and nemo follow the official Hugging Face templates: the system prompt goes in front of
+  the last message only if that message is a user turn, so a conversation that ends with an
+  assistant turn (training data) loses its system prompt, exactly as with the official
+  template (mistral-common instead puts it before the last user turn).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from healer.templates.render import Message, Span, TemplateError, render_spans
+
+_GENERATION_TAG = re.compile(r"\{%-?\s*(?:end)?generation\s*-?%\}")
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """One registry entry: a Jinja chat template and the facts checks and training need about it."""
+
+    name: str
+    description: str
+    tracked_source: str
+    eot_token: str | None
+    """Literal string that ends an assistant turn; None: the tokenizer's eos_token does."""
+    generation_prompt: str
+    """What add_generation_prompt=True appends (may be empty: the user turn already ends in the cue)."""
+    emits_bos: bool
+    """The template writes bos_token itself (so the tokenizer must not add another)."""
+    control_tokens: tuple[str, ...]
+    """Literal markers the template writes; a tokenizer for it must encode each as one id."""
+    bos_token: str
+    """The family's usual BOS (used when no tokenizer is given)."""
+    eos_token: str
+    """The family's usual EOS (used when no tokenizer is given)."""
+    variables: dict[str, Any] = field(default_factory=dict)
+    """Extra template variables the entry reads, with their defaults (e.g. llama-3.1's date_string)."""
+
+    @property
+    def source(self) -> str:
+        """The Jinja template to write into a checkpoint (no `{% generation %}` tags)."""
+        return _GENERATION_TAG.sub("", self.tracked_source)
+
+    def end_of_turn(self, eos_token: str | None = None) -> str:
+        """The string that ends an assistant turn, given the tokenizer's eos_token."""
+        if self.eot_token is not None:
+            return self.eot_token
+        return eos_token if eos_token is not None else self.eos_token
+
+    def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = False,
+               bos_token: str | None = None, eos_token: str | None = None, **variables: Any) -> str:
+        """Render to text; bos/eos default to the family's tokens."""
+        return self.render_spans(messages, add_generation_prompt=add_generation_prompt, bos_token=bos_token,
+                                 eos_token=eos_token, **variables)[0]
+
+    def render_spans(self, messages: Sequence[Message], *, add_generation_prompt: bool = False,
+                     bos_token: str | None = None, eos_token: str | None = None,
+                     **variables: Any) -> tuple[str, list[Span]]:
+        """Render to text plus the character spans of the trained parts (assistant content + end of turn)."""
+        values = {"bos_token": self.bos_token if bos_token is None else bos_token,
+                  "eos_token": self.eos_token if eos_token is None else eos_token, **variables}
+        return render_spans(self.tracked_source, messages, add_generation_prompt=add_generation_prompt,
+                            name=self.name, **values)
+
+
+_ALTERNATE = ("{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+              "{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+              "{%- endif %}")
+_SPLIT_SYSTEM = r"""
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content'] %}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set loop_messages = messages %}
+{%- endif %}"""
+
+CHATML = r"""
+{%- for message in messages %}
+    {{- '<|im_start|>' + message['role'] + '\n' }}
+    {%- if message['role'] == 'assistant' %}
+        {%- generation %}{{- message['content'] + '<|im_end|>' }}{%- endgeneration %}
+    {%- else %}
+        {{- message['content'] + '<|im_end|>' }}
+    {%- endif %}
+    {{- '\n' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}"""
+
+QWEN25 = r"""
+{%- if messages[0]['role'] != 'system' %}
+    {{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}
+{%- endif %}""" + CHATML
+
+LLAMA2 = r"""
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content'] %}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+{%- for message in loop_messages %}
+    """ + _ALTERNATE + r"""
+    {%- set content = message['content'] %}
+    {%- if loop.first and system_message is defined %}
+        {%- set content = '<<SYS>>\n' + system_message + '\n<</SYS>>\n\n' + content %}
+    {%- endif %}
+    {%- if message['role'] == 'user' %}
+        {{- bos_token + '[INST] ' + content | trim + ' [/INST]' }}
+    {%- elif message['role'] == 'assistant' %}
+        {{- ' ' }}
+        {%- generation %}{{- content | trim + ' ' + eos_token }}{%- endgeneration %}
+    {%- endif %}
+{%- endfor %}"""
+
+_LLAMA3_TURNS = r"""
+    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}
+    {%- if message['role'] == 'assistant' %}
+        {%- generation %}{{- message['content'] | trim + '<|eot_id|>' }}{%- endgeneration %}
+    {%- else %}
+        {{- message['content'] | trim + '<|eot_id|>' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
+{%- endif %}"""
+
+LLAMA3 = r"""
+{%- for message in messages %}
+    {%- if loop.first %}
+        {{- bos_token }}
+    {%- endif %}""" + _LLAMA3_TURNS
+
+LLAMA31 = r"""
+{{- bos_token }}
+{%- if date_string is not defined %}
+    {%- set date_string = '26 Jul 2024' %}
+{%- endif %}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content'] | trim %}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = '' %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+{{- '<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\nToday Date: ' }}
+{{- date_string + '\n\n' + system_message + '<|eot_id|>' }}
+{%- for message in loop_messages %}""" + _LLAMA3_TURNS
+
+
+def _mistral(inst: str, end_inst: str, before_answer: str, system_turn: str, trim: bool) -> str:
+    content = "message['content'] | trim" if trim else "message['content']"
+    return _SPLIT_SYSTEM + r"""
+{%- for message in loop_messages %}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}
+        {{- raise_exception('After the optional system message, conversation roles must alternate user/assistant/user/assistant/...') }}
+    {%- endif %}
+{%- endfor %}
+{{- bos_token }}
+{%- for message in loop_messages %}
+    {%- if message['role'] == 'user' %}
+        {%- if loop.""" + system_turn + r""" and system_message is defined %}
+            {{- '""" + inst + r"""' + system_message + '\n\n' + message['content'] + '""" + end_inst + r"""' }}
+        {%- else %}
+            {{- '""" + inst + r"""' + message['content'] + '""" + end_inst + r"""' }}
+        {%- endif %}
+    {%- elif message['role'] == 'assistant' %}
+        {{- '""" + before_answer + r"""' }}
+        {%- generation %}{{- """ + content + r""" + eos_token }}{%- endgeneration %}
+    {%- else %}
+        {{- raise_exception('Only user and assistant roles are supported, with the exception of an initial optional system message!') }}
+    {%- endif %}
+{%- endfor %}"""
+
+
+GEMMA = r"""
+{{- bos_token }}
+{%- if messages[0]['role'] == 'system' %}
+    {{- raise_exception('System role not supported') }}
+{%- endif %}
+{%- for message in messages %}
+    """ + _ALTERNATE + r"""
+    {%- if message['role'] == 'assistant' %}
+        {{- '<start_of_turn>model\n' }}
+        {%- generation %}{{- message['content'] | trim + '<end_of_turn>' }}{%- endgeneration %}
+    {%- else %}
+        {{- '<start_of_turn>' + message['role'] + '\n' + message['content'] | trim + '<end_of_turn>' }}
+    {%- endif %}
+    {{- '\n' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<start_of_turn>model\n' }}
+{%- endif %}"""
+
+PHI3 = r"""
+{%- for message in messages %}
+    {%- if message['role'] == 'system' and message['content'] %}
+        {{- '<|system|>\n' + message['content'] + '<|end|>\n' }}
+    {%- elif message['role'] == 'user' %}
+        {{- '<|user|>\n' + message['content'] + '<|end|>\n' }}
+    {%- elif message['role'] == 'assistant' %}
+        {{- '<|assistant|>\n' }}
+        {%- generation %}{{- message['content'] + '<|end|>' }}{%- endgeneration %}
+        {{- '\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|assistant|>\n' }}
+{%- else %}
+    {{- eos_token }}
+{%- endif %}"""
+
+ZEPHYR = r"""
+{%- for message in messages %}
+    {%- if message['role'] == 'user' %}
+        {{- '<|user|>\n' + message['content'] + eos_token + '\n' }}
+    {%- elif message['role'] == 'system' %}
+        {{- '<|system|>\n' + message['content'] + eos_token + '\n' }}
+    {%- elif message['role'] == 'assistant' %}
+        {{- '<|assistant|>\n' }}
+        {%- generation %}{{- message['content'] + eos_token }}{%- endgeneration %}
+        {{- '\n' }}
+    {%- endif %}
+    {%- if loop.last and add_generation_prompt %}
+        {{- '<|assistant|>\n' }}
+    {%- endif %}
+{%- endfor %}"""
+
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+VICUNA = r"""
+{{- bos_token }}""" + _SPLIT_SYSTEM + r"""
+{{- (system_message if system_message is defined else '""" + VICUNA_SYSTEM.replace("'", "\\'") + r"""') + ' ' }}
+{%- for message in loop_messages %}
+    """ + _ALTERNATE + r"""
+    {%- if message['role'] == 'user' %}
+        {{- 'USER: ' + message['content'] + ' ' }}
+    {%- else %}
+        {{- 'ASSISTANT: ' }}
+        {%- generation %}{{- message['content'] + eos_token }}{%- endgeneration %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- 'ASSISTANT:' }}
+{%- endif %}"""
+
+ALPACA_SYSTEM = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+ALPACA = r"""
+{{- bos_token }}""" + _SPLIT_SYSTEM + r"""
+{{- system_message if system_message is defined else '""" + ALPACA_SYSTEM + r"""' }}
+{%- for message in loop_messages %}
+    """ + _ALTERNATE + r"""
+    {%- if message['role'] == 'user' %}
+        {{- '\n\n### Instruction:\n' + message['content'] }}
+    {%- else %}
+        {{- '\n\n### Response:\n' }}
+        {%- generation %}{{- message['content'] + eos_token }}{%- endgeneration %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '\n\n### Response:\n' }}
+{%- endif %}"""
+
+_LLAMA3_MARKERS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+TEMPLATES: dict[str, ChatTemplate] = {t.name: t for t in (
+    ChatTemplate("chatml", "ChatML (<|im_start|>role ... <|im_end|>), no default system prompt",
+                 CHATML.strip(), "<|im_end|>", "<|im_start|>assistant\n", False,
+                 ("<|im_start|>", "<|im_end|>"), "", "<|im_end|>"),
+    ChatTemplate("qwen2.5", "Qwen2.5 Instruct: ChatML with Qwen's default system prompt",
+                 QWEN25.strip(), "<|im_end|>", "<|im_start|>assistant\n", False,
+                 ("<|im_start|>", "<|im_end|>"), "", "<|im_end|>"),
+    ChatTemplate("llama-2", "Llama 2 chat: <s>[INST] <<SYS>> ... [/INST] answer </s>",
+                 LLAMA2.strip(), None, "", True, (), "<s>", "</s>"),
+    ChatTemplate("llama-3", "Llama 3.0 Instruct (no date header)",
+                 LLAMA3.strip(), "<|eot_id|>", "<|start_header_id|>assistant<|end_header_id|>\n\n", True,
+                 _LLAMA3_MARKERS, "<|begin_of_text|>", "<|eot_id|>"),
+    ChatTemplate("llama-3.1", "Llama 3.1/3.2/3.3 Instruct without tools (system header with knowledge/today date)",
+                 LLAMA31.strip(), "<|eot_id|>", "<|start_header_id|>assistant<|end_header_id|>\n\n", True,
+                 _LLAMA3_MARKERS, "<|begin_of_text|>", "<|eot_id|>", {"date_string": "26 Jul 2024"}),
+    ChatTemplate("mistral-v1", "Mistral v1 tokenizer (7B-Instruct v0.1/v0.2, Mixtral-8x7B): ' [INST] q [/INST] a</s>'",
+                 _mistral(" [INST] ", " [/INST]", " ", "first", trim=False).strip(), None, "", True, (),
+                 "<s>", "</s>"),
+    ChatTemplate("mistral-v3", "Mistral v3 tokenizer (7B-Instruct-v0.3, Mixtral-8x22B): '[INST] q[/INST] a</s>'",
+                 _mistral("[INST] ", "[/INST]", " ", "last", trim=True).strip(), None, "", True,
+                 ("[INST]", "[/INST]"), "<s>", "</s>"),
+    ChatTemplate("mistral-nemo", "Mistral tekken tokenizers (Nemo-Instruct-2407): '[INST]q[/INST]a</s>'",
+                 _mistral("[INST]", "[/INST]", "", "last", trim=False).strip(), None, "", True,
+                 ("[INST]", "[/INST]"), "<s>", "</s>"),
+    ChatTemplate("gemma", "Gemma and Gemma 2 instruct (<start_of_turn>user/model; no system role)",
+                 GEMMA.strip(), "<end_of_turn>", "<start_of_turn>model\n", True,
+                 ("<start_of_turn>", "<end_of_turn>"), "<bos>", "<eos>"),
+    ChatTemplate("phi-3", "Phi-3 / Phi-3.5 mini instruct (<|user|> ... <|end|>)",
+                 PHI3.strip(), "<|end|>", "<|assistant|>\n", False,
+                 ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"), "<s>", "<|endoftext|>"),
+    ChatTemplate("zephyr", "Zephyr (<|user|>\\n ... </s>; markers are plain text)",
+                 ZEPHYR.strip(), None, "<|assistant|>\n", False, (), "<s>", "</s>"),
+    ChatTemplate("vicuna", "Vicuna v1.1 (FastChat): 'SYSTEM USER: q ASSISTANT: a</s>'",
+                 VICUNA.strip(), None, "ASSISTANT:", True, (), "<s>", "</s>"),
+    ChatTemplate("alpaca", "Alpaca (alpaca-lora layout): '### Instruction:\\n...\\n\\n### Response:\\n...'",
+                 ALPACA.strip(), None, "\n\n### Response:\n", True, (), "<s>", "</s>"),
+)}
+
+
+def names() -> list[str]:
+    """Registry entry names, in registry order."""
+    return list(TEMPLATES)
+
+
+def get(name: str) -> ChatTemplate:
+    """The registry entry called `name`; TemplateError listing the known names otherwise."""
+    try:
+        return TEMPLATES[name]
+    except KeyError:
+        raise TemplateError(f"unknown chat template {name!r}; known: {', '.join(TEMPLATES)}") from None
