@@ -1,3 +1,137 @@
-from healer.doctor import Check
+"""Doctor checks on embeddings and weights: untrained rows, NaN/Inf values.
 
-CHECKS: list[Check] = []
+Only the input embedding and lm_head are read (row chunks through plain file reads), once
+per checkpoint: both embedding checks share one scan. `weights.nonfinite` streams every
+tensor, one chunk at a time, and runs only under --check-weights.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import Counter
+from typing import Any
+
+import torch
+
+from healer.checkpoint import Checkpoint
+from healer.doctor import Check, Context
+from healer.embeddings.repair import EmbeddingNames, checkpoint_untrained_rows
+from healer.embeddings.rows import EPS, StoredMatrix, row_absmax, row_chunks, stored_matrix
+from healer.embeddings.usage import Vocab, describe, load_vocab, protected_ids, token_use
+from healer.errors import CheckpointError
+from healer.report import Finding
+
+SHOWN = 20
+_absmax_cache: weakref.WeakKeyDictionary[Checkpoint, dict[str, torch.Tensor]] = weakref.WeakKeyDictionary()
+
+
+def _absmax(ckpt: Checkpoint, name: str) -> torch.Tensor:
+    cache = _absmax_cache.setdefault(ckpt, {})
+    if name not in cache:
+        cache[name] = row_absmax(stored_matrix(ckpt, name))
+    return cache[name]
+
+
+def _vocab(ckpt: Checkpoint) -> Vocab | None:
+    try:
+        return load_vocab(ckpt)
+    except CheckpointError:
+        return None  # the tokenizer checks report unreadable tokenizer files
+
+
+def _fix_command(ckpt: Checkpoint, *flags: str) -> str:
+    return " ".join([f"healer fix {ckpt.path} -o OUT", *flags])
+
+
+def check_untrained(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
+    """Embedding rows within 1e-16 of zero (confirmed on a separate lm_head) that were never trained."""
+    if not ckpt.has_weights or ckpt.embed_name is None:
+        return []
+    names = EmbeddingNames.of(ckpt)
+    vocab = _vocab(ckpt)
+    protected = protected_ids(ckpt, vocab)
+    absmax = _absmax(ckpt, names.embed)
+    untrained = checkpoint_untrained_rows(ckpt, protected, absmax=absmax)
+    if not untrained:
+        return []
+    use = token_use(ckpt, vocab)
+    rows = list(untrained)
+    special = [r for r in rows if r in use.special]
+    template = [r for r in rows if r in use.template]
+    used = sorted(set(special) | set(template))
+    confirm = ", confirmed on lm_head" if names.lm_head else ""
+    details: dict[str, Any] = {
+        "count": len(rows),
+        "rules": dict(Counter(untrained.values())),
+        "first": [{**d, "rule": untrained[d["id"]], "used_by": use.reasons(d["id"])}
+                  for d in describe(rows[:SHOWN], vocab)],
+        "special": describe(special, vocab),
+        "template": describe(template, vocab),
+        "unused_count": len(rows) - len(used),
+        "protected_zero": describe([i for i in sorted(protected) if i < len(absmax) and absmax[i] <= EPS], vocab),
+    }
+    if used:
+        shown = ", ".join(f"{d['token']!s} ({d['id']})" for d in describe(used[:5], vocab))
+        more = f" and {len(used) - 5} more" if len(used) > 5 else ""
+        return [Finding(
+            "embeddings.untrained", "error",
+            f"{len(rows)} embedding rows are untrained (all values within {EPS:g} of 0{confirm}); "
+            f"{len(used)} belong to special or chat-template tokens: {shown}{more}.",
+            fix=_fix_command(ckpt), details=details,
+        )]
+    return [Finding(
+        "embeddings.untrained", "warning",
+        f"{len(rows)} embedding rows are untrained (all values within {EPS:g} of 0{confirm}); no special or "
+        "chat-template token uses them, but training data containing these tokens would.",
+        fix=_fix_command(ckpt, "--all-untrained"), details=details,
+    )]
+
+
+def check_embeddings_nonfinite(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
+    """NaN or Inf anywhere in the input embedding or lm_head."""
+    if not ckpt.has_weights or ckpt.embed_name is None:
+        return []
+    vocab = None
+    bad: dict[str, Any] = {}
+    for name in filter(None, (ckpt.embed_name, ckpt.lm_head_name)):
+        absmax = _absmax(ckpt, name)
+        nan = torch.nonzero(torch.isnan(absmax)).reshape(-1).tolist()
+        inf = torch.nonzero(torch.isinf(absmax)).reshape(-1).tolist()
+        if nan or inf:
+            vocab = vocab or _vocab(ckpt)
+            bad[name] = {"rows_with_nan": len(nan), "rows_with_inf": len(inf),
+                         "first": describe(sorted(nan + inf)[:SHOWN], vocab)}
+    if not bad:
+        return []
+    what = "; ".join(f"{n}: {d['rows_with_nan']} rows with NaN, {d['rows_with_inf']} rows with Inf"
+                     for n, d in bad.items())
+    return [Finding("embeddings.nonfinite", "error", f"Non-finite values in the embeddings ({what}).",
+                    details=bad)]
+
+
+def _nonfinite_count(ckpt: Checkpoint, name: str) -> int:
+    path = ckpt.weight_map[name]
+    if path.suffix == ".safetensors":
+        m: StoredMatrix | torch.Tensor = StoredMatrix(path, name, any_shape=True)
+    else:
+        m = ckpt.tensor(name)
+        m = m.reshape(m.shape[0] if m.dim() else 1, -1)
+    if not m.dtype.is_floating_point:
+        return 0
+    return sum(int((~torch.isfinite(chunk)).sum()) for _, chunk in row_chunks(m))
+
+
+def check_weights_nonfinite(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
+    """NaN or Inf in any tensor (every tensor streamed; only with --check-weights)."""
+    if not ctx.check_weights or not ckpt.has_weights:
+        return []
+    bad = {name: n for name in ckpt.tensor_names() if (n := _nonfinite_count(ckpt, name))}
+    if not bad:
+        return []
+    first = ", ".join(list(bad)[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    return [Finding("weights.nonfinite", "error",
+                    f"{len(bad)} tensors hold NaN or Inf values ({sum(bad.values())} values): {first}.",
+                    details={"tensors": bad})]
+
+
+CHECKS: list[Check] = [check_untrained, check_embeddings_nonfinite, check_weights_nonfinite]
