@@ -188,7 +188,12 @@ class Checkpoint:
             raise CheckpointError(f"{p}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from e
 
     def hf_tokenizer(self):
-        """The tokenizer `transformers.AutoTokenizer` gives a user for this directory."""
+        """The tokenizer `transformers.AutoTokenizer` gives a user for this directory (loaded once)."""
+        if "_hf_tokenizer" not in self.__dict__:
+            self.__dict__["_hf_tokenizer"] = self._load_hf_tokenizer()
+        return self.__dict__["_hf_tokenizer"]
+
+    def _load_hf_tokenizer(self):
         import transformers
 
         for name in ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.json"):
@@ -293,6 +298,14 @@ class Checkpoint:
     @property
     def lm_head_name(self) -> str | None:
         return self._first_present(LM_HEAD_NAMES)
+
+    @property
+    def embedding_rows(self) -> int | None:
+        """Rows of the input embedding (from the tensor when present, else config.vocab_size)."""
+        if self.embed_name is not None:
+            return self.tensor_shape(self.embed_name)[0]
+        n = self.config.get("vocab_size")
+        return int(n) if isinstance(n, int) else None
 
     @property
     def tie_word_embeddings(self) -> bool:

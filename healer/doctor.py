@@ -62,4 +62,63 @@ def diagnose(path: str | Path, *, corpus: str | Path | None = None, check_weight
     return report
 
 
-CONFIG_CHECKS: list[Check] = []
+def check_vocab_sizes(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
+    """config.vocab_size, embedding rows, lm_head rows and tokenizer length must fit together."""
+    from healer.tokenizers.inventory import inventory
+
+    sizes: dict[str, int] = {}
+    if isinstance(ckpt.config.get("vocab_size"), int):
+        sizes["config.vocab_size"] = ckpt.config["vocab_size"]
+    if ckpt.embed_name:
+        sizes["embedding rows"] = ckpt.tensor_shape(ckpt.embed_name)[0]
+    if ckpt.lm_head_name:
+        sizes["lm_head rows"] = ckpt.tensor_shape(ckpt.lm_head_name)[0]
+    if ckpt.has_tokenizer:
+        sizes["tokenizer length"] = inventory(ckpt).max_id + 1
+    fix = f"healer fix {ckpt.path} -o {ckpt.path.name}-fixed"
+    rows = [v for k, v in sizes.items() if k != "tokenizer length"]
+    findings = []
+    if len(set(rows)) > 1:
+        findings.append(Finding(
+            "config.vocab_mismatch", "error",
+            "config.vocab_size and the embedding/lm_head rows disagree: " + _sizes(sizes) + ".",
+            fix=fix, details=sizes,
+        ))
+    elif rows and "tokenizer length" in sizes:
+        n_rows, n_tok = rows[0], sizes["tokenizer length"]
+        if n_tok > n_rows:
+            findings.append(Finding(
+                "config.vocab_mismatch", "error",
+                f"The tokenizer has {n_tok} ids but the model has {n_rows} rows: " + _sizes(sizes) + ".",
+                fix=fix, details=sizes,
+            ))
+        elif n_rows > n_tok:
+            findings.append(Finding(
+                "config.vocab_mismatch", "info",
+                f"The model has {n_rows - n_tok} more rows than the tokenizer has ids (padding, which is normal).",
+                details=sizes,
+            ))
+    return findings
+
+
+def _sizes(sizes: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sizes.items())
+
+
+def check_tied(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
+    """tie_word_embeddings must agree with whether an lm_head tensor is stored."""
+    if not ckpt.has_weights or ckpt.embed_name is None:
+        return []
+    has_head = ckpt.lm_head_name is not None
+    tied = ckpt.tie_word_embeddings
+    if tied == has_head:
+        what = ("says the head is tied but an lm_head tensor is stored (loaders ignore it)" if tied
+                else "says the head is separate but no lm_head tensor is stored (loaders initialize it randomly)")
+        return [Finding(
+            "config.tied_mismatch", "warning", f"config.json tie_word_embeddings={tied} {what}.",
+            details={"tie_word_embeddings": tied, "lm_head_present": has_head},
+        )]
+    return []
+
+
+CONFIG_CHECKS: list[Check] = [check_vocab_sizes, check_tied]

@@ -59,33 +59,27 @@ class Report:
         return json.dumps(self.to_dict(), indent=2, ensure_ascii=False, default=_jsonable)
 
     def render(self, console) -> None:
-        """Print a table grouped by area (tokenizer, template, embeddings, ...)."""
+        """Print a table grouped by area (tokenizer, template, embeddings, ...), errors first."""
+        from rich.markup import escape
         from rich.table import Table
 
         styles = {"error": "bold red", "warning": "yellow", "info": "cyan"}
         if not self.findings:
-            console.print(f"[green]No problems found[/green] in {self.model}")
+            console.print(f"[green]No problems found[/green] in {escape(self.model)}")
             return
         order = {s: i for i, s in enumerate(SEVERITIES)}
         findings = sorted(self.findings, key=lambda f: (f.area, order[f.severity], f.check))
-        table = Table(title=f"healer doctor: {self.model}", show_lines=False, expand=False)
-        table.add_column("area")
-        table.add_column("severity")
-        table.add_column("check")
-        table.add_column("finding", overflow="fold")
-        table.add_column("fix", overflow="fold")
+        table = Table(title=f"healer doctor: {escape(self.model)}", expand=True, show_lines=True)
+        table.add_column("severity", no_wrap=True)
+        table.add_column("check", no_wrap=True)
+        table.add_column("finding and fix", ratio=1, overflow="fold")
         last_area = None
         for f in findings:
-            if last_area is not None and f.area != last_area:
-                table.add_section()
-            table.add_row(
-                f.area if f.area != last_area else "",
-                f"[{styles[f.severity]}]{f.severity}[/]",
-                f.check,
-                f.message,
-                f.fix or "",
-            )
-            last_area = f.area
+            if f.area != last_area:
+                table.add_row(f"[bold]{f.area}[/]", "", "", end_section=False)
+                last_area = f.area
+            text = escape(f.message) + (f"\n[dim]fix:[/] [bold]{escape(f.fix)}[/]" if f.fix else "")
+            table.add_row(f"[{styles[f.severity]}]{f.severity}[/]", f.check, text)
         console.print(table)
         s = self.summary()
         console.print(f"{s['error']} error(s), {s['warning']} warning(s), {s['info']} info")

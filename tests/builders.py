@@ -105,8 +105,12 @@ def converted_tokenizer_json(sp_model: Path, dest_dir: Path, add_bos: bool = Tru
 def fast_checkpoint(out: Path, tokenizer_json: Path, *, family: str = "llama", vocab_size: int | None = None,
                     bos_token: str | None, eos_token: str, pad_token: str | None = None,
                     chat_template: str | None = None, tokenizer_config: dict | None = None,
-                    **config_overrides: Any) -> Path:
-    """A checkpoint whose tokenizer is a real tokenizer.json (BPE vocabularies: Llama 3, Qwen2, ...)."""
+                    add_bos: bool = False, **config_overrides: Any) -> Path:
+    """A checkpoint whose tokenizer is a real tokenizer.json (BPE vocabularies: Llama 3, Qwen2, ...).
+
+    add_bos=True installs the post-processor Meta's Llama 3 tokenizer.json ships (ByteLevel, then
+    a TemplateProcessing that prepends BOS); the GGUF-converted vocabularies have none.
+    """
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer_json))
@@ -115,6 +119,10 @@ def fast_checkpoint(out: Path, tokenizer_json: Path, *, family: str = "llama", v
     save_tiny_model(out, family, n, bos_token_id=ids.get(bos_token), eos_token_id=ids[eos_token],
                     pad_token_id=ids.get(pad_token), **config_overrides)
     shutil.copyfile(tokenizer_json, out / "tokenizer.json")
+    if add_bos:
+        tj = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
+        tj["post_processor"] = bos_post_processor(bos_token, ids[bos_token])
+        write_json(out / "tokenizer.json", tj)
     tc: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos_token,
                           "eos_token": eos_token, "model_max_length": 8192}
     if pad_token:
@@ -124,3 +132,20 @@ def fast_checkpoint(out: Path, tokenizer_json: Path, *, family: str = "llama", v
     tc.update(tokenizer_config or {})
     write_json(out / "tokenizer_config.json", tc)
     return out
+
+
+def bos_post_processor(bos: str, bos_id: int) -> dict[str, Any]:
+    """The post_processor of Meta's Llama 3 tokenizer.json: byte-level offsets, then BOS first."""
+    return {
+        "type": "Sequence",
+        "processors": [
+            {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+            {
+                "type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                         {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}},
+            },
+        ],
+    }

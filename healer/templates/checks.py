@@ -1,3 +1,137 @@
-from healer.doctor import Check
+"""Doctor checks on the chat template: present, renders, markers are single tokens, stops."""
 
-CHECKS: list[Check] = []
+from __future__ import annotations
+
+import re
+
+from healer.checkpoint import Checkpoint
+from healer.doctor import Check, Context
+from healer.report import Finding
+from healer.tokenizers.inventory import inventory
+
+REPLY = "Paris is the capital of France."
+SAMPLE = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": REPLY},
+]
+# Marker spellings used by chat formats; inside a template they must be single special tokens.
+MARKER_RE = re.compile(r"<\|[^<>|\s]{1,48}\|>|<(?:start|end)_of_turn>")
+TURN_TOKENS = ("<|im_start|>", "<|eot_id|>", "<|start_header_id|>", "<start_of_turn>", "<|user|>", "<|end|>",
+               "[INST]")
+INSTRUCT_HINTS = re.compile(r"instruct|chat|(^|[-_])it($|[-_])|sft|dpo", re.IGNORECASE)
+
+
+class TemplateRenderError(Exception):
+    pass
+
+
+def render(template: str, messages: list[dict], ckpt: Checkpoint, add_generation_prompt: bool = False) -> str:
+    """Render like transformers' apply_chat_template(tokenize=False) does."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    specials = {f"{n}_token": ckpt.special_token(n) for n in ("bos", "eos", "pad", "unk")}
+    try:
+        rendered, _ = render_jinja_template(
+            conversations=[messages], chat_template=template, add_generation_prompt=add_generation_prompt,
+            **specials,
+        )
+    except Exception as e:  # jinja syntax/undefined errors and the template's own raise_exception
+        raise TemplateRenderError(f"{type(e).__name__}: {e}") from e
+    return rendered[0]
+
+
+def render_sample(ckpt: Checkpoint) -> str | None:
+    """The checkpoint's template over a short conversation (without a system turn if it refuses one)."""
+    if not ckpt.chat_template:
+        return None
+    try:
+        return render(ckpt.chat_template, SAMPLE, ckpt)
+    except TemplateRenderError:
+        try:
+            return render(ckpt.chat_template, SAMPLE[1:], ckpt)
+        except TemplateRenderError:
+            return None
+
+
+def check_template(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
+    if not ckpt.has_tokenizer:
+        return []
+    template = ckpt.chat_template
+    if not template:
+        return _missing(ckpt)
+    try:
+        rendered = render(template, SAMPLE, ckpt)
+    except TemplateRenderError:
+        try:
+            rendered = render(template, SAMPLE[1:], ckpt)
+        except TemplateRenderError as e:
+            return [Finding(
+                "template.render_error", "error", f"The chat template does not render: {e}",
+                fix=f"healer fix {ckpt.path} -o {ckpt.path.name}-fixed --template NAME",
+                details={"error": str(e)},
+            )]
+    tok = ckpt.hf_tokenizer()
+    findings = []
+    markers = sorted(set(MARKER_RE.findall(rendered)))
+    split = {m: tok.encode(m, add_special_tokens=False) for m in markers}
+    not_single = {m: ids for m, ids in split.items() if len(ids) != 1}
+    if not_single:
+        m, ids = next(iter(not_single.items()))
+        findings.append(Finding(
+            "template.tokens_not_single", "error",
+            f"{len(not_single)} chat marker(s) used by the template are not single tokens, e.g. {m!r} -> {ids}: "
+            "the model never saw them as one symbol.",
+            fix=f"healer fix {ckpt.path} -o {ckpt.path.name}-fixed --chatml",
+            details={"markers": {m: ids for m, ids in not_single.items()}},
+        ))
+    eot = end_of_turn(rendered, ckpt)
+    if eot is not None and eot not in not_single:  # a marker that is no token cannot be an eos id
+        findings.extend(_eos_mismatch(ckpt, tok, eot))
+    return findings
+
+
+def end_of_turn(rendered: str, ckpt: Checkpoint) -> str | None:
+    """The special token written right after the assistant's reply (None if the template writes none)."""
+    at = rendered.rfind(REPLY)
+    if at < 0:
+        return None
+    rest = rendered[at + len(REPLY):].lstrip(" ")
+    candidates = {c.content for c in inventory(ckpt).added_claims()} | set(MARKER_RE.findall(rest))
+    candidates |= {t for n in ("eos",) if (t := ckpt.special_token(n))}
+    matches = [c for c in candidates if c and rest.startswith(c)]
+    return max(matches, key=len) if matches else None
+
+
+def _eos_mismatch(ckpt: Checkpoint, tok, eot: str) -> list[Finding]:
+    eos = ckpt.special_token("eos")
+    gen = (ckpt.generation_config or {}).get("eos_token_id", ckpt.config.get("eos_token_id"))
+    gen_ids = set(gen) if isinstance(gen, list) else {gen}
+    eot_id = tok.convert_tokens_to_ids(eot)
+    if eot == eos or eot_id in gen_ids:
+        return []
+    return [Finding(
+        "template.eos_mismatch", "warning",
+        f"The template ends assistant turns with {eot!r} (id {eot_id}), which is neither eos_token ({eos!r}) "
+        f"nor in generation_config eos_token_id {sorted(i for i in gen_ids if i is not None)}: generation never stops.",
+        fix=f"healer fix {ckpt.path} -o {ckpt.path.name}-fixed",
+        details={"end_of_turn": eot, "end_of_turn_id": eot_id, "eos_token": eos,
+                 "generation_eos_token_id": sorted(i for i in gen_ids if i is not None)},
+    )]
+
+
+def _missing(ckpt: Checkpoint) -> list[Finding]:
+    names = " ".join(str(x) for x in (ckpt.path.name, ckpt.config.get("_name_or_path", "")))
+    vocab = {c.content for c in inventory(ckpt).claims}
+    turn = [t for t in TURN_TOKENS if t in vocab]
+    looks_chat = bool(INSTRUCT_HINTS.search(names)) or bool(turn)
+    return [Finding(
+        "template.missing", "warning" if looks_chat else "info",
+        "No chat template" + (f", although the vocabulary has turn tokens {turn}" if turn else "")
+        + (": chat fine-tuning needs one." if looks_chat else " (a base model; chat fine-tuning needs one)."),
+        fix=f"healer fix {ckpt.path} -o {ckpt.path.name}-fixed --template NAME",
+        details={"turn_tokens": turn},
+    )]
+
+
+CHECKS: list[Check] = [check_template]

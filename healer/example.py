@@ -1,0 +1,96 @@
+"""A small flawed checkpoint built on the spot, so every command can be tried without a download.
+
+It is a Llama-architecture model (about 1M parameters) with a real sentencepiece tokenizer
+trained here on generated text, carrying the defects users meet in the field:
+no tokenizer.json (slow only), BOS not added on encode, pad = eos, a ChatML chat template
+whose markers are not tokens of the vocabulary, and never-trained (zero) embedding rows
+for control tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+VOCAB_SIZE = 512
+UNTRAINED = ("<|reserved_0|>", "<|reserved_1|>", "<|reserved_2|>", "<|reserved_3|>")
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def example_text(n_lines: int = 4000, seed: int = 0) -> list[str]:
+    """Generated sentences: arithmetic and string reversal, the material of the demo dataset."""
+    rng = random.Random(seed)
+    words = ["apple", "river", "stone", "light", "cloud", "green", "music", "table", "north", "smile"]
+    lines = []
+    for _ in range(n_lines):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        w = rng.choice(words)
+        lines.append(rng.choice([
+            f"What is {a} plus {b}? The answer is {a + b}.",
+            f"Reverse the word {w}: {w[::-1]}",
+            f"{a} + {b} = {a + b}",
+            f"The {w} is near the {rng.choice(words)}.",
+        ]))
+    return lines
+
+
+def train_tokenizer(out: Path, vocab_size: int = VOCAB_SIZE) -> Path:
+    """Train a real sentencepiece BPE model (byte fallback, Llama-style specials) into out/tokenizer.model."""
+    import sentencepiece as spm
+
+    with tempfile.TemporaryDirectory() as tmp:
+        text = Path(tmp) / "text.txt"
+        text.write_text("\n".join(example_text()), encoding="utf-8")
+        spm.SentencePieceTrainer.train(
+            input=str(text), model_prefix=str(Path(tmp) / "sp"), vocab_size=vocab_size, model_type="bpe",
+            byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            control_symbols=list(UNTRAINED), add_dummy_prefix=True, remove_extra_whitespaces=False,
+            normalization_rule_name="identity", num_threads=1, minloglevel=2,
+        )
+        shutil.copyfile(Path(tmp) / "sp.model", out / "tokenizer.model")
+    return out / "tokenizer.model"
+
+
+def build_example(out: str | Path | None = None) -> Path:
+    """Write the flawed example checkpoint to `out` (default: a fixed dir under the temp dir)."""
+    import sentencepiece as spm
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = Path(out) if out is not None else Path(tempfile.gettempdir()) / "healer-example"
+    staging = Path(tempfile.mkdtemp(prefix=".healer-example-", dir=out.parent))
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(train_tokenizer(staging)))
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            vocab_size=sp.get_piece_size(), hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False,
+        )
+        LlamaForCausalLM(config).save_pretrained(staging)
+        weights = staging / "model.safetensors"
+        tensors = load_file(weights)
+        untrained = [sp.piece_to_id(t) for t in UNTRAINED]
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            tensors[name][untrained] = 0.0  # rows never seen in pretraining
+        save_file(tensors, weights, metadata={"format": "pt"})
+        (staging / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+            "pad_token": "</s>", "add_bos_token": False, "add_eos_token": False, "chat_template": CHATML,
+            "model_max_length": 512,
+        }, indent=2), encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
