@@ -181,7 +181,7 @@ class Checkpoint:
         p = self.file("tokenizer.json")
         if p is None:
             raise CheckpointError(f"{self.path}: no tokenizer.json")
-        self.tokenizer_json  # parse first: gives a clear JSON error before tokenizers' own
+        _ = self.tokenizer_json  # parse first: a clear JSON error before tokenizers' own
         try:
             return Tokenizer.from_file(str(p))
         except Exception as e:
