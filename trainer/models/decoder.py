@@ -1,0 +1,227 @@
+"""One decoder for Llama, Mistral, Qwen2, Gemma, Gemma 2 and Phi-3, in the order data flows.
+
+Module and parameter names mirror transformers' (model.embed_tokens, model.layers.N.self_attn.q_proj,
+..., model.norm, lm_head), so HF safetensors keys and PEFT adapter keys map 1:1. Every linear LoRA
+may target is a plain nn.Linear attribute (a bitsandbytes Linear4bit when loaded in 4-bit), so
+LoRA wraps it by name. The math lives in ops.py, where kernels replace it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from trainer.models.ops import (
+    apply_rope,
+    attention,
+    attention_mask,
+    causal_lm_loss,
+    document_ids,
+    gated_activation,
+    logit_softcap,
+    rms_norm,
+    rope_tables,
+    shift_targets,
+)
+from trainer.models.spec import ModelSpec, RopeSpec
+
+
+@dataclass
+class CausalLMOutput:
+    """logits [B, T, V] in the model dtype (final softcap applied); loss: float32 scalar when labels given."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+
+
+class RMSNorm(nn.Module):
+    """y = x / rms(x) * (offset + weight); Gemma stores w with offset 1, so its weights start at 0."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
+        super().__init__()
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps, self.offset)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for integer positions; computed once per forward and shared by all layers."""
+
+    def __init__(self, rope: RopeSpec):
+        super().__init__()
+        self.rope = rope
+        self.register_buffer("inv_freq", rope.inv_freq(), persistent=False)
+        if rope.kind == "longrope":
+            self.register_buffer("long_inv_freq", rope.inv_freq(long=True), persistent=False)
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.inv_freq
+        # LongRoPE switches to its long factors once the batch reaches past the pretraining length,
+        # judged on the largest position as transformers does.
+        if self.rope.kind == "longrope" and int(position_ids.max()) + 1 > self.rope.original_max_position_embeddings:
+            inv_freq = self.long_inv_freq
+        return rope_tables(position_ids, inv_freq, self.rope.attention_factor)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE; per-layer sliding window and score softcap."""
+
+    def __init__(self, spec: ModelSpec, layer_idx: int):
+        super().__init__()
+        self.spec = spec
+        h, kv, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        if spec.fused_qkv:
+            # Phi-3 keeps q, k, v in one matrix. We keep it fused (LoRA wraps qkv_proj) so that module
+            # names and adapter keys equal PEFT's for Phi3ForCausalLM, the checkpoint maps without
+            # splitting, and one LoRA pair serves all three (PEFT targets qkv_proj the same way).
+            self.qkv_proj = nn.Linear(spec.hidden_size, (h + 2 * kv) * d, bias=spec.qkv_bias)
+        else:
+            self.q_proj = nn.Linear(spec.hidden_size, h * d, bias=spec.qkv_bias)
+            self.k_proj = nn.Linear(spec.hidden_size, kv * d, bias=spec.qkv_bias)
+            self.v_proj = nn.Linear(spec.hidden_size, kv * d, bias=spec.qkv_bias)
+        self.o_proj = nn.Linear(h * d, spec.hidden_size, bias=spec.o_bias)
+        self.sliding_window = spec.sliding_windows[layer_idx]
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                masks: dict[int | None, torch.Tensor | None]) -> torch.Tensor:
+        s = self.spec
+        b, t, _ = x.shape
+        if s.fused_qkv:
+            q, k, v = self.qkv_proj(x).split([s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim,
+                                              s.num_kv_heads * s.head_dim], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(b, t, s.num_heads, s.head_dim).transpose(1, 2)
+        k = k.view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)
+        v = v.view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, k, cos, sin)
+        out = attention(q, k, v, masks[self.sliding_window], scale=s.attn_scale, softcap=s.attn_softcap)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, s.num_heads * s.head_dim))
+
+
+class MLP(nn.Module):
+    """down(act(gate(x)) * up(x)): SwiGLU or GeGLU."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.activation, self.fused = spec.activation, spec.fused_gate_up
+        hidden, inter = spec.hidden_size, spec.intermediate_size
+        if spec.fused_gate_up:  # Phi-3; fused for the same reason as qkv_proj
+            self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=spec.mlp_bias)
+        else:
+            self.gate_proj = nn.Linear(hidden, inter, bias=spec.mlp_bias)
+            self.up_proj = nn.Linear(hidden, inter, bias=spec.mlp_bias)
+        self.down_proj = nn.Linear(inter, hidden, bias=spec.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(gated_activation(gate, up, self.activation))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block; Gemma 2 also norms the attention and MLP outputs ("sandwich")."""
+
+    def __init__(self, spec: ModelSpec, layer_idx: int):
+        super().__init__()
+        self.sandwich = spec.sandwich_norms
+        norm = lambda: RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_offset)  # noqa: E731
+        self.input_layernorm = norm()
+        self.self_attn = Attention(spec, layer_idx)
+        # The names follow the checkpoints: in Llama-style models post_attention_layernorm is the norm
+        # *before* the MLP; in Gemma 2 it norms the attention output and pre_feedforward_layernorm
+        # comes before the MLP.
+        self.post_attention_layernorm = norm()
+        if self.sandwich:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
+        self.mlp = MLP(spec)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                masks: dict[int | None, torch.Tensor | None]) -> torch.Tensor:
+        h = self.self_attn(self.input_layernorm(x), cos, sin, masks)
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(h)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """Embeddings, layers, final norm: transformers' `model` submodule."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size, padding_idx=spec.pad_token_id)
+        self.rotary_emb = RotaryEmbedding(spec.rope)
+        self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_offset)
+        self.gradient_checkpointing = False
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)
+        if self.spec.embed_scale is not None:
+            # Gemma rounds sqrt(hidden) to the model dtype first (bf16: sqrt(3072) = 55.43 -> 55.5), and
+            # its weights were trained with that rounding.
+            h = h * float(torch.tensor(self.spec.embed_scale, dtype=h.dtype))
+        return h
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                documents: torch.Tensor | None) -> torch.Tensor:
+        h = self.embed(input_ids)
+        cos, sin = self.rotary_emb(position_ids)
+        masks = {w: attention_mask(documents, input_ids.shape[1], w, input_ids.device)
+                 for w in set(self.spec.sliding_windows)}
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                h = checkpoint(layer, h, cos, sin, masks, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, masks)
+        return self.norm(h)
+
+
+class CausalLM(nn.Module):
+    """The decoder plus lm_head: transformers' *ForCausalLM, trimmed to training."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        self.model = Decoder(spec)
+        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        if spec.tie_word_embeddings:
+            self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding matrix with lm_head (call again after replacing either)."""
+        self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, *,
+                num_items_in_batch: int | torch.Tensor | None = None) -> CausalLMOutput:
+        """input_ids, labels, position_ids: [B, T]. Positions restarting mid-row start a new document
+        (see ops.document_ids): attention and next-token targets never cross documents."""
+        b, t = input_ids.shape
+        documents = None
+        if position_ids is None:
+            position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
+        else:
+            position_ids = position_ids.expand(b, t)
+            documents = document_ids(position_ids)
+            if not bool((documents[:, -1] != 0).any()):  # one document per row: plain causal (flash) path
+                documents = None
+        logits = self.lm_head(self.model(input_ids, position_ids, documents))
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, shift_targets(labels, documents), softcap=self.spec.final_softcap,
+                                  num_items_in_batch=num_items_in_batch)
+        if self.spec.final_softcap is not None:
+            logits = logit_softcap(logits, self.spec.final_softcap).to(logits.dtype)
+        return CausalLMOutput(logits=logits, loss=loss)

@@ -1,0 +1,146 @@
+"""The decoder's hot paths as plain functions of tensors.
+
+Each function is the PyTorch reference that a Triton kernel in trainer/kernels/ later replaces
+behind the same signature; none of them holds module state. Masks and documents are derived
+here too, so a FlexAttention/varlen path can replace `attention_mask` + `attention` as a pair.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * (offset + weight), in float32, returned in x's dtype (Gemma: offset=1)."""
+    # One rounding at the end: Llama's transformers code rounds the normalized x to bf16 before the
+    # weight multiply; computing both in float32 is at least as accurate and is what a kernel does.
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * (offset + weight.float())).to(x.dtype)
+
+
+def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor,
+                scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, T, 2 * len(inv_freq)] in float32 from integer positions [B, T]."""
+    # Integer -> float32 is exact up to 2**24; bfloat16 would collapse 8189..8191 onto 8192.
+    assert not positions.is_floating_point(), "positions must be integers"
+    # An elementwise product, not a matmul: a matmul may run in TF32 on GPUs and lose the low bits.
+    freqs = positions.to(torch.float32)[..., None] * inv_freq.to(device=positions.device, dtype=torch.float32)
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return angles.cos() * scaling, angles.sin() * scaling
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q [B, H, T, D] and k [B, KV, T, D] (the first cos.shape[-1] dims; rotate-half pairing)."""
+    cos, sin = cos[:, None], sin[:, None]
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    r = cos.shape[-1]
+    xr = x[..., :r].float()
+    x1, x2 = xr.chunk(2, dim=-1)
+    out = (xr * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
+    return out if r == x.shape[-1] else torch.cat((out, x[..., r:]), dim=-1)
+
+
+def gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(gate) * up: SwiGLU (silu) or GeGLU (gelu_tanh, or exact gelu)."""
+    if activation == "silu":
+        return F.silu(gate) * up
+    if activation == "gelu_tanh":
+        return F.gelu(gate, approximate="tanh") * up
+    assert activation == "gelu", activation
+    return F.gelu(gate) * up
+
+
+def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """Document index of each token [B, T]: a new document starts wherever a position is not previous + 1.
+
+    This is transformers' rule for packed sequences: positions 0 1 2 0 1 0 1 2 3 are three documents.
+    """
+    step = position_ids[:, 1:] - position_ids[:, :-1]
+    starts = F.pad((step != 1).to(torch.int64), (1, 0), value=0)
+    return starts.cumsum(dim=-1)
+
+
+def attention_mask(documents: torch.Tensor | None, seq_len: int, sliding_window: int | None,
+                   device: torch.device) -> torch.Tensor | None:
+    """Boolean mask [B|1, 1, T, T] (True = may attend), or None for plain causal attention.
+
+    Query i sees key j when j <= i, both lie in the same document, and i - j < sliding_window.
+    `documents` is None when every row holds a single document.
+    """
+    if documents is None and (sliding_window is None or sliding_window >= seq_len):
+        return None
+    i = torch.arange(seq_len, device=device)
+    allowed = i[:, None] >= i[None, :]
+    if sliding_window is not None:
+        allowed = allowed & (i[:, None] - i[None, :] < sliding_window)
+    allowed = allowed[None]
+    if documents is not None:
+        allowed = allowed & (documents[:, :, None] == documents[:, None, :])
+    return allowed[:, None]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *,
+              scale: float, softcap: float | None = None) -> torch.Tensor:
+    """Softmax attention [B, H, T, D] over q [B, H, T, D], k/v [B, KV, T, D] (grouped-query).
+
+    mask None means plain causal; otherwise a boolean mask from `attention_mask`. `softcap` applies
+    cap * tanh(scores / cap) to the scaled scores before masking (Gemma 2).
+    """
+    groups = q.shape[1] // k.shape[1]
+    if softcap is None and mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=groups > 1)
+    # Explicit masks: expand the kv heads, as SDPA's memory-efficient backend does not take enable_gqa.
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    # SDPA has no softcap: scores in float32, capped, masked, softmaxed.
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    scores = softcap * torch.tanh(scores / softcap)
+    if mask is None:
+        i = torch.arange(q.shape[2], device=q.device)
+        mask = i[:, None] >= i[None, :]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)
+
+
+def logit_softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(logits / cap), in float32."""
+    return cap * torch.tanh(logits.float() / cap)
+
+
+def shift_targets(labels: torch.Tensor, documents: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token targets aligned with the logits: targets[t] = labels[t + 1].
+
+    The last position, and a position whose next token starts another document, get IGNORE_INDEX:
+    a packed example never predicts the first token of the next one.
+    """
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    if documents is not None:
+        crosses = F.pad(documents[:, 1:] != documents[:, :-1], (0, 1), value=False)
+        targets = targets.masked_fill(crosses, IGNORE_INDEX)
+    return targets
+
+
+def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor, *, softcap: float | None = None,
+                   num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy in float32 over targets != IGNORE_INDEX (targets already shifted, see shift_targets).
+
+    Mean over the counted targets, or sum / num_items_in_batch when given (gradient accumulation
+    over micro-batches of unequal target counts). `softcap` is the final-logit softcap (Gemma 2).
+    """
+    x = logits.float().flatten(0, -2)
+    if softcap is not None:
+        x = logit_softcap(x, softcap)
+    total = F.cross_entropy(x, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    if num_items_in_batch is None:
+        # clamp: a batch with nothing to predict gives 0, not 0/0
+        num_items_in_batch = (targets != IGNORE_INDEX).sum().clamp(min=1)
+    return total / num_items_in_batch
