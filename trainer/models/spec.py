@@ -91,12 +91,20 @@ class ModelSpec:
     mlp_bias: bool = False
     fused_qkv: bool = False  # Phi-3: one qkv_proj
     fused_gate_up: bool = False  # Phi-3: one gate_up_proj
-    attn_scale: float = 0.0  # set by from_config: head_dim**-0.5, or query_pre_attn_scalar**-0.5 (Gemma 2)
+    attn_scale: float | None = None  # None: head_dim**-0.5; Gemma 2: query_pre_attn_scalar**-0.5
     attn_softcap: float | None = None
     final_softcap: float | None = None
-    sliding_windows: tuple[int | None, ...] = ()  # per layer; None = full causal attention
+    sliding_windows: tuple[int | None, ...] = ()  # per layer, None = full causal; () = None everywhere
     sandwich_norms: bool = False  # Gemma 2: norms after attention and around the MLP too
     pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.attn_scale is None:
+            object.__setattr__(self, "attn_scale", self.head_dim**-0.5)
+        if not self.sliding_windows:
+            object.__setattr__(self, "sliding_windows", (None,) * self.num_layers)
+        assert len(self.sliding_windows) == self.num_layers, "one sliding window entry per layer"
+        assert self.num_heads % self.num_kv_heads == 0, "query heads must be a multiple of kv heads"
 
     @property
     def linear_names(self) -> tuple[str, ...]:
@@ -115,6 +123,9 @@ class ModelSpec:
         hidden, heads = _need(config, "hidden_size"), _need(config, "num_attention_heads")
         layers = _need(config, "num_hidden_layers")
         head_dim = config.get("head_dim") or hidden // heads
+        kv_heads = config.get("num_key_value_heads") or heads
+        if heads % kv_heads:
+            raise CheckpointError(f"config.json: {heads} attention heads are not a multiple of {kv_heads} kv heads")
         gemma = family in ("gemma", "gemma2")
         attention_bias = bool(config.get("attention_bias", False)) and family not in ("mistral", "phi3")
         pad = config.get("pad_token_id")
@@ -126,7 +137,7 @@ class ModelSpec:
             intermediate_size=_need(config, "intermediate_size"),
             num_layers=layers,
             num_heads=heads,
-            num_kv_heads=config.get("num_key_value_heads") or heads,
+            num_kv_heads=kv_heads,
             head_dim=head_dim,
             rope=_rope(config, head_dim),
             max_position_embeddings=config.get("max_position_embeddings") or 0,
@@ -140,7 +151,7 @@ class ModelSpec:
             mlp_bias=family == "llama" and bool(config.get("mlp_bias", False)),
             fused_qkv=family == "phi3",
             fused_gate_up=family == "phi3",
-            attn_scale=config.get("query_pre_attn_scalar", 256) ** -0.5 if family == "gemma2" else head_dim**-0.5,
+            attn_scale=config.get("query_pre_attn_scalar", 256) ** -0.5 if family == "gemma2" else None,
             attn_softcap=config.get("attn_logit_softcapping", 50.0) if family == "gemma2" else None,
             final_softcap=config.get("final_logit_softcapping", 30.0) if family == "gemma2" else None,
             sliding_windows=_sliding_windows(config, family, layers),
