@@ -15,6 +15,7 @@ untrained.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,18 @@ def token_in_spans(start: int, end: int, spans: Sequence[Span]) -> bool:
     return any(start < b and end > a for a, b in spans)
 
 
+def _trims_offsets(post_processor: Any) -> bool:
+    if post_processor is None:
+        return False
+
+    def trims(node: Any) -> bool:
+        if isinstance(node, dict):
+            return node.get("trim_offsets") is True or any(trims(v) for v in node.values())
+        return isinstance(node, list) and any(trims(v) for v in node)
+
+    return trims(json.loads(post_processor.__getstate__()))
+
+
 def labels_for(input_ids: Sequence[int], offsets: Sequence[tuple[int, int]], spans: Sequence[Span]) -> list[int]:
     """Labels for causal-LM training: the id where the token is trained, IGNORE_INDEX elsewhere."""
     return [i if token_in_spans(s, e, spans) else IGNORE_INDEX for i, (s, e) in zip(input_ids, offsets, strict=True)]
@@ -58,10 +71,13 @@ class ChatMasker:
         if not getattr(tokenizer, "is_fast", False):
             raise TemplateError("assistant masks need a fast tokenizer (tokenizer.json) for character offsets")
         self.tokenizer = tokenizer
-        # A private copy without the post-processor: with add_special_tokens=False it only trims offsets
-        # (ByteLevel trim_offsets), and trimmed offsets would hide which tokens straddle a span boundary.
-        self._backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
-        self._backend.post_processor = None
+        self._backend = tokenizer.backend_tokenizer
+        if _trims_offsets(self._backend.post_processor):
+            # With add_special_tokens=False a post-processor only trims offsets (ByteLevel trim_offsets), and
+            # trimmed offsets hide tokens that straddle a span boundary: use a copy without it. Copying a
+            # 128k-token vocabulary costs seconds, so only when needed.
+            self._backend = Tokenizer.from_str(self._backend.to_str())
+            self._backend.post_processor = None
         # The same variables apply_chat_template passes: every special token the tokenizer names
         self._variables = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
 

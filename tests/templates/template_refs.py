@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+import tempfile
 import zipfile
 from functools import cache
 from pathlib import Path
@@ -138,10 +139,8 @@ def mistral_fast_tokenizer(version: str):
     if not dest.exists():
         import builders
 
-        with testdata._locked():
+        with testdata._locked(), tempfile.TemporaryDirectory(dir=testdata.CACHE) as work:
             if not dest.exists():
-                work = testdata.CACHE / "fast-mistral" / f"{version}.tmp"
-                made = builders.converted_tokenizer_json(testdata.mistral_model(version), work)
-                dest.parent.mkdir(parents=True, exist_ok=True)
+                made = builders.converted_tokenizer_json(testdata.mistral_model(version), Path(work))
                 testdata._atomic_write(dest, made.read_bytes())
     return PreTrainedTokenizerFast(tokenizer_file=str(dest), bos_token="<s>", eos_token="</s>", unk_token="<unk>")
