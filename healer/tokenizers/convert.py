@@ -60,6 +60,7 @@ piece until it has output text, the decoder here strips one space in all.
 
 from __future__ import annotations
 
+import itertools
 import json
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -214,11 +215,15 @@ def added_token_list(proto: pb.ModelProto, extra: Mapping[int, AddedToken | str]
 def finish(tok: Tokenizer, proto: pb.ModelProto, tokens: list[tuple[int, AddedToken]], add_bos: bool,
            add_eos: bool) -> None:
     """Install the added tokens and the BOS/EOS post-processor on a candidate."""
-    for i, t in tokens:
-        if t.special:
-            tok.add_special_tokens([t])
+    # one call per run of same-kind tokens: each call rebuilds the added-token matcher, and new ids
+    # are handed out in call order
+    for special, run in itertools.groupby(tokens, key=lambda it: it[1].special):
+        batch = [t for _, t in run]
+        if special:
+            tok.add_special_tokens(batch)
         else:
-            tok.add_tokens([t])
+            tok.add_tokens(batch)
+    for i, t in tokens:
         if tok.token_to_id(t.content) != i:
             raise CheckpointError(
                 f"added token {t.content!r} should be id {i} but the vocabulary already has it as "
@@ -276,7 +281,8 @@ def spm_pipeline(proto: pb.ModelProto, compose_first: bool = False) -> Tokenizer
     if ts.model_type == pb.TrainerSpec.BPE:
         if any(p.type == UNUSED for p in proto.pieces):
             raise Inexpressible("UNUSED pieces in a BPE model: sentencepiece merges and then re-splits them")
-        model = bpe_model(proto, ignore_merges=bool(user_defined))
+        merges = merges_by_score(proto)
+        model = bpe_model(proto, merges, ignore_merges=bool(user_defined))
     elif ts.model_type == pb.TrainerSpec.UNIGRAM:
         model = unigram_model(proto)
     else:
@@ -289,7 +295,7 @@ def spm_pipeline(proto: pb.ModelProto, compose_first: bool = False) -> Tokenizer
         norm.insert(1 if prepends_in_normalizer(ns) else 0, normalizers.NFC())
     if norm:
         tok.normalizer = normalizers.Sequence(norm)
-    pre = pre_tokenizer_steps(proto, user_defined)
+    pre = pre_tokenizer_steps(proto, user_defined, merges if ts.model_type == pb.TrainerSpec.BPE else [])
     if pre:
         tok.pre_tokenizer = pre_tokenizers.Sequence(pre)
     tok.decoder = decoder(proto)
@@ -327,7 +333,9 @@ def normalizer_steps(ns: pb.NormalizerSpec) -> list[normalizers.Normalizer]:
     return steps
 
 
-def pre_tokenizer_steps(proto: pb.ModelProto, user_defined: list[str]) -> list[pre_tokenizers.PreTokenizer]:
+def pre_tokenizer_steps(
+    proto: pb.ModelProto, user_defined: list[str], merges: list[tuple[str, str]]
+) -> list[pre_tokenizers.PreTokenizer]:
     ts, ns = proto.trainer_spec, proto.normalizer_spec
     steps: list[pre_tokenizers.PreTokenizer] = []
     if ns.add_dummy_prefix:
@@ -344,7 +352,7 @@ def pre_tokenizer_steps(proto: pb.ModelProto, user_defined: list[str]) -> list[p
         longest_first = sorted(user_defined, key=lambda s: (-len(s), s))
         steps.append(pre_tokenizers.Split(Regex("|".join(map(regex_literal, longest_first))), "isolated"))
         if ts.model_type == pb.TrainerSpec.BPE:
-            guard, times = collision_guard(proto)
+            guard, times = collision_guard(proto, merges)
             if guard:
                 steps += [pre_tokenizers.Split(Regex(guard), "isolated")] * times
     return steps
@@ -355,7 +363,7 @@ def regex_literal(s: str) -> str:
     return "".join(c if c.isalnum() and c.isascii() else f"\\x{{{ord(c):x}}}" for c in s)
 
 
-def collision_guard(proto: pb.ModelProto) -> tuple[str | None, int]:
+def collision_guard(proto: pb.ModelProto, merges: list[tuple[str, str]]) -> tuple[str | None, int]:
     """A pattern isolating the first token of a word that ignore_merges would wrongly take whole,
     and how many times to apply it.
 
@@ -365,19 +373,14 @@ def collision_guard(proto: pb.ModelProto) -> tuple[str | None, int]:
     final token leaves the rest to tokenize alone; when the rest is itself such a word, the next
     application cuts it again.
     """
-    reference = Tokenizer(bpe_model(proto, ignore_merges=False))
+    reference = Tokenizer(bpe_model(proto, merges, ignore_merges=False))
+    candidates = [(i, p) for i, p in enumerate(proto.pieces) if p.type != USER_DEFINED and len(p.piece) > 1]
+    encodings = reference.encode_batch([p.piece for _, p in candidates], add_special_tokens=False)
     cut: dict[str, tuple[str, str]] = {}
-    for i, p in enumerate(proto.pieces):
-        if p.type == USER_DEFINED or len(p.piece) < 2:
+    for (i, p), enc in zip(candidates, encodings):
+        if p.type == NORMAL and enc.ids == [i]:
             continue
-        tokens = reference.model.tokenize(p.piece)
-        if p.type == NORMAL and [t.id for t in tokens] == [i]:
-            continue
-        raw = p.piece.encode()
-        end = tokens[0].offsets[1]
-        while end < len(raw) and raw[end] & 0xC0 == 0x80:  # byte-fallback tokens: cut after the whole char
-            end += 1
-        head = raw[:end].decode()
+        head = p.piece[: enc.offsets[0][1]]  # character offsets: byte-fallback tokens cover their whole char
         cut[p.piece] = (head, p.piece[len(head):])
     if not cut:
         return None, 0
@@ -399,10 +402,8 @@ def collision_guard(proto: pb.ModelProto) -> tuple[str | None, int]:
     return r"\A(?:" + "|".join(alternatives) + ")", max(map(depth, cut))
 
 
-def bpe_model(proto: pb.ModelProto, ignore_merges: bool) -> models.BPE:
-    """BPE whose merge ranks follow sentencepiece's piece scores."""
-    ts = proto.trainer_spec
-    vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+def merges_by_score(proto: pb.ModelProto) -> list[tuple[str, str]]:
+    """Every split of every NORMAL piece into two NORMAL pieces, highest merged score first."""
     normal = {p.piece: (i, p.score) for i, p in enumerate(proto.pieces) if p.type == NORMAL}
     ranked = []
     for piece, (i, score) in normal.items():
@@ -411,10 +412,15 @@ def bpe_model(proto: pb.ModelProto, ignore_merges: bool) -> models.BPE:
             if left in normal and right in normal:
                 ranked.append((-score, i, k, left, right))
     ranked.sort()
-    merges = [(left, right) for *_, left, right in ranked]
+    return [(left, right) for *_, left, right in ranked]
+
+
+def bpe_model(proto: pb.ModelProto, merges: list[tuple[str, str]], ignore_merges: bool) -> models.BPE:
+    """BPE over every piece of the model with the given merges."""
+    vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
     unk = next((p.piece for p in proto.pieces if p.type == UNKNOWN), None)
     return models.BPE(
-        vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=ts.byte_fallback,
+        vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=proto.trainer_spec.byte_fallback,
         ignore_merges=ignore_merges,
     )
 
