@@ -48,9 +48,11 @@ def check_untrained(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
     if not ckpt.has_weights or ckpt.embed_name is None:
         return []
     names = EmbeddingNames.of(ckpt)
+    absmax = _absmax(ckpt, names.embed)
+    if not checkpoint_untrained_rows(ckpt, absmax=absmax):
+        return []  # healthy: no need to load the tokenizer for protected ids
     vocab = _vocab(ckpt)
     protected = protected_ids(ckpt, vocab)
-    absmax = _absmax(ckpt, names.embed)
     untrained = checkpoint_untrained_rows(ckpt, protected, absmax=absmax)
     if not untrained:
         return []

@@ -21,9 +21,9 @@ will be, so their rows are the ones to repair by default:
 
 from __future__ import annotations
 
-import json
+import weakref
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,8 +48,20 @@ class Vocab:
     special_added: dict[int, str]  # added tokens flagged special: id -> text
 
 
+_vocabs: weakref.WeakKeyDictionary[Checkpoint, Vocab | None] = weakref.WeakKeyDictionary()
+
+
 def load_vocab(ckpt: Checkpoint) -> Vocab | None:
-    """The checkpoint's tokenizer as a Vocab (tokenizer.json when present, else transformers'), or None."""
+    """The checkpoint's tokenizer as a Vocab (tokenizer.json when present, else transformers'), or None.
+
+    Loaded once per Checkpoint object: a 128k-token tokenizer.json takes seconds to parse.
+    """
+    if ckpt not in _vocabs:
+        _vocabs[ckpt] = _load_vocab(ckpt)
+    return _vocabs[ckpt]
+
+
+def _load_vocab(ckpt: Checkpoint) -> Vocab | None:
     if ckpt.has_fast:
         tok = ckpt.fast_tokenizer()
         return Vocab(
@@ -151,57 +163,26 @@ def template_token_ids(ckpt: Checkpoint, vocab: Vocab | None) -> dict[int, str]:
     return out
 
 
-def _conversation(record: Mapping[str, Any], where: str) -> list[dict[str, Any]] | str:
-    if isinstance(record.get("messages"), list):
-        return record["messages"]
-    if isinstance(record.get("conversations"), list):
-        roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-        return [{"role": roles.get(str(m.get("from")), str(m.get("from"))), "content": m.get("value", "")}
-                for m in record["conversations"] if isinstance(m, Mapping)]
-    if isinstance(record.get("text"), str):
-        return record["text"]
-    raise HealerError(f"{where}: expected a 'messages', 'conversations' or 'text' field")
-
-
 def dataset_texts(ckpt: Checkpoint, path: str | Path) -> list[str]:
-    """The training texts of a dataset file with the chat template applied.
+    """The training texts of a dataset file (any record shape healer.templates.formats reads), templated.
 
-    JSON Lines or a JSON list of records with `messages` (role/content), `conversations`
-    (ShareGPT from/value) or `text`; any other file is one plain text.
+    Chat records are rendered with the checkpoint's chat template; `text` records are used as is.
     """
+    from healer.templates.formats import load_examples
     from healer.templates.render import TemplateError, render_source
 
-    p = Path(path)
-    try:
-        raw = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise HealerError(f"{p}: dataset file not found") from None
-    except UnicodeDecodeError as e:
-        raise HealerError(f"{p}: dataset is not UTF-8 text (byte {e.start})") from None
-    except OSError as e:
-        raise HealerError(f"{p}: cannot read dataset ({e.strerror})") from None
-    if p.suffix not in (".jsonl", ".json"):
-        return [raw]
-    try:
-        records = json.loads(raw) if p.suffix == ".json" else \
-            [json.loads(line) for line in raw.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise HealerError(f"{p}: invalid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(records, list) or not all(isinstance(r, Mapping) for r in records):
-        raise HealerError(f"{p}: expected JSON objects, one per record")
     variables = _template_variables(ckpt)
     texts = []
-    for n, record in enumerate(records, 1):
-        conv = _conversation(record, f"{p} record {n}")
-        if isinstance(conv, str):
-            texts.append(conv)
+    for n, example in enumerate(load_examples(path)):
+        if example.messages is None:
+            texts.append(example.text or "")
             continue
         if ckpt.chat_template is None:
-            raise HealerError(f"{p} record {n}: chat messages need a chat template, and {ckpt.path} has none")
+            raise HealerError(f"{path} record {n}: chat messages need a chat template, and {ckpt.path} has none")
         try:
-            texts.append(render_source(ckpt.chat_template, conv, **variables))
+            texts.append(render_source(ckpt.chat_template, example.messages, **variables))
         except TemplateError as e:
-            raise HealerError(f"{p} record {n}: {e}") from None
+            raise HealerError(f"{path} record {n}: {e}") from None
     return texts
 
 
