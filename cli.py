@@ -158,5 +158,40 @@ def trainer(debug: bool) -> None:
     """Fine-tune a checkpoint with QLoRA and export the result (GGUF or merged safetensors)."""
 
 
+def _train_config_options(fn):
+    """One option per TrainConfig field; unset options stay None so the YAML file's value stands."""
+    from trainer.config import option_specs
+
+    for spec in reversed(option_specs()):
+        if spec.type is bool:
+            fn = click.option(spec.flag, spec.name, default=None, help=spec.help)(fn)
+        else:
+            kind = str if spec.type is list else spec.type
+            fn = click.option(spec.flag, spec.name, type=kind, default=None, help=spec.help)(fn)
+    return fn
+
+
+@trainer.command("run")
+@click.option("--config", "config_file", type=click.Path(path_type=Path, dir_okay=False),
+              help="YAML file of settings (keys = the long option names with underscores); flags override it.")
+@_train_config_options
+@friendly_errors
+def trainer_run(config_file: Path | None, **settings) -> None:
+    """Fine-tune --model on --data with LoRA / QLoRA; write the run dir --out.
+
+    Exit status: 0 trained, 1 the NaN guard stopped the run, 2 bad input.
+    """
+    from trainer.config import resolve_config
+    from trainer.loop import TrainingDiverged, train
+
+    config = resolve_config(config_file, **settings)
+    try:
+        result = train(config)
+    except TrainingDiverged as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_FINDINGS)
+    _console().print(result.summary(), highlight=False)
+
+
 if __name__ == "__main__":
     healer()

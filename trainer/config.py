@@ -19,7 +19,7 @@ from healer.errors import HealerError
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LR_SCHEDULERS = ("linear", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16")
 REQUIRED = ("model", "data", "out")
 
 
@@ -69,7 +69,7 @@ class TrainConfig:
     max_bad_steps: int = _f(10, "Stop after this many consecutive steps with non-finite loss or gradients.")
     seed: int = _f(42, "Random seed (data order, LoRA init, dropout).")
     device: str = _f("auto", "auto, cpu or cuda.")
-    dtype: str = _f("auto", "Compute dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.")
+    dtype: str = _f("auto", "Compute dtype: auto (bfloat16 on GPU, float32 on CPU), float32 or bfloat16.")
     logging_steps: int = _f(1, "Write metrics every N optimizer steps.")
     save_steps: int = _f(0, "Save a checkpoint every N steps (0: only at the end).")
 
@@ -187,3 +187,31 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if getattr(cfg, name) not in allowed:
             raise ConfigError(f"setting {name} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
     return cfg
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """How the CLI shows one field: its flag (a pair for switches), value type and help."""
+
+    name: str
+    flag: str
+    type: type
+    help: str
+
+
+def option_specs() -> list[OptionSpec]:
+    """One CLI option per TrainConfig field: bool -> a --x/--no-x switch, list -> comma-separated names."""
+    hints = typing.get_type_hints(TrainConfig)
+    specs = []
+    for f in config_fields():
+        hint = hints[f.name]
+        if typing.get_origin(hint) is list:
+            kind = list
+        else:  # T | None -> T
+            kind = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+        flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        shown = ",".join(default) if isinstance(default, list) else default
+        help = f.metadata["help"] + (f" [default: {shown}]" if shown not in (None, "") else "")
+        specs.append(OptionSpec(f.name, flag, kind, help))
+    return specs

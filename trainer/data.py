@@ -1,9 +1,10 @@
 """Training data: local files -> conversations -> token ids with assistant-only labels -> batches.
 
-Flow: `load_rows` (datasets library, local files only) -> `to_messages` (messages / ShareGPT /
-Alpaca rows become a list of {role, content}; `text` rows stay plain text) -> `render_example`
-(chat template -> ids and labels; labels are IGNORE_INDEX outside assistant turns unless
-train_on_inputs) -> truncation -> optional `pack` -> `step_plan` + `collate` in the loop.
+Flow: `load_rows` (datasets library, local files only) -> healer.templates.formats.normalize
+(messages / ShareGPT / Alpaca rows become {role, content} lists; `text` rows stay plain text) ->
+`ExampleRenderer` (chat template -> ids and labels through healer.templates' masks; labels are
+IGNORE_INDEX outside assistant turns unless train_on_inputs) -> truncation -> optional `pack`
+-> `step_plan` + `collate` in the loop.
 
 Sequences carry position_ids that restart at 0 for every example, so a packed row holds
 several documents; the decoder derives document boundaries from those restarts and never
@@ -12,10 +13,8 @@ attends (or predicts) across them.
 
 from __future__ import annotations
 
-import json
 import random
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +24,6 @@ from healer.errors import HealerError
 
 IGNORE_INDEX = -100
 FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
 
 
 class DataError(HealerError):
@@ -38,13 +35,16 @@ class DataError(HealerError):
 
 def load_rows(path: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
     """Rows of a local JSON/JSONL/Parquet/CSV file (through `datasets`) and a location label per row."""
+    from healer.templates.formats import read_records
+
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{p}: dataset file not found")
     kind = FORMATS.get(p.suffix.lower())
     if kind is None:
         raise DataError(f"{p}: unsupported dataset file type {p.suffix!r} (use {', '.join(FORMATS)})")
-    where = _json_row_lines(p) if kind == "json" else None
+    # datasets' JSON errors carry no line numbers: read_records names the malformed line first
+    where = [w for w, _ in read_records(p)] if kind == "json" else None
     import datasets
 
     datasets.disable_progress_bars()
@@ -53,9 +53,10 @@ def load_rows(path: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
         ds = datasets.load_dataset(kind, data_files=str(p), split="train")
     except Exception as e:  # datasets wraps parser errors of pandas/pyarrow in its own exceptions
         raise DataError(f"{p}: cannot read as {p.suffix[1:]} ({_root_cause(e)})") from None
-    rows = ds.to_list()
+    # one schema for all rows: keys a row lacks come back as None
+    rows = [{k: v for k, v in r.items() if v is not None} for r in ds.to_list()]
     if where is None or len(where) != len(rows):
-        where = [f"{p.name} row {i + 1}" for i in range(len(rows))]
+        where = [f"{p} row {i + 1}" for i in range(len(rows))]
     return rows, where
 
 
@@ -65,162 +66,108 @@ def _root_cause(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def _json_row_lines(p: Path) -> list[str]:
-    """Validate a .json/.jsonl file line by line (datasets' own errors lack line numbers)."""
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{p}: not UTF-8 text (byte {e.start})") from None
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{p}:{e.lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
-        if not all(isinstance(r, dict) for r in data):
-            raise DataError(f"{p}: expected a JSON array of objects")
-        return [f"{p.name} item {i + 1}" for i in range(len(data))]
-    where = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{p}:{lineno}: malformed JSON line ({e.msg}, column {e.colno})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{p}:{lineno}: expected a JSON object, got {type(row).__name__}")
-        where.append(f"{p.name}:{lineno}")
-    return where
-
-
-# ----------------------------------------------------------------------------- formats
-
-
-def to_messages(row: Mapping[str, Any], where: str) -> list[dict[str, str]] | str:
-    """A row as chat messages (messages / ShareGPT conversations / Alpaca), or its text for `text` rows."""
-    if row.get("messages") is not None:
-        return _messages(row["messages"], where, "role", "content", None)
-    if row.get("conversations") is not None:
-        return _messages(row["conversations"], where, "from", "value", SHAREGPT_ROLES)
-    if row.get("instruction") is not None and row.get("output") is not None:
-        prompt = str(row["instruction"])
-        if row.get("input"):
-            prompt += "\n\n" + str(row["input"])
-        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": str(row["output"])}]
-    if isinstance(row.get("text"), str):
-        return row["text"]
-    keys = ", ".join(k for k, v in row.items() if v is not None) or "none"
-    raise DataError(f"{where}: unknown row format (keys: {keys}); expected messages, conversations, "
-                    "instruction+output, or text")
-
-
-def _messages(turns: Any, where: str, role_key: str, content_key: str,
-              roles: dict[str, str] | None) -> list[dict[str, str]]:
-    if not isinstance(turns, Sequence) or isinstance(turns, str) or not turns:
-        raise DataError(f"{where}: expected a non-empty list of turns")
-    out = []
-    for i, t in enumerate(turns):
-        if not isinstance(t, Mapping) or not isinstance(t.get(role_key), str) or not isinstance(t.get(content_key), str):
-            raise DataError(f"{where}: turn {i + 1} needs string fields {role_key!r} and {content_key!r}")
-        role = t[role_key] if roles is None else roles.get(t[role_key])
-        if role is None:
-            raise DataError(f"{where}: turn {i + 1} has unknown role {t[role_key]!r}")
-        out.append({"role": role, "content": t[content_key]})
-    if not any(m["role"] == "assistant" for m in out):
-        raise DataError(f"{where}: conversation has no assistant turn to train on")
-    return out
-
-
 # ----------------------------------------------------------------------------- templates
 
 
 @dataclass(frozen=True)
 class Template:
-    """A chat template to train with: Jinja source (may carry generation tags) and the markers it writes."""
+    """A chat template to train with; `entry` is the registry template it is (or is equivalent to)."""
 
     name: str
     source: str
-    control_tokens: tuple[str, ...] = ()
-    variables: dict[str, Any] = field(default_factory=dict)
+    entry: Any = None  # healer.templates.registry.ChatTemplate
 
 
-def resolve_template(name: str | None, model_template: str | None, model_dir: str | Path) -> Template:
-    """--template NAME (registry) or FILE.jinja, or the model's own template when unset."""
+def resolve_template(name: str | None, model_template: str | None, model_dir: str | Path, *,
+                     bos_token: str | None = None, eos_token: str | None = None) -> Template:
+    """--template NAME (registry) or FILE.jinja, or the model's own template when unset.
+
+    A template equivalent to a registry entry (decided by rendering) uses that entry's
+    `{% generation %}` blocks for assistant masks.
+    """
     from healer.templates import registry
+    from healer.templates.detect import detect
 
     if name is None:
         if model_template is None:
             raise DataError(f"{model_dir}: the model has no chat template; give --template "
                             f"(one of {', '.join(registry.names())}) or a .jinja file")
-        return Template("model", model_template)
-    if name.endswith(".jinja") or Path(name).is_file():
+        label, source = "model", model_template
+    elif name.endswith(".jinja") or Path(name).is_file():
         p = Path(name)
         if not p.is_file():
             raise DataError(f"{p}: template file not found")
-        return Template(p.name, p.read_text(encoding="utf-8"))
-    try:
-        entry = registry.get(name)
-    except HealerError as e:
-        raise DataError(str(e)) from None
-    return Template(entry.name, entry.tracked_source, entry.control_tokens, dict(entry.variables))
+        label, source = p.name, p.read_text(encoding="utf-8")
+    else:
+        try:
+            entry = registry.get(name)
+        except HealerError as e:
+            raise DataError(str(e)) from None
+        return Template(entry.name, entry.source, entry)
+    found = detect(source, bos_token=bos_token, eos_token=eos_token)
+    return Template(label, source, registry.get(found) if found else None)
 
 
-def check_template_fits(template: Template, tokenizer) -> None:
-    """Every marker the template writes must be one token id, or the model never saw it as a marker."""
-    for marker in template.control_tokens:
-        ids = tokenizer.encode(marker, add_special_tokens=False)
-        if len(ids) != 1:
-            raise DataError(f"template {template.name!r} does not fit this tokenizer: {marker!r} encodes as "
-                            f"{len(ids)} tokens, not one (use the model's own template or one written for its tokenizer)")
+class ExampleRenderer:
+    """Token ids and labels of examples for one tokenizer and template (build once: it caches the masker)."""
 
+    def __init__(self, tokenizer, template: Template):
+        from healer.templates.mask import ChatMasker
 
-def _render(template: Template, tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool):
-    from healer.templates.render import render_spans
+        self.tokenizer, self.template = tokenizer, template
+        if not getattr(tokenizer, "is_fast", False):
+            raise DataError("training needs a fast tokenizer (tokenizer.json) for assistant masks")
+        self.masker = ChatMasker(template.entry, tokenizer) if template.entry is not None else None
+        self.variables = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
 
-    specials = {k: getattr(tokenizer, k, None) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
-    return render_spans(template.source, messages, add_generation_prompt=add_generation_prompt,
-                        name=template.name, **{**template.variables, **specials})
+    def check_fits(self) -> None:
+        """Every marker the template writes must be one token id, or the model never saw it as a marker."""
+        markers = self.template.entry.control_tokens if self.template.entry is not None else ()
+        for marker in markers:
+            ids = self.tokenizer.encode(marker, add_special_tokens=False)
+            if len(ids) != 1:
+                raise DataError(f"template {self.template.name!r} does not fit this tokenizer: {marker!r} encodes "
+                                f"as {len(ids)} tokens, not one (use the model's own template or one written "
+                                "for its tokenizer)")
 
+    def __call__(self, example: list[dict[str, str]] | str, *, train_on_inputs: bool) -> tuple[list[int], list[int]]:
+        """(input_ids, labels) of one example; labels are IGNORE_INDEX where no loss is taken."""
+        if isinstance(example, str):
+            ids = self.tokenizer(example, add_special_tokens=True)["input_ids"]
+            if self.tokenizer.eos_token_id is not None:
+                ids = [*ids, self.tokenizer.eos_token_id]
+            return ids, list(ids)
+        if self.masker is not None:
+            chat = self.masker(example)
+            ids, labels = chat.input_ids, chat.labels
+        else:
+            ids, labels = self._prefix_masked(example)
+        return (ids, list(ids)) if train_on_inputs else (ids, labels)
 
-def assistant_spans(template: Template, tokenizer, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
-    """Rendered text and the character spans of the trained assistant parts.
+    def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        from healer.templates.render import render_source
 
-    A template with `{% generation %}` blocks marks them itself; otherwise each assistant turn
-    is what rendering messages[:i+1] adds after rendering messages[:i] with the generation prompt.
-    """
-    text, spans = _render(template, tokenizer, messages, False)
-    if spans:
-        return text, spans
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        before = _render(template, tokenizer, messages[:i], True)[0] if i else ""
-        upto = _render(template, tokenizer, messages[: i + 1], False)[0]
-        if not (upto.startswith(before) and text.startswith(upto)):
-            raise DataError(f"template {template.name!r} does not render conversations turn by turn, so "
-                            "assistant turns cannot be found; use a template with {% generation %} blocks")
-        spans.append((len(before), len(upto)))
-    return text, spans
+        return render_source(self.template.source, messages, add_generation_prompt=add_generation_prompt,
+                             name=self.template.name, **self.variables)
 
+    def _prefix_masked(self, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+        """Masks for a template outside the registry: each assistant turn is what rendering
+        messages[:i+1] adds to messages[:i] rendered with the generation prompt."""
+        from healer.templates.mask import labels_for
 
-def render_example(tokenizer, template: Template, example: list[dict[str, str]] | str, *,
-                   train_on_inputs: bool) -> tuple[list[int], list[int]]:
-    """Token ids and labels of one example (labels = IGNORE_INDEX where no loss is taken)."""
-    if isinstance(example, str):
-        ids = tokenizer(example, add_special_tokens=True)["input_ids"]
-        if tokenizer.eos_token_id is not None:
-            ids = [*ids, tokenizer.eos_token_id]
-        return ids, list(ids)
-    text, spans = assistant_spans(template, tokenizer, example)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = enc["input_ids"]
-    if train_on_inputs:
-        return ids, list(ids)
-    labels = [tok if any(s < end and e > start for start, end in spans) else IGNORE_INDEX
-              for tok, (s, e) in zip(ids, enc["offset_mapping"], strict=True)]
-    return ids, labels
+        text = self._render(messages, False)
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before = self._render(messages[:i], True) if i else ""
+            upto = self._render(messages[: i + 1], False)
+            if not (upto.startswith(before) and text.startswith(upto)):
+                raise DataError(f"template {self.template.name!r} does not render conversations turn by turn, so "
+                                "assistant turns cannot be found; use a registry template (--template)")
+            spans.append((len(before), len(upto)))
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return enc["input_ids"], labels_for(enc["input_ids"], enc["offset_mapping"], spans)
 
 
 # ----------------------------------------------------------------------------- examples
@@ -253,18 +200,21 @@ class PreparedData:
 def prepare_data(path: str | Path, tokenizer, template: Template, *, max_seq_len: int,
                  train_on_inputs: bool) -> PreparedData:
     """Load, render, label and truncate; DataError if nothing is left to train on."""
+    from healer.templates.formats import normalize
+    from healer.templates.render import TemplateError
+
     rows, where = load_rows(path)
     if not rows:
         raise DataError(f"{path}: the dataset is empty")
-    check_template_fits(template, tokenizer)
+    render = ExampleRenderer(tokenizer, template)
+    render.check_fits()
     examples, truncated, dropped = [], 0, 0
     for i, row in enumerate(rows):
+        example = normalize(row, where[i])
         try:
-            ids, labels = render_example(tokenizer, template, to_messages(row, where[i]),
-                                         train_on_inputs=train_on_inputs)
-        except DataError:
-            raise
-        except HealerError as e:
+            ids, labels = render(example.messages if example.messages is not None else example.text,
+                                 train_on_inputs=train_on_inputs)
+        except TemplateError as e:
             raise DataError(f"{where[i]}: {e}") from None
         if len(ids) > max_seq_len:
             ids, labels = ids[:max_seq_len], labels[:max_seq_len]

@@ -11,6 +11,7 @@ import testdata
 import torch
 
 from healer.checkpoint import Checkpoint
+from healer.errors import HealerError
 from trainer.data import (
     IGNORE_INDEX,
     DataError,
@@ -50,7 +51,8 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 
 def model_template(llama3):
-    return resolve_template(None, Checkpoint(llama3).chat_template, llama3)
+    return resolve_template(None, Checkpoint(llama3).chat_template, llama3, bos_token="<|begin_of_text|>",
+                            eos_token="<|eot_id|>")
 
 
 def test_messages_sharegpt_and_alpaca_rows_render_like_apply_chat_template(llama3, tok, tmp_path):
@@ -71,15 +73,28 @@ def test_messages_sharegpt_and_alpaca_rows_render_like_apply_chat_template(llama
         assert ex.input_ids == list(tok.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"])
 
 
-@pytest.mark.parametrize("template", [None, "llama-3.1"])
+# Not in the registry: masks come from rendering turn by turn
+CUSTOM = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}<|start_header_id|>bot"
+          "<|end_header_id|>\n{GEN}{{ m['content'] }}<|eot_id|>{END}{% else %}<|start_header_id|>{{ m['role'] }}"
+          "<|end_header_id|>\n{{ m['content'] }}<|eot_id|>{% endif %}{% endfor %}"
+          "{% if add_generation_prompt %}<|start_header_id|>bot<|end_header_id|>\n{% endif %}")
+
+
+@pytest.mark.parametrize("template", [None, "llama-3.1", "custom.jinja"])
 def test_assistant_only_labels_match_transformers_generation_mask(llama3, tok, tmp_path, template):
-    """Reference: transformers' return_assistant_tokens_mask over the {% generation %}-tagged template."""
+    """Reference: transformers' return_assistant_tokens_mask over a {% generation %}-tagged template."""
     from healer.templates import registry
 
     tagged = registry.get("llama-3.1").tracked_source
+    if template == "custom.jinja":
+        (tmp_path / template).write_text(CUSTOM.replace("{GEN}", "").replace("{END}", ""), encoding="utf-8")
+        template = str(tmp_path / template)
+        tagged = CUSTOM.replace("{GEN}", "{% generation %}").replace("{END}", "{% endgeneration %}")
+    resolved = resolve_template(template, Checkpoint(llama3).chat_template, llama3, bos_token="<|begin_of_text|>",
+                                eos_token="<|eot_id|>")
+    assert (resolved.entry is None) == template.endswith(".jinja") if template else resolved.entry.name == "llama-3.1"
     data = prepare_data(write_jsonl(tmp_path / "d.jsonl", [{"messages": c} for c in CHATS]), tok,
-                        resolve_template(template, Checkpoint(llama3).chat_template, llama3),
-                        max_seq_len=4096, train_on_inputs=False)
+                        resolved, max_seq_len=4096, train_on_inputs=False)
     for ex, chat in zip(data.examples, CHATS, strict=True):
         ref = tok.apply_chat_template(chat, chat_template=tagged, tokenize=True, return_dict=True,
                                       return_assistant_tokens_mask=True)
@@ -124,20 +139,20 @@ def test_truncation_counts_examples_and_drops_those_left_without_targets(llama3,
 def test_malformed_jsonl_line_is_named_by_number(llama3, tok, tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text(json.dumps({"messages": CHATS[0]}) + "\n\n" + '{"messages": [}\n', encoding="utf-8")
-    with pytest.raises(DataError, match=r"d\.jsonl:3: malformed JSON line"):
+    with pytest.raises(HealerError, match=r"d\.jsonl line 3: invalid JSON"):
         prepare_data(p, tok, model_template(llama3), max_seq_len=64, train_on_inputs=False)
 
 
 def test_malformed_json_array_is_named_by_line(llama3, tok, tmp_path):
     p = tmp_path / "d.json"
     p.write_text('[\n {"text": "a"},\n {"text": "b",,}\n]\n', encoding="utf-8")
-    with pytest.raises(DataError, match=r"d\.json:3: malformed JSON"):
+    with pytest.raises(HealerError, match=r"d\.json: invalid JSON at line 3"):
         prepare_data(p, tok, model_template(llama3), max_seq_len=64, train_on_inputs=False)
 
 
 def test_unknown_row_format_names_the_line_and_keys(llama3, tok, tmp_path):
     p = write_jsonl(tmp_path / "d.jsonl", [{"messages": CHATS[0]}, {"question": "q", "answer": "a"}])
-    with pytest.raises(DataError, match=r"d\.jsonl:2: unknown row format \(keys: question, answer\)"):
+    with pytest.raises(HealerError, match=r"d\.jsonl line 2: unknown record shape \(keys: answer, question\)"):
         prepare_data(p, tok, model_template(llama3), max_seq_len=64, train_on_inputs=False)
 
 

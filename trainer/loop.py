@@ -1,0 +1,476 @@
+"""The training run, explicit from top to bottom: checks, data, model, LoRA, the loop, the run dir.
+
+`train(config)` is the whole run; the pieces it calls are public so later work (resume,
+offloaded checkpointing, DDP) can reuse them: `train_step` (one optimizer step over its
+micro-batches, with the NaN guard's bookkeeping), `lr_lambda`, `build_optimizer`,
+`repair_untrained_rows`, `check_model`.
+
+Loss normalization: every micro-batch loss is sum / (predicted tokens of the whole step), so
+an accumulated step equals one big batch whatever the padding or packing of its parts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from healer.checkpoint import Checkpoint
+from healer.errors import CheckpointError, OutputError
+from trainer.config import TrainConfig, validate
+from trainer.data import (
+    Batch,
+    TrainSequence,
+    as_sequences,
+    collate,
+    pack,
+    prepare_data,
+    resolve_template,
+    step_plan,
+)
+from trainer.lora import LoRASettings, apply_lora, save_adapter, trainable_parameters
+
+RUN_MARKER = "run.json"
+BLOCKING_CHECKS = ("tokenizer.id_out_of_range", "tokenizer.bos_missing")
+
+
+class TrainingDiverged(Exception):
+    """The NaN guard stopped the run: too many consecutive steps with non-finite loss or gradients."""
+
+    def __init__(self, message: str, steps: list[int], rows: list[int]):
+        super().__init__(message)
+        self.steps, self.rows = steps, rows
+
+
+class ModelCheckError(CheckpointError):
+    """A doctor finding or an untrained token that training would hit: fix the model first."""
+
+
+# ----------------------------------------------------------------------------- checks before training
+
+
+def check_model(model_dir: str | Path) -> None:
+    """Stop on doctor findings that would corrupt training (token ids past the embedding, missing BOS)."""
+    import healer
+
+    report = healer.diagnose(model_dir)
+    for check in BLOCKING_CHECKS:
+        for f in report.by_check(check):
+            fix = f" Fix: {f.fix}" if f.fix else ""
+            raise ModelCheckError(f"{model_dir}: {f.message}{fix}")
+
+
+def repair_untrained_rows(model: nn.Module, ckpt: Checkpoint, token_ids: Iterable[int], *,
+                          fix: bool) -> dict[int, str]:
+    """Give tokens the data uses whose embedding rows were never trained the mean of the trained rows.
+
+    Detection and the mean read the checkpoint on disk (healer.embeddings); the rows are written
+    into the loaded model only. With fix=False such tokens stop the run instead. Returns id -> token.
+    """
+    from healer.embeddings import (
+        EmbeddingNames,
+        checkpoint_untrained_rows,
+        load_vocab,
+        protected_ids,
+        stored_matrix,
+        trained_mean,
+    )
+
+    vocab = load_vocab(ckpt)
+    untrained = checkpoint_untrained_rows(ckpt, protected_ids(ckpt, vocab))
+    used = sorted(set(untrained) & set(token_ids))
+    if not used:
+        return {}
+    tokens = {i: (vocab.id_to_token(i) if vocab else None) or f"id {i}" for i in used}
+    if not fix:
+        shown = ", ".join(f"{t} ({i})" for i, t in list(tokens.items())[:5])
+        more = f" and {len(used) - 5} more" if len(used) > 5 else ""
+        raise ModelCheckError(f"{ckpt.path}: {len(used)} token(s) in the training data have untrained embedding "
+                              f"rows: {shown}{more}. Fix: healer fix {ckpt.path} -o OUT, or train without "
+                              "--no-fix-untrained to repair them in memory")
+    names = EmbeddingNames.of(ckpt)
+    idx = torch.tensor(used)
+    with torch.no_grad():
+        embed = model.model.embed_tokens.weight
+        embed[idx.to(embed.device)] = trained_mean(stored_matrix(ckpt, names.embed), untrained).to(embed)
+        head = model.lm_head.weight
+        if names.lm_head is not None and head is not embed:
+            head[idx.to(head.device)] = trained_mean(stored_matrix(ckpt, names.lm_head), untrained).to(head)
+    return tokens
+
+
+# ----------------------------------------------------------------------------- optimizer and schedule
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError("device cuda requested but no CUDA GPU is available (use --device cpu)")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """bitsandbytes 8-bit paged AdamW on CUDA (optimizer state in 8 bits, paged to CPU under pressure),
+    torch AdamW elsewhere."""
+    if device.type == "cuda":
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_lambda(kind: str, warmup: int, total: int):
+    """Multiplier of the peak lr at optimizer step s (transformers' linear / cosine schedules with warmup)."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    return f
+
+
+# ----------------------------------------------------------------------------- one step
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step did; `bad_rows` are the dataset rows of micro-batches that went non-finite."""
+
+    loss: float
+    grad_norm: float
+    lr: float
+    skipped: bool
+    rows: list[int]
+    bad_rows: list[int]
+
+
+def _grads_finite(params: list[nn.Parameter]) -> torch.Tensor:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.tensor(True)
+    return torch.isfinite(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])).all()
+
+
+def train_step(model: nn.Module, micro_batches: list[Batch], optimizer: torch.optim.Optimizer,
+               scheduler: torch.optim.lr_scheduler.LRScheduler, *, max_grad_norm: float,
+               autocast_dtype: torch.dtype, device: torch.device) -> StepResult:
+    """Forward/backward every micro-batch, clip, and step unless the loss or a gradient is non-finite."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    n_targets = max(1, sum(b.n_targets for b in micro_batches))
+    lr = optimizer.param_groups[0]["lr"]
+    losses, finite = [], []
+    for b in micro_batches:
+        b = b.to(device)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
+            out = model(b.input_ids, labels=b.labels, position_ids=b.position_ids, num_items_in_batch=n_targets)
+        out.loss.backward()
+        losses.append(out.loss.detach().float())
+        # deferred: one host sync per step, not per micro-batch
+        finite.append(torch.isfinite(losses[-1]) & _grads_finite(params).to(losses[-1].device))
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    loss = float(torch.stack(losses).sum())
+    grad_norm = float(norm)
+    ok = [bool(f) for f in torch.stack(finite).cpu()]
+    skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+    if not skipped:
+        optimizer.step()
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    rows = [r for b in micro_batches for r in b.rows]
+    # gradients accumulate: the first micro-batch that turned them non-finite is the culprit
+    first_bad = next((i for i, f in enumerate(ok) if not f), None)
+    bad_rows = micro_batches[first_bad].rows if first_bad is not None else (rows if skipped else [])
+    return StepResult(loss, grad_norm, lr, skipped, rows, list(bad_rows))
+
+
+# ----------------------------------------------------------------------------- run dir
+
+
+def is_run_dir(path: Path) -> bool:
+    marker = path / RUN_MARKER
+    if not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text(encoding="utf-8")).get("kind") == "trainer-run"
+    except (json.JSONDecodeError, AttributeError):
+        return False
+
+
+def check_out_dir(path: str | Path) -> Path:
+    """The run dir to use; OutputError if it is a file or a non-empty directory that is not a run dir."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise OutputError(f"{p}: exists and is not a directory")
+    if p.is_dir() and any(p.iterdir()) and not is_run_dir(p):
+        raise OutputError(f"{p}: directory is not empty and is not a trainer run dir; choose another --out")
+    return p
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write a file through a temp file in the same directory and a rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_loss_plot(path: Path, steps: list[int], losses: list[float]) -> None:
+    """Loss per optimizer step as a PNG (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4), dpi=100)
+    ax = fig.add_subplot()
+    ax.plot(steps, losses, linewidth=1.2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def peak_memory(device: torch.device) -> int:
+    """Peak allocated bytes on the GPU, or the process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class RunResult:
+    """What a finished run produced and measured."""
+
+    run_dir: Path
+    adapter_dir: Path
+    steps: int
+    losses: list[float]
+    skipped_steps: list[int]
+    tokens: int
+    wall_s: float
+    peak_mem: int
+    rows: int
+    examples: int
+    sequences: int
+    truncated: int
+    dropped: int
+    repaired_tokens: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def first_loss(self) -> float:
+        return self.losses[0]
+
+    @property
+    def final_loss(self) -> float:
+        tail = self.losses[-max(1, len(self.losses) // 10):]
+        return sum(tail) / len(tail)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    def summary(self) -> str:
+        """A one-screen plain-text summary of the run."""
+        lines = [
+            f"run dir        {self.run_dir}",
+            f"adapter        {self.adapter_dir}",
+            f"data           {self.rows} rows -> {self.examples} examples ({self.truncated} truncated, "
+            f"{self.dropped} dropped without targets) -> {self.sequences} sequences",
+            f"steps          {self.steps} ({len(self.skipped_steps)} skipped by the NaN guard)",
+            f"loss           {self.first_loss:.4f} -> {self.final_loss:.4f} (first step -> mean of last 10%)",
+            f"throughput     {self.tokens_per_s:,.0f} tokens/s, {self.tokens:,} tokens in {self.wall_s:.1f} s",
+            f"peak memory    {self.peak_mem / 2**30:.2f} GiB",
+        ]
+        if self.repaired_tokens:
+            shown = ", ".join(list(self.repaired_tokens.values())[:6])
+            lines.append(f"repaired       {len(self.repaired_tokens)} untrained token rows in memory: {shown}")
+        return "\n".join(lines)
+
+
+class _Progress:
+    """A rich progress bar with loss, tokens/s, memory and ETA; plain log lines when not a terminal."""
+
+    def __init__(self, total: int, console, logging_steps: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.console, self.logging_steps = console, logging_steps
+        self.live = console.is_terminal
+        self.progress = Progress(
+            TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
+            TextColumn("{task.fields[mem]}"), TextColumn("ETA"), TimeRemainingColumn(),
+            console=console, disable=not self.live,
+        )
+        self.task = self.progress.add_task("train", total=total, loss="-", tps="-", mem="-")
+
+    def __enter__(self) -> _Progress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
+    def update(self, step: int, total: int, loss: float, tps: float, mem: int) -> None:
+        mem_s = f"{mem / 2**30:.2f} GiB"
+        self.progress.update(self.task, completed=step, loss=f"{loss:.4f}", tps=f"{tps:,.0f}", mem=mem_s)
+        if not self.live and (step % self.logging_steps == 0 or step == total):
+            self.console.print(f"step {step}/{total}  loss {loss:.4f}  {tps:,.0f} tok/s  {mem_s}")
+
+    def warn(self, text: str) -> None:
+        self.progress.console.print(f"[yellow]{text}[/yellow]")
+
+
+def train(config: TrainConfig, *, console=None) -> RunResult:
+    """Fine-tune config.model on config.data with LoRA / QLoRA and write the run dir at config.out."""
+    from rich.console import Console
+
+    from trainer.models import load_model
+
+    cfg = validate(config)
+    console = console or Console(stderr=True)
+    out = check_out_dir(cfg.out)
+    model_dir = Path(cfg.model).resolve()
+    ckpt = Checkpoint(model_dir)
+    check_model(model_dir)
+    tokenizer = ckpt.hf_tokenizer()
+    template = resolve_template(cfg.template, ckpt.chat_template, model_dir, bos_token=tokenizer.bos_token,
+                                eos_token=tokenizer.eos_token)
+    data = prepare_data(cfg.data, tokenizer, template, max_seq_len=cfg.max_seq_len,
+                        train_on_inputs=cfg.train_on_inputs)
+    if data.truncated:
+        console.print(f"{data.truncated} of {data.rows} examples were longer than {cfg.max_seq_len} tokens "
+                      f"and were truncated")
+    if data.dropped_no_targets:
+        console.print(f"{data.dropped_no_targets} examples had no assistant tokens left and were dropped")
+
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    torch.manual_seed(cfg.seed)
+    model = load_model(model_dir, dtype=dtype, device=device, load_in_4bit=cfg.load_in_4bit)
+    vocab_rows = model.model.embed_tokens.num_embeddings
+    too_big = max(data.token_ids())
+    if too_big >= vocab_rows:
+        raise ModelCheckError(f"{model_dir}: the data encodes token id {too_big}, past the model's {vocab_rows} "
+                              f"embedding rows. Fix: healer fix {model_dir} -o OUT")
+    repaired = repair_untrained_rows(model, ckpt, data.token_ids(), fix=cfg.fix_untrained)
+    if repaired:
+        console.print(f"repaired {len(repaired)} untrained embedding row(s) in memory with the mean of the trained "
+                      f"rows: {', '.join(list(repaired.values())[:8])}")
+    settings = apply_lora(model, LoRASettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora,
+                                              list(cfg.target_modules), list(cfg.modules_to_save)))
+    model.train()
+
+    sequences = pack(data.examples, cfg.max_seq_len) if cfg.packing else as_sequences(data.examples)
+    plan = step_plan(len(sequences), batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, epochs=cfg.epochs,
+                     max_steps=cfg.max_steps, seed=cfg.seed)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = TrainConfig(**{**cfg.to_dict(), "model": str(model_dir), "data": str(Path(cfg.data).resolve()),
+                              "out": str(out.resolve()), "target_modules": settings.target_modules})
+    write_atomic(out / RUN_MARKER, json.dumps({"kind": "trainer-run", "model": str(model_dir),
+                                               "started": datetime.now(UTC).isoformat()}) + "\n")
+    write_atomic(out / "config.yaml", resolved.to_yaml())
+
+    params = trainable_parameters(model)
+    optimizer = build_optimizer(params, cfg, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_scheduler, cfg.warmup_steps, len(plan)))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    result = run_steps(model, sequences, plan, optimizer, scheduler, cfg, out=out, pad_id=pad_id, device=device,
+                       dtype=dtype, console=console)
+    adapter_dir = save_adapter(model, out / "adapter", settings, base_model=str(model_dir))
+    steps = [i + 1 for i, (loss, skipped) in enumerate(result["history"]) if not skipped]
+    losses = [loss for loss, skipped in result["history"] if not skipped]
+    write_loss_plot(out / "loss.png", steps, losses)
+    run = RunResult(out, adapter_dir, len(plan), losses, result["skipped"], result["tokens"], result["wall_s"],
+                    peak_memory(device), data.rows, len(data.examples), len(sequences), data.truncated,
+                    data.dropped_no_targets, repaired)
+    write_atomic(out / "summary.txt", run.summary() + "\n")
+    return run
+
+
+def run_steps(model: nn.Module, sequences: list[TrainSequence], plan: list[list[list[int]]],
+              optimizer: torch.optim.Optimizer, scheduler, cfg: TrainConfig, *, out: Path, pad_id: int,
+              device: torch.device, dtype: torch.dtype, console) -> dict[str, Any]:
+    """Run every step of `plan`, writing metrics.jsonl; raise TrainingDiverged after max_bad_steps bad steps."""
+    history: list[tuple[float, bool]] = []
+    skipped: list[int] = []
+    bad_run: list[StepResult] = []
+    tokens, start = 0, time.perf_counter()
+    with open(out / "metrics.jsonl", "w", encoding="utf-8") as metrics, _Progress(len(plan), console,
+                                                                                  cfg.logging_steps) as progress:
+        for step, micro in enumerate(plan, 1):
+            t0 = time.perf_counter()
+            batches = [collate([sequences[i] for i in mb], pad_id) for mb in micro]
+            r = train_step(model, batches, optimizer, scheduler, max_grad_norm=cfg.max_grad_norm,
+                           autocast_dtype=dtype, device=device)
+            step_tokens = sum(len(sequences[i].input_ids) for mb in micro for i in mb)
+            tokens += step_tokens
+            tps = step_tokens / max(time.perf_counter() - t0, 1e-9)
+            mem = peak_memory(device)
+            history.append((r.loss, r.skipped))
+            record: dict[str, Any] = {"step": step, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm,
+                                      "tokens_per_s": round(tps, 1), "peak_mem": mem}
+            if r.skipped:
+                skipped.append(step)
+                bad_run.append(r)
+                record.update(skipped=True, rows=sorted(r.bad_rows))
+                progress.warn(f"step {step}: non-finite loss or gradient (loss {r.loss}, grad norm {r.grad_norm}); "
+                              f"optimizer step skipped; dataset rows {_rows(r.bad_rows)}")
+            else:
+                bad_run = []
+            if r.skipped or step % cfg.logging_steps == 0 or step == len(plan):
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+            progress.update(step, len(plan), r.loss, tps, mem)
+            if len(bad_run) >= cfg.max_bad_steps:
+                rows = sorted({x for b in bad_run for x in b.bad_rows})
+                first, last = step - len(bad_run) + 1, step
+                raise TrainingDiverged(
+                    f"{len(bad_run)} consecutive steps ({first}-{last}) had a non-finite loss or gradient; the run "
+                    f"stopped. Dataset rows involved (0-based): {_rows(rows)}", list(range(first, last + 1)), rows)
+    return {"history": history, "skipped": skipped, "tokens": tokens, "wall_s": time.perf_counter() - start}
+
+
+def _rows(rows: list[int], limit: int = 20) -> str:
+    rows = sorted(set(rows))
+    more = f" and {len(rows) - limit} more" if len(rows) > limit else ""
+    return ", ".join(map(str, rows[:limit])) + more
+
