@@ -149,6 +149,70 @@ def template_render(name: str, messages_file: Path, model_dir: Path | None, mask
         _console(stderr=True).print(f"{len(masked.input_ids)} tokens, {trained} trained")
 
 
+@healer.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out", type=click.Path(path_type=Path), required=True,
+              help="Where to write the repaired checkpoint (a new directory).")
+@click.option("--chatml", is_flag=True, help="Make <|im_start|>/<|im_end|> single tokens and install ChatML.")
+@click.option("--template", help="Install this registry chat template (see `healer template list`).")
+@click.option("--corpus", type=click.Path(path_type=Path, dir_okay=False),
+              help="Extra text file (one string per line) the new tokenizer.json must agree on.")
+@click.option("--dataset", type=click.Path(path_type=Path, dir_okay=False),
+              help="Training data: also repair untrained rows of tokens it uses.")
+@click.option("--all-untrained", is_flag=True, help="Repair every untrained embedding row, used or not.")
+@click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the fix report as JSON on stdout.")
+@friendly_errors
+def fix(model_dir: Path, out: Path, chatml: bool, template: str | None, corpus: Path | None,
+        dataset: Path | None, all_untrained: bool, dry_run: bool, force: bool, as_json: bool) -> None:
+    """Repair MODEL_DIR into OUT: tokenizer, template, pad/BOS, untrained embeddings.
+
+    MODEL_DIR is never modified. OUT appears only when complete and when doctor no longer
+    reports what was fixed (exit 1 otherwise). OUT/healer_report.json lists every change.
+    """
+    from healer.fix import FixError, repair
+
+    try:
+        report = repair(model_dir, out, chatml=chatml, template=template, corpus=corpus, dry_run=dry_run,
+                        force=force, all_untrained=all_untrained, dataset=dataset)
+    except FixError as e:
+        if as_json:
+            click.echo(e.report.to_json())
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_FINDINGS)
+    if as_json:
+        click.echo(report.to_json())
+    else:
+        _render_fix(report, dry_run)
+    sys.exit(EXIT_FINDINGS if report.unfixable else EXIT_OK)
+
+
+def _render_fix(report, dry_run: bool) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = _console()
+    table = Table(title=("planned changes" if dry_run else "changes"), expand=True)
+    table.add_column("check", no_wrap=True)
+    table.add_column("file/tensor", no_wrap=True)
+    table.add_column("change", ratio=1, overflow="fold")
+    for c in report.changes:
+        table.add_row(c.check, c.target, escape(c.description))
+    if report.changes:
+        console.print(table)
+    else:
+        console.print("Nothing to change.")
+    for f in report.unfixable:
+        console.print(f"[bold red]not fixed[/] {f.check}: {escape(f.message)}")
+    if dry_run:
+        console.print("[dim]--dry-run: nothing written[/]")
+    elif report.written:
+        after = report.after.summary() if report.after else {}
+        console.print(f"Wrote [bold]{escape(str(report.out))}[/] ({after.get('error', 0)} error(s), "
+                      f"{after.get('warning', 0)} warning(s) left); details in healer_report.json")
+
+
 # ----------------------------------------------------------------------------- trainer
 
 

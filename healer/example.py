@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 VOCAB_SIZE = 512
-UNTRAINED = ("<|reserved_0|>", "<|reserved_1|>", "<|reserved_2|>", "<|reserved_3|>")
+UNTRAINED = tuple(f"<|reserved_special_token_{i}|>" for i in range(4))
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
     "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"

@@ -1,0 +1,677 @@
+"""Plan repairs from doctor's findings and write a repaired checkpoint next to the input.
+
+Flow: diagnose the input, let each fix edit a Draft (tokenizer and config files in memory,
+changed tensors), write the draft into a temp dir beside OUT (unchanged weight shards
+hard-linked), diagnose the result, and rename the temp dir to OUT only if every check a fix
+claimed is gone. The input directory is never written to.
+
+Embedding rows are repaired in a second pass over the first pass's output, because which
+rows matter (special and template tokens) depends on the repaired tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from healer.checkpoint import TOKENIZER_FILES, Checkpoint
+from healer.doctor import diagnose, read_corpus
+from healer.errors import HealerError, OutputError
+from healer.report import Finding, Report
+
+REPORT_NAME = "healer_report.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+BOS_IN_TEMPLATE = re.compile(r"\{\{-?\s*bos_token\s*-?\}\}")
+
+
+class FixError(HealerError):
+    """The repaired checkpoint still fails a check a fix claimed to repair (exit 1, nothing written)."""
+
+    def __init__(self, message: str, report: FixReport):
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass
+class Change:
+    """One edit of the output: which check it answers, what was there, what is there now."""
+
+    check: str
+    target: str
+    description: str
+    before: Any = None
+    after: Any = None
+
+
+@dataclass
+class Options:
+    chatml: bool = False
+    template: str | None = None
+    corpus: tuple[str, ...] = ()
+    all_untrained: bool = False
+    dataset: str | None = None
+
+
+@dataclass
+class FixReport:
+    """What fix did: findings before, changes made, findings after, checks it could not fix."""
+
+    model: str
+    out: str | None
+    changes: list[Change] = field(default_factory=list)
+    unfixable: list[Finding] = field(default_factory=list)
+    before: Report | None = None
+    after: Report | None = None
+    written: bool = False
+
+    @property
+    def claimed(self) -> set[str]:
+        return {c.check for c in self.changes}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "out": self.out,
+            "written": self.written,
+            "changes": [asdict(c) for c in self.changes],
+            "unfixable": [asdict(f) for f in self.unfixable],
+            "before": self.before.to_dict() if self.before else None,
+            "after": self.after.to_dict() if self.after else None,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False, default=str)
+
+
+class Draft:
+    """The output being planned: replaced files (bytes) and tensors, over an input Checkpoint."""
+
+    def __init__(self, ckpt: Checkpoint):
+        self.ckpt = ckpt
+        self.files: dict[str, bytes] = {}
+        self.tensors: dict[str, Any] = {}
+        self.changes: list[Change] = []
+        self.unfixable: list[Finding] = []
+        self.rows_needed = 0  # embedding rows the new tokenizer needs (grown once, after all fixes)
+
+    def read(self, name: str) -> bytes | None:
+        if name in self.files:
+            return self.files[name]
+        p = self.ckpt.file(name)
+        return p.read_bytes() if p is not None else None
+
+    def json(self, name: str) -> Any:
+        data = self.read(name)
+        return json.loads(data) if data is not None else None
+
+    def write_json(self, name: str, obj: Any) -> None:
+        self.files[name] = (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+    def change(self, check: str, target: str, description: str, before: Any = None, after: Any = None) -> None:
+        self.changes.append(Change(check, target, description, before, after))
+
+    @property
+    def tokenizer_config(self) -> dict[str, Any]:
+        return self.json("tokenizer_config.json") or {}
+
+    def chat_template(self) -> tuple[str, str | None]:
+        """(where the template lives, its text): chat_template.jinja or tokenizer_config.json."""
+        jinja = self.read("chat_template.jinja")
+        if jinja is not None:
+            return "chat_template.jinja", jinja.decode("utf-8")
+        tpl = self.tokenizer_config.get("chat_template")
+        return "tokenizer_config.json", tpl if isinstance(tpl, str) else None
+
+    def set_chat_template(self, text: str) -> None:
+        where, _ = self.chat_template()
+        if where == "chat_template.jinja":
+            self.files["chat_template.jinja"] = text.encode("utf-8")
+        else:
+            tc = self.tokenizer_config
+            tc["chat_template"] = text
+            self.write_json("tokenizer_config.json", tc)
+
+
+    def sp_proto(self):
+        from sentencepiece import sentencepiece_model_pb2 as pb
+
+        proto = pb.ModelProto()
+        proto.ParseFromString(self.read("tokenizer.model"))
+        return proto
+
+    def tokenizer_length(self) -> int:
+        """1 + the largest id any tokenizer file of the draft claims."""
+        n = -1
+        if self.read("tokenizer.model"):
+            n = len(self.sp_proto().pieces) - 1
+        data = self.read("tokenizer.json")
+        if data:
+            tj = json.loads(data)
+            vocab = (tj.get("model") or {}).get("vocab") or {}
+            ids = list(vocab.values()) if isinstance(vocab, dict) else [len(vocab) - 1]
+            n = max([n, *ids, *(t["id"] for t in tj.get("added_tokens") or [])])
+        for i in (self.tokenizer_config.get("added_tokens_decoder") or {}):
+            n = max(n, int(i))
+        return n + 1
+
+
+Fix = Callable[[Draft, list[Finding], Options], None]
+
+
+# ----------------------------------------------------------------------------- the fixes
+
+
+def fix_fast_tokenizer(draft: Draft, findings: list[Finding], opts: Options) -> None:
+    """Build tokenizer.json from tokenizer.model and keep it only if it agrees with sentencepiece."""
+    ckpt = draft.ckpt
+    wanted = [f for f in findings if f.check in ("tokenizer.missing_fast", "tokenizer.fast_mismatch")]
+    sp_edited = "tokenizer.model" in draft.files
+    if not ckpt.has_sentencepiece or not (wanted or sp_edited):
+        return
+    from healer.tokenizers.convert import convert_verified
+    from healer.tokenizers.corpus import builtin_corpus
+
+    tc = draft.tokenizer_config
+    added = {int(i): t["content"] if isinstance(t, dict) else t
+             for i, t in (tc.get("added_tokens_decoder") or {}).items()}
+    sp_size = len(draft.sp_proto().pieces)
+    added = {i: t for i, t in added.items() if i >= sp_size or t in CHATML_TOKENS}
+    result = convert_verified(
+        draft.read("tokenizer.model"), list(builtin_corpus()) + list(opts.corpus), added,
+        add_bos=wants_bos(ckpt, tc), add_eos=bool(tc.get("add_eos_token", False)),
+    )
+    check = wanted[0].check if wanted else "template.chatml"
+    if not result.ok:
+        first = [{"text": m.text, "sentencepiece": m.sp_ids, "fast": m.fast_ids}
+                 for m in result.first_disagreements()]
+        draft.unfixable.append(Finding(
+            check, "error", "No tokenizer.json candidate agrees with sentencepiece on every string; "
+            "keeping the slow tokenizer only.", details={"first": first}))
+        if ckpt.has_fast:  # a known-wrong tokenizer.json is worse than none
+            draft.files["tokenizer.json"] = b""
+        return
+    draft.files["tokenizer.json"] = result.tokenizer_json.encode("utf-8")
+    draft.change(check, "tokenizer.json",
+                 f"built from tokenizer.model ({result.candidate} pipeline), identical to sentencepiece on "
+                 f"{result.comparison.n} strings", before="present" if ckpt.has_fast else None, after="verified")
+    if "add_bos_token" not in tc and wants_bos(ckpt, tc):
+        tc["add_bos_token"] = True
+        draft.write_json("tokenizer_config.json", tc)
+
+
+def wants_bos(ckpt: Checkpoint, tc: dict[str, Any]) -> bool:
+    """Whether encode() should add BOS: configured, or the family is trained with it."""
+    from healer.tokenizers.checks import BOS_FAMILIES
+
+    bos = ckpt.special_token("bos")
+    return bool(bos) and (tc.get("add_bos_token") is True or ckpt.model_type in BOS_FAMILIES)
+
+
+def fix_bos_missing(draft: Draft, findings: list[Finding], opts: Options) -> None:
+    """Make encode() add BOS: tokenizer_config add_bos_token and tokenizer.json's post-processor."""
+    found = [f for f in findings if f.check == "tokenizer.bos_missing"]
+    if not found:
+        return
+    ckpt, tc = draft.ckpt, draft.tokenizer_config
+    bos = ckpt.special_token("bos")
+    before = tc.get("add_bos_token")
+    tc["add_bos_token"] = True
+    draft.write_json("tokenizer_config.json", tc)
+    draft.change("tokenizer.bos_missing", "tokenizer_config.json", "add_bos_token = true", before, True)
+    data = draft.read("tokenizer.json")
+    if data:
+        tj = json.loads(data)
+        bos_id = found[0].details.get("bos_id")
+        old = tj.get("post_processor")
+        tj["post_processor"] = bos_post_processor(old, bos, bos_id, bool(tc.get("add_eos_token")),
+                                                  ckpt.special_token("eos"), _token_id(tj, ckpt.special_token("eos")))
+        draft.files["tokenizer.json"] = json.dumps(tj, ensure_ascii=False).encode("utf-8")
+        draft.change("tokenizer.bos_missing", "tokenizer.json", f"post-processor adds {bos!r} (single and pair)",
+                     old and old.get("type"), "TemplateProcessing")
+
+
+def _token_id(tj: dict[str, Any], content: str | None) -> int | None:
+    if content is None:
+        return None
+    for t in tj.get("added_tokens") or []:
+        if t["content"] == content:
+            return t["id"]
+    vocab = (tj.get("model") or {}).get("vocab")
+    if isinstance(vocab, dict):
+        return vocab.get(content)
+    if isinstance(vocab, list):
+        return next((i for i, (p, _) in enumerate(vocab) if p == content), None)
+    return None
+
+
+def bos_post_processor(old: dict | None, bos: str, bos_id: int, add_eos: bool, eos: str | None,
+                       eos_id: int | None) -> dict[str, Any]:
+    """A TemplateProcessing that writes BOS (and EOS if configured), after a kept ByteLevel step."""
+    single = [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}]
+    pair = single + [{"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}]
+    specials = {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}}
+    if add_eos and eos is not None and eos_id is not None:
+        single = single + [{"SpecialToken": {"id": eos, "type_id": 0}}]
+        pair = pair[:2] + [{"SpecialToken": {"id": eos, "type_id": 0}}] + pair[2:] + [
+            {"SpecialToken": {"id": eos, "type_id": 1}}]
+        specials[eos] = {"id": eos, "ids": [eos_id], "tokens": [eos]}
+    template = {"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": specials}
+    # byte-level tokenizers need their ByteLevel post-processor for offsets; keep it in front
+    kept = []
+    if old and old.get("type") == "ByteLevel":
+        kept = [old]
+    elif old and old.get("type") == "Sequence":
+        kept = [p for p in old.get("processors", []) if p.get("type") == "ByteLevel"]
+    return {"type": "Sequence", "processors": [*kept, template]} if kept else template
+
+
+def fix_double_bos(draft: Draft, findings: list[Finding], opts: Options) -> None:
+    """Stop the chat template from writing BOS when the tokenizer adds it on encode.
+
+    We keep BOS in the tokenizer rather than the template: raw-text (pretraining-style) data
+    then still gets it, and templated data gets exactly one.
+    """
+    if not any(f.check == "tokenizer.double_bos" for f in findings):
+        return
+    where, text = draft.chat_template()
+    if text is None:
+        return
+    new, n = BOS_IN_TEMPLATE.subn("", text, count=1)
+    if n == 0:
+        draft.unfixable.append(Finding("tokenizer.double_bos", "warning",
+                                       "The template writes BOS in a way fix cannot remove safely; edit it by hand."))
+        return
+    draft.set_chat_template(new)
+    draft.change("tokenizer.double_bos", where, "chat template no longer writes bos_token (the tokenizer adds it)",
+                 "{{ bos_token }}", None)
+
+
+PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>", "<PAD>")
+RESERVED = re.compile(r"^(<\|reserved_special_token_\d+\|>|<unused\d+>|\[control_\d+\]|<\|placeholder\d+\|>)$")
+
+
+def fix_pad(draft: Draft, findings: list[Finding], opts: Options) -> None:
+    """Give the model a pad token that is not eos: an existing pad/reserved token, else a new one."""
+    found = [f for f in findings if f.check in ("tokenizer.pad_is_eos", "tokenizer.pad_missing")]
+    if not found:
+        return
+    ckpt = draft.ckpt
+    from healer.tokenizers.inventory import inventory, special_tokens
+
+    inv = inventory(ckpt)
+    by_content = {c.content: c.id for c in inv.claims}
+    declared = set(special_tokens(ckpt).values())
+    _, template = draft.chat_template()
+    rows = ckpt.embedding_rows or 0
+    pad, pad_id = None, None
+    for name in PAD_NAMES:
+        if name in by_content and by_content[name] < rows and name not in declared:
+            pad, pad_id = name, by_content[name]
+            break
+    if pad is None:
+        reserved = sorted((i, c) for c, i in by_content.items() if RESERVED.match(c) and i < rows
+                          and c not in declared and (template is None or c not in template))
+        if reserved:
+            pad_id, pad = reserved[-1]  # the last reserved token: the first ones are what ChatML takes
+    check = found[0].check
+    if pad is None:
+        pad = "<|pad|>"
+        pad_id = append_token(draft, pad, user_defined=False)
+        draft.change(check, "tokenizer files", f"added {pad!r} as id {pad_id}", None, pad)
+    before = ckpt.special_token("pad")
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        obj = draft.json(name)
+        if obj is None and name == "special_tokens_map.json":
+            continue
+        obj = obj or {}
+        obj["pad_token"] = pad
+        draft.write_json(name, obj)
+    draft.change(check, "tokenizer_config.json", f"pad_token = {pad!r} (id {pad_id})", before, pad)
+    for name in ("config.json", "generation_config.json"):
+        obj = draft.json(name)
+        if obj is None:
+            continue
+        old = obj.get("pad_token_id")
+        obj["pad_token_id"] = pad_id
+        draft.write_json(name, obj)
+        draft.change(check, name, f"pad_token_id = {pad_id}", old, pad_id)
+
+
+def fix_eos_mismatch(draft: Draft, findings: list[Finding], opts: Options) -> None:
+    """Add the template's end-of-turn token to generation_config.eos_token_id (keeping the base eos)."""
+    found = [f for f in findings if f.check == "template.eos_mismatch"]
+    if not found:
+        return
+    eot_id = found[0].details["end_of_turn_id"]
+    gc = draft.json("generation_config.json") or {}
+    old = gc.get("eos_token_id", draft.ckpt.config.get("eos_token_id"))
+    ids = list(old) if isinstance(old, list) else ([old] if old is not None else [])
+    gc["eos_token_id"] = [*ids, eot_id]
+    draft.write_json("generation_config.json", gc)
+    draft.change("template.eos_mismatch", "generation_config.json",
+                 f"eos_token_id also stops at {found[0].details['end_of_turn']!r}", old, gc["eos_token_id"])
+
+
+def fix_template(draft: Draft, findings: list[Finding], opts: Options) -> None:
+    """--template NAME: install a registry template (answers template.missing / render_error)."""
+    if opts.template is None:
+        return
+    from healer.templates import get
+
+    entry = get(opts.template)
+    _, old = draft.chat_template()
+    checks = [f.check for f in findings if f.check in ("template.missing", "template.render_error")]
+    draft.set_chat_template(entry.source)
+    draft.change(checks[0] if checks else "template.set", "chat_template", f"chat template set to {entry.name!r}",
+                 "present" if old else None, entry.name)
+
+
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+
+
+def fix_chatml(draft: Draft, findings: list[Finding], opts: Options) -> None:
+    """--chatml: <|im_start|>/<|im_end|> as single special tokens, a ChatML template, <|im_end|> stops.
+
+    Reserved tokens (Llama 3's <|reserved_special_token_N|>, Gemma's <unusedN>, Mistral's
+    [control_N]) are renamed in place, so no embedding rows are added; otherwise two pieces
+    are appended and the embeddings grow by two mean-initialized rows. Renamed reserved rows
+    are untrained: the embeddings pass then gives them the trained mean.
+    """
+    if not opts.chatml:
+        return
+    from healer.templates import get
+    from healer.tokenizers.inventory import inventory
+
+    ckpt = draft.ckpt
+    inv = inventory(ckpt)
+    by_content = {c.content: c.id for c in inv.claims}
+    check = next((f.check for f in findings if f.check in ("template.tokens_not_single", "template.missing")),
+                 "template.chatml")
+    missing = [t for t in CHATML_TOKENS if t not in by_content]
+    if missing:
+        if ckpt.model_type in ("gemma", "gemma2") and not opts.template:
+            draft.change(check, "tokenizer", "note: Gemma has its own turn tokens <start_of_turn>/<end_of_turn>; "
+                         "use --template gemma to keep them (ChatML patched in as asked)")
+        _, template = draft.chat_template()
+        reserved = sorted((i, c) for c, i in by_content.items() if RESERVED.match(c)
+                          and (template is None or c not in template))
+        if len(reserved) >= len(missing):
+            for (i, old), new in zip(reserved, missing):
+                rename_token(draft, i, old, new)
+                draft.change(check, "tokenizer files", f"reserved token {old!r} (id {i}) renamed to {new!r}", old, new)
+                by_content[new] = i
+        else:
+            for new in missing:
+                i = append_token(draft, new, user_defined=True)
+                draft.change(check, "tokenizer files", f"added {new!r} as id {i}", None, new)
+                by_content[new] = i
+    entry = get("chatml")
+    _, old_template = draft.chat_template()
+    draft.set_chat_template(entry.source)
+    draft.change(check, "chat_template", "ChatML chat template installed", "present" if old_template else None,
+                 "chatml")
+    gc = draft.json("generation_config.json") or {}
+    old = gc.get("eos_token_id", ckpt.config.get("eos_token_id"))
+    ids = list(old) if isinstance(old, list) else ([old] if old is not None else [])
+    end = by_content["<|im_end|>"]
+    if end not in ids:
+        gc["eos_token_id"] = [*ids, end]
+        draft.write_json("generation_config.json", gc)
+        draft.change(check, "generation_config.json", "eos_token_id also stops at '<|im_end|>'", old,
+                     gc["eos_token_id"])
+    tc = draft.tokenizer_config
+    extra = [t for t in tc.get("additional_special_tokens") or [] if t not in CHATML_TOKENS]
+    tc["additional_special_tokens"] = [*extra, *CHATML_TOKENS]
+    draft.write_json("tokenizer_config.json", tc)
+
+
+def rename_token(draft: Draft, i: int, old: str, new: str) -> None:
+    """Give id `i` the text `new` in every tokenizer file (a user-defined piece in sentencepiece)."""
+    if draft.read("tokenizer.model"):
+        proto = draft.sp_proto()
+        if i < len(proto.pieces):
+            assert proto.pieces[i].piece == old, (proto.pieces[i].piece, old)
+            proto.pieces[i].piece = new
+            # user-defined, not control: sentencepiece encodes user-defined pieces from text as one id
+            proto.pieces[i].type = proto.pieces[i].USER_DEFINED
+            draft.files["tokenizer.model"] = proto.SerializeToString()
+    data = draft.read("tokenizer.json")
+    if data:
+        tj = json.loads(data)
+        for t in tj.get("added_tokens") or []:
+            if t["id"] == i:
+                t["content"], t["special"] = new, True
+        vocab = (tj.get("model") or {}).get("vocab")
+        if isinstance(vocab, dict) and vocab.get(old) == i:
+            vocab[new] = vocab.pop(old)
+        elif isinstance(vocab, list) and i < len(vocab) and vocab[i][0] == old:
+            vocab[i][0] = new
+        draft.files["tokenizer.json"] = json.dumps(tj, ensure_ascii=False).encode("utf-8")
+    _set_added_decoder(draft, i, new)
+
+
+def append_token(draft: Draft, new: str, user_defined: bool) -> int:
+    """Add `new` as the next id in every tokenizer file; records that an embedding row is needed."""
+    i = draft.tokenizer_length()
+    if draft.read("tokenizer.model"):
+        proto = draft.sp_proto()
+        if i != len(proto.pieces):
+            raise HealerError(f"cannot append {new!r}: ids {len(proto.pieces)}..{i - 1} are added tokens past "
+                              "tokenizer.model; renumbering them is not supported")
+        p = proto.pieces.add()
+        p.piece, p.score = new, 0.0
+        p.type = p.USER_DEFINED if user_defined else p.CONTROL
+        draft.files["tokenizer.model"] = proto.SerializeToString()
+    data = draft.read("tokenizer.json")
+    if data:
+        tj = json.loads(data)
+        tj.setdefault("added_tokens", []).append({
+            "id": i, "content": new, "single_word": False, "lstrip": False, "rstrip": False,
+            "normalized": False, "special": True})
+        draft.files["tokenizer.json"] = json.dumps(tj, ensure_ascii=False).encode("utf-8")
+    _set_added_decoder(draft, i, new)
+    draft.rows_needed = max(draft.rows_needed, i + 1)
+    return i
+
+
+def _set_added_decoder(draft: Draft, i: int, content: str) -> None:
+    tc = draft.tokenizer_config
+    decoder = tc.get("added_tokens_decoder")
+    if decoder is None:  # loaders then take added tokens from tokenizer.json / tokenizer.model
+        return
+    decoder[str(i)] = {"content": content, "lstrip": False, "normalized": False, "rstrip": False,
+                       "single_word": False, "special": True}
+    tc["added_tokens_decoder"] = dict(sorted(decoder.items(), key=lambda kv: int(kv[0])))
+    draft.write_json("tokenizer_config.json", tc)
+
+
+def grow_rows(draft: Draft) -> None:
+    """Grow embed_tokens/lm_head to the rows new tokens need (mean-initialized), once, after all fixes."""
+    rows = draft.ckpt.embedding_rows or 0
+    if draft.rows_needed <= rows or not draft.ckpt.has_weights:
+        return
+    from healer.embeddings.repair import grow_embeddings
+
+    n_new = draft.rows_needed - rows
+    draft.tensors.update(grow_embeddings(draft.ckpt, n_new))
+    cfg = draft.json("config.json")
+    cfg["vocab_size"] = draft.rows_needed
+    draft.write_json("config.json", cfg)
+    draft.change("tokenizer.id_out_of_range", draft.ckpt.embed_name or "embeddings",
+                 f"{n_new} new embedding row(s), set to the mean of the trained rows", rows, draft.rows_needed)
+
+
+PASS_ONE: list[Fix] = [fix_chatml, fix_template, fix_fast_tokenizer, fix_bos_missing, fix_double_bos, fix_pad,
+                       fix_eos_mismatch]
+
+
+def fix_untrained(draft: Draft, findings: list[Finding], opts: Options) -> None:
+    """Set untrained rows that matter (special/template/dataset tokens, or all) to the trained mean."""
+    if not any(f.check == "embeddings.untrained" for f in findings):
+        return
+    from healer.embeddings.repair import checkpoint_untrained_rows, repair_untrained
+    from healer.embeddings.usage import load_vocab, protected_ids, select_rows, token_use
+
+    ckpt = draft.ckpt
+    vocab = load_vocab(ckpt)
+    untrained = checkpoint_untrained_rows(ckpt, protected_ids(ckpt, vocab))
+    use = token_use(ckpt, vocab, opts.dataset)
+    rows = select_rows(untrained, use, opts.all_untrained)
+    if not rows:
+        return
+    draft.tensors.update(repair_untrained(ckpt, rows, untrained))
+    names = [vocab.id_to_token(r) if vocab else str(r) for r in rows[:20]]
+    draft.change("embeddings.untrained", ckpt.embed_name or "embeddings",
+                 f"{len(rows)} untrained rows set to the mean of the trained rows", "zero rows",
+                 {"rows": rows, "tokens": names})
+
+
+PASS_TWO: list[Fix] = [fix_untrained]
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def repair(path: str | Path, out: str | Path, *, chatml: bool = False, template: str | None = None,
+           corpus: str | Path | None = None, dry_run: bool = False, force: bool = False,
+           all_untrained: bool = False, dataset: str | Path | None = None) -> FixReport:
+    """Repair the checkpoint at `path` into `out` (never touching `path`); returns what was done."""
+    src = Checkpoint(path)
+    out = Path(out)
+    _check_output(src.path, out, force)
+    opts = Options(chatml=chatml, template=template, corpus=read_corpus(corpus), all_untrained=all_untrained,
+                   dataset=str(dataset) if dataset else None)
+    before = diagnose(src.path, corpus=corpus)
+    report = FixReport(model=str(src.path), out=str(out), before=before)
+    draft = _plan(src, before.findings, opts, PASS_ONE)
+    if dry_run:
+        report.changes, report.unfixable = draft.changes, draft.unfixable
+        report.changes += _plan(src, before.findings, opts, PASS_TWO).changes
+        return report
+    with _staging(out) as (stage_one, stage_two):
+        _write(draft, stage_one)
+        middle = Checkpoint(stage_one)
+        mid_report = diagnose(stage_one, corpus=corpus)
+        second = _plan(middle, mid_report.findings, opts, PASS_TWO)
+        _write(second, stage_two)
+        report.changes = draft.changes + second.changes
+        report.unfixable = draft.unfixable + second.unfixable
+        report.after = diagnose(stage_two, corpus=corpus)
+        still = still_failing(report.claimed, [before, mid_report], report.after)
+        if still:
+            raise FixError(f"fix claimed to repair {', '.join(still)} but the output still fails "
+                           f"{'it' if len(still) == 1 else 'them'}; nothing was written", report)
+        (stage_two / REPORT_NAME).write_text(report.to_json(), encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(stage_two, out)
+    report.written = True
+    return report
+
+
+SEVERITY_RANK = {"info": 0, "warning": 1, "error": 2}
+
+
+def still_failing(claimed: set[str], earlier: list[Report], after: Report) -> list[str]:
+    """Claimed checks the output still reports at their earlier severity or worse (or as errors).
+
+    A lower severity is progress that counts: e.g. untrained rows nobody uses stay, by design,
+    as a warning after the rows that matter were repaired.
+    """
+    def worst(report: Report, check: str) -> int:
+        return max((SEVERITY_RANK[f.severity] for f in report.by_check(check)), default=-1)
+
+    out = []
+    for check in sorted(claimed):
+        now = worst(after, check)
+        was = max(worst(r, check) for r in earlier)
+        if now >= 0 and (now >= was or now == SEVERITY_RANK["error"]):
+            out.append(check)
+    return out
+
+
+def _plan(ckpt: Checkpoint, findings: list[Finding], opts: Options, fixes: list[Fix]) -> Draft:
+    draft = Draft(ckpt)
+    for fix in fixes:
+        fix(draft, findings, opts)
+    grow_rows(draft)
+    return draft
+
+
+def _check_output(src: Path, out: Path, force: bool) -> None:
+    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
+        raise OutputError(f"{out}: output must be outside the input directory {src}")
+    if not out.parent.is_dir():
+        raise OutputError(f"{out.parent}: parent directory of the output does not exist")
+    if not os.access(out.parent, os.W_OK):
+        raise OutputError(f"{out.parent}: not writable")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise OutputError(f"{out}: exists and is not empty (use --force to replace it)")
+
+
+@contextmanager
+def _staging(out: Path) -> Iterator[tuple[Path, Path]]:
+    """Two temp dirs beside `out`, removed on any exit, SIGTERM included."""
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.healer-", dir=out.parent))
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread: the caller owns signal handling
+        previous = None
+    try:
+        one, two = stage / "pass1", stage / "pass2"
+        one.mkdir()
+        two.mkdir()
+        yield one, two
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _write(draft: Draft, dest: Path) -> None:
+    """Write the draft: replaced files, untouched files copied, weights linked or rewritten."""
+    from healer.embeddings.shards import write_weights
+
+    src = draft.ckpt.path
+    weights = {p.name for p in set(draft.ckpt.weight_map.values())} | set(WEIGHT_INDEXES)
+    for p in sorted(src.iterdir()):
+        if p.is_dir() or p.name in weights or p.name == REPORT_NAME or p.name in draft.files:
+            continue
+        shutil.copy2(p, dest / p.name)
+    for name, data in draft.files.items():
+        if data == b"":  # an emptied file means: leave it out of the output
+            continue
+        (dest / name).write_bytes(data)
+    if draft.ckpt.has_weights:
+        if all(p.suffix == ".safetensors" for p in draft.ckpt.weight_map.values()):
+            write_weights(draft.ckpt, draft.tensors, dest)
+        else:
+            assert not draft.tensors, "tensor edits need safetensors weights"
+            for name in weights:
+                if (src / name).exists():
+                    _link_or_copy(src / name, dest / name)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+__all__ = ["Change", "FixError", "FixReport", "TOKENIZER_FILES", "repair"]
