@@ -63,7 +63,7 @@ from __future__ import annotations
 import itertools
 import json
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,6 +80,7 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = (
 )
 SPACE = "\u2581"
 UNREACHABLE_PENALTY = 1e6
+CANDIDATES = ("transformers", "spm", "spm+nfc")
 
 
 class Inexpressible(Exception):
@@ -139,13 +140,15 @@ def convert_verified(
     add_eos: bool = False,
     tokenizer_class: str = "LlamaTokenizer",
     probes: bool = True,
+    candidates: Sequence[str] = CANDIDATES,
 ) -> ConversionResult:
     """Build tokenizer.json candidates; keep the first that agrees with sentencepiece on every string.
 
     `added_tokens` maps ids to tokens (as in transformers' added_tokens_decoder); ids past the
     sentencepiece vocabulary must follow it without gaps. CONTROL and UNKNOWN pieces are always
     added as special tokens. `probes` adds strings derived from the model (its special and
-    user-defined piece texts, alone and in context) to `strings`.
+    user-defined piece texts, alone and in context) to `strings`. `candidates` picks and orders
+    the candidates by name (a subset of CANDIDATES).
     """
     data, proto = load_model(model)
     sp = spm.SentencePieceProcessor(model_proto=data)
@@ -153,13 +156,15 @@ def convert_verified(
     if probes:
         texts += probe_strings(proto)
     tokens = added_token_list(proto, added_tokens or {})
-    builders = [
-        ("transformers", lambda: transformers_conversion(data, tokenizer_class)),
-        ("spm", lambda: spm_pipeline(proto)),
-        ("spm+nfc", lambda: spm_pipeline(proto, compose_first=True)),
-    ]
+    builders = {
+        "transformers": lambda: transformers_conversion(data, tokenizer_class),
+        "spm": lambda: spm_pipeline(proto),
+        "spm+nfc": lambda: spm_pipeline(proto, compose_first=True),
+    }
+    assert set(candidates) <= set(builders), candidates
     attempts: list[Attempt] = []
-    for name, build in builders:
+    for name in candidates:
+        build = builders[name]
         try:
             tok = build()
         except Inexpressible as e:
