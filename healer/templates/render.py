@@ -48,6 +48,7 @@ class _GenerationBlocks(jinja2.ext.Extension):
         if tracker is not None:
             start = sum(len(s) for s in tracker["emitted"])
             tracker["spans"].append((start, start + len(text)))
+            tracker["texts"].append(text)
         return text
 
 
@@ -101,7 +102,7 @@ def render_spans(source: str, messages: Sequence[Message], *, add_generation_pro
     """Render `source` and return the text plus the character spans of its `{% generation %}` blocks."""
     template = compile_template(source, name)
     msgs = _plain_messages(messages, name)
-    tracker: dict[str, list] = {"emitted": [], "spans": []}
+    tracker: dict[str, list] = {"emitted": [], "spans": [], "texts": []}
     context = {"tools": None, "documents": None, **variables, "messages": msgs,
                "add_generation_prompt": add_generation_prompt, "__healer_tracker": tracker}
     try:
@@ -111,7 +112,13 @@ def render_spans(source: str, messages: Sequence[Message], *, add_generation_pro
         raise TemplateError(f"chat template {name!r} cannot render this conversation: {e.message}") from e
     except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
         raise TemplateError(f"chat template {name!r} cannot render this conversation: {e}") from e
-    return "".join(tracker["emitted"]), tracker["spans"]
+    text = "".join(tracker["emitted"])
+    # Offsets count what was emitted before a block; output buffered by {% set %} blocks or macros is
+    # emitted later, so a generation block inside one would get a wrong span
+    if any(text[a:b] != t for (a, b), t in zip(tracker["spans"], tracker["texts"], strict=True)):
+        raise TemplateError(f"chat template {name!r}: {{% generation %}} blocks inside macros or set blocks "
+                            "are not supported")
+    return text, tracker["spans"]
 
 
 def render_source(source: str, messages: Sequence[Message], *, add_generation_prompt: bool = False,

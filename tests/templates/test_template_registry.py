@@ -18,6 +18,7 @@ from template_refs import (
 )
 
 from healer.templates import TEMPLATES, TemplateError, get, names, render_source
+from healer.templates.render import render_spans
 
 GEN = (False, True)
 
@@ -247,3 +248,30 @@ def test_undefined_variable_and_syntax_error_are_typed_errors():
 def test_registry_covers_the_issue_families():
     assert {"chatml", "llama-2", "llama-3", "llama-3.1", "mistral-v1", "mistral-v3", "gemma", "phi-3", "qwen2.5",
             "zephyr", "vicuna", "alpaca"} <= set(TEMPLATES)
+
+
+@pytest.mark.parametrize("name", names())
+def test_generation_spans_match_transformers_generation_indices(name):
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    entry = get(name)
+    checked = 0
+    for conv in CONVERSATIONS.values():
+        for gen in GEN:
+            if outcome(entry.render, conv, add_generation_prompt=gen)[0] == "error":
+                continue
+            text, spans = entry.render_spans(conv, add_generation_prompt=gen)
+            (hf_text,), (hf_spans,) = render_jinja_template(
+                conversations=[conv], chat_template=entry.tracked_source, add_generation_prompt=gen,
+                return_assistant_tokens_mask=True, bos_token=entry.bos_token, eos_token=entry.eos_token)
+            assert (text, spans) == (hf_text, [tuple(s) for s in hf_spans])
+            assert len(spans) == sum(x["role"] == "assistant" for x in conv)
+            checked += 1
+    assert checked >= 8
+
+
+def test_generation_block_inside_a_macro_is_refused():
+    # the macro's "<" is buffered until the macro returns, so the block's start would be counted wrong
+    source = "{% macro f(x) %}<{% generation %}{{ x }}{% endgeneration %}{% endmacro %}>{{ f(messages[0].content) }}"
+    with pytest.raises(TemplateError, match="inside macros or set blocks"):
+        render_spans(source, [m("user", "x")], name="custom")
