@@ -1,0 +1,64 @@
+"""Tiny base models with real PEFT adapters, and the PEFT reference they must reproduce."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+ALL_LINEAR = "all-linear"
+
+
+def make_adapter(base_dir: Path, adapter_dir: Path, *, target_modules=ALL_LINEAR, r: int = 4, alpha: float = 8,
+                 seed: int = 1, **lora_kwargs) -> Path:
+    """Train-free LoRA adapter saved by PEFT itself: random A (PEFT's init) and random non-zero B."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=target_modules, **lora_kwargs)
+    peft_model = get_peft_model(model, config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name or "lora_embedding_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+            elif "lora_embedding_A" in name:
+                p.copy_(torch.randn(p.shape, generator=gen))
+    peft_model.save_pretrained(str(adapter_dir))
+    return adapter_dir
+
+
+def peft_model(base_dir: Path, adapter_dir: Path):
+    """base + adapter as a user would load them: transformers model wrapped by peft.PeftModel, float32."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+
+
+def hf_model(model_dir: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits[0].float()
+
+
+def peft_merged_state(base_dir: Path, adapter_dir: Path) -> dict[str, torch.Tensor]:
+    """PEFT's own merge (merge_and_unload) in float32: the reference for merged tensors."""
+    model = peft_model(base_dir, adapter_dir).merge_and_unload()
+    return {k: v.detach().float() for k, v in model.state_dict().items()}
+
+
+def run_dir_with_adapter_subdir(adapter_dir: Path, run_dir: Path) -> Path:
+    """A trainer-style run dir: RUN_DIR/adapter/{adapter_config.json, adapter_model.safetensors} + other files."""
+    run_dir.mkdir(parents=True)
+    shutil.copytree(adapter_dir, run_dir / "adapter")
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    return run_dir
