@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from healer.templates.render import Message, Span, TemplateError, render_spans
@@ -58,8 +58,6 @@ class ChatTemplate:
     """The family's usual BOS (used when no tokenizer is given)."""
     eos_token: str
     """The family's usual EOS (used when no tokenizer is given)."""
-    variables: dict[str, Any] = field(default_factory=dict)
-    """Extra template variables the entry reads, with their defaults (e.g. llama-3.1's date_string)."""
 
     @property
     def source(self) -> str:
@@ -303,7 +301,7 @@ TEMPLATES: dict[str, ChatTemplate] = {t.name: t for t in (
                  _LLAMA3_MARKERS, "<|begin_of_text|>", "<|eot_id|>"),
     ChatTemplate("llama-3.1", "Llama 3.1/3.2/3.3 Instruct without tools (system header with knowledge/today date)",
                  LLAMA31.strip(), "<|eot_id|>", "<|start_header_id|>assistant<|end_header_id|>\n\n", True,
-                 _LLAMA3_MARKERS, "<|begin_of_text|>", "<|eot_id|>", {"date_string": "26 Jul 2024"}),
+                 _LLAMA3_MARKERS, "<|begin_of_text|>", "<|eot_id|>"),
     ChatTemplate("mistral-v1", "Mistral v1 tokenizer (7B-Instruct v0.1/v0.2, Mixtral-8x7B): ' [INST] q [/INST] a</s>'",
                  _mistral(" [INST] ", " [/INST]", " ", "first", trim=False).strip(), None, "", True, (),
                  "<s>", "</s>"),
