@@ -25,6 +25,12 @@ Naming decisions:
   the last message only if that message is a user turn, so a conversation that ends with an
   assistant turn (training data) loses its system prompt, exactly as with the official
   template (mistral-common instead puts it before the last user turn).
+- `gemma` refuses a system message, as the official Gemma / Gemma 2 template does.
+- `phi-3` writes eos_token after the last turn when add_generation_prompt is off (as Phi-3.5's
+  official template does); that eos is not part of any trained span.
+- No official templates exist for `vicuna` (follows FastChat's vicuna_v1.1, with bos_token in
+  front) and `alpaca` (alpaca-lora's prompt: Stanford Alpaca's layout with a newline after
+  "### Response:"; further turns repeat the Instruction/Response pair).
 """
 
 from __future__ import annotations
