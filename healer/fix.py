@@ -529,7 +529,10 @@ def fix_untrained(draft: Draft, findings: list[Finding], opts: Options) -> None:
     rows = select_rows(untrained, use, opts.all_untrained)
     if not rows:
         return
-    draft.tensors.update(repair_untrained(ckpt, rows, untrained))
+    # a zero pad/bos/eos row is not repaired (it is masked or never predicted), but it is not
+    # trained either: keep it out of the mean too
+    degenerate = checkpoint_untrained_rows(ckpt, ())
+    draft.tensors.update(repair_untrained(ckpt, rows, set(untrained) | set(degenerate)))
     names = [vocab.id_to_token(r) if vocab else str(r) for r in rows[:20]]
     draft.change("embeddings.untrained", ckpt.embed_name or "embeddings",
                  f"{len(rows)} untrained rows set to the mean of the trained rows", "zero rows",
