@@ -73,7 +73,8 @@ def check_template(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
             )]
     tok = ckpt.hf_tokenizer()
     findings = []
-    markers = sorted(set(MARKER_RE.findall(rendered)))
+    entry = _registry_entry(ckpt)
+    markers = sorted(set(MARKER_RE.findall(rendered)) | set(entry.control_tokens if entry else ()))
     split = {m: tok.encode(m, add_special_tokens=False) for m in markers}
     not_single = {m: ids for m, ids in split.items() if len(ids) != 1}
     if not_single:
@@ -83,12 +84,25 @@ def check_template(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
             f"{len(not_single)} chat marker(s) used by the template are not single tokens, e.g. {m!r} -> {ids}: "
             "the model never saw them as one symbol.",
             fix=f"healer fix {ckpt.path} -o {ckpt.path.name}-fixed --chatml",
-            details={"markers": {m: ids for m, ids in not_single.items()}},
+            details={"markers": {m: ids for m, ids in not_single.items()},
+                     "template": entry.name if entry else None},
         ))
-    eot = end_of_turn(rendered, ckpt)
+    eot = entry.end_of_turn(ckpt.special_token("eos")) if entry else end_of_turn(rendered, ckpt)
     if eot is not None and eot not in not_single:  # a marker that is no token cannot be an eos id
         findings.extend(_eos_mismatch(ckpt, tok, eot))
     return findings
+
+
+def _registry_entry(ckpt: Checkpoint):
+    """The registry entry the checkpoint's template renders like (None when it is none of them)."""
+    from healer.templates import TemplateError, detect, get
+
+    try:
+        name = detect(ckpt.chat_template, bos_token=ckpt.special_token("bos") or "",
+                      eos_token=ckpt.special_token("eos") or "")
+    except TemplateError:
+        return None
+    return get(name) if name else None
 
 
 def end_of_turn(rendered: str, ckpt: Checkpoint) -> str | None:
@@ -105,6 +119,8 @@ def end_of_turn(rendered: str, ckpt: Checkpoint) -> str | None:
 
 def _eos_mismatch(ckpt: Checkpoint, tok, eot: str) -> list[Finding]:
     eos = ckpt.special_token("eos")
+    if tok.convert_tokens_to_ids(eot) in (None, tok.unk_token_id):
+        return []  # not a token at all: tokens_not_single reports it
     gen = (ckpt.generation_config or {}).get("eos_token_id", ckpt.config.get("eos_token_id"))
     gen_ids = set(gen) if isinstance(gen, list) else {gen}
     eot_id = tok.convert_tokens_to_ids(eot)
