@@ -75,8 +75,9 @@ class StoredMatrix:
             out[i] = self._read(r, 1)[0]
         return out
 
-    def _read(self, start: int, count: int) -> torch.Tensor:
-        out = torch.empty((count, self.shape[1]), dtype=self.dtype)
+    def _read(self, start: int, count: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        if out is None:
+            out = torch.empty((count, self.shape[1]), dtype=self.dtype)
         buf = out.view(torch.uint8).numpy().reshape(-1)
         with open(self.path, "rb") as f:
             f.seek(self._data_start + start * self._row_bytes)
@@ -84,6 +85,13 @@ class StoredMatrix:
         if got != len(buf):
             raise CheckpointError(f"{self.path}: truncated while reading {self.name}")
         return out
+
+    def chunks(self, step: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, rows) read into one reused buffer: each chunk is overwritten by the next."""
+        buf = torch.empty((min(step, self.shape[0]), self.shape[1]), dtype=self.dtype)
+        for start in range(0, self.shape[0], step):
+            count = min(step, self.shape[0] - start)
+            yield start, self._read(start, count, buf[:count])
 
     def load(self) -> torch.Tensor:
         """The whole matrix as one writable in-memory tensor."""
@@ -104,9 +112,16 @@ def stored_matrix(ckpt: Checkpoint, name: str) -> Matrix:
 
 
 def row_chunks(matrix: Matrix, chunk_rows: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
-    """(first row, rows) over the matrix, each chunk about CHUNK_ELEMENTS values."""
+    """(first row, rows) over the matrix, each chunk about CHUNK_ELEMENTS values.
+
+    A chunk is valid until the next one is yielded: StoredMatrix reads every chunk into one
+    reused buffer (fresh 64 MiB allocations cost more in page faults than the reads).
+    """
     n, h = matrix.shape
     step = chunk_rows or max(1, CHUNK_ELEMENTS // max(h, 1))
+    if isinstance(matrix, StoredMatrix):
+        yield from matrix.chunks(step)
+        return
     for start in range(0, n, step):
         yield start, matrix[start:start + step]
 
@@ -160,9 +175,9 @@ def untrained_rows(embed: Matrix, lm_head: Matrix | None = None, eps: float = EP
 def trained_mean(matrix: Matrix, untrained: Iterable[int]) -> torch.Tensor:
     """Mean of the trained rows as float32: sum(rows, untrained ones zeroed) / (n_rows - n_untrained).
 
-    Each chunk is summed in float32; chunk sums accumulate in float64 so 128k rows add no
-    rounding of their own. Including the untrained rows (the common recipe) biases the mean
-    towards them: toward zero, or toward Llama 3.1's shared lm_head vector.
+    Each chunk is summed in float32 and chunk sums accumulate in float64: relative error ~1e-7,
+    far below bfloat16's 4e-3. Including the untrained rows (the common recipe) biases the
+    mean towards them: toward zero, or toward Llama 3.1's shared lm_head vector.
     """
     skip = torch.tensor(sorted({int(r) for r in untrained}), dtype=torch.int64)
     n_rows, hidden = matrix.shape
@@ -171,14 +186,18 @@ def trained_mean(matrix: Matrix, untrained: Iterable[int]) -> torch.Tensor:
         raise CheckpointError(f"all {n_rows} rows of the matrix are untrained: there is no trained mean to copy")
     assert len(skip) == 0 or (skip[0] >= 0 and skip[-1] < n_rows), "untrained row index out of range"
     total = torch.zeros(hidden, dtype=torch.float64)
+    buf: torch.Tensor | None = None
     for start, chunk in row_chunks(matrix):
+        # one reused float32 buffer: copy_ into it costs 0.4 CPU s/GB, a fresh .float() 1.5 (page faults)
+        if buf is None:
+            buf = torch.empty(chunk.shape, dtype=torch.float32)
+        rows = buf[:len(chunk)]
+        rows.copy_(chunk)
+        weights = torch.ones(len(chunk), dtype=torch.float32)
         lo, hi = torch.searchsorted(skip, torch.tensor([start, start + len(chunk)])).tolist()
-        if lo == hi:
-            total += chunk.sum(dim=0, dtype=torch.float32)
-        else:
-            keep = torch.ones(len(chunk), dtype=torch.bool)
-            keep[skip[lo:hi] - start] = False
-            total += chunk[keep].sum(dim=0, dtype=torch.float32)
+        weights[skip[lo:hi] - start] = 0
+        # a 0/1-weighted matrix-vector product: BLAS sums the rows several times faster than sum(dim=0)
+        total += weights @ rows
     return (total / n_trained).to(torch.float32)
 
 
