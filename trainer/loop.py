@@ -360,13 +360,14 @@ def train(config: TrainConfig, *, console=None) -> RunResult:
     """Fine-tune config.model on config.data with LoRA / QLoRA and write the run dir at config.out."""
     from rich.console import Console
 
-    from trainer.models import load_model
+    from trainer.models import ModelSpec, load_model
 
     cfg = validate(config)
     console = console or Console(stderr=True)
     out = check_out_dir(cfg.out)
     model_dir = Path(cfg.model).resolve()
     ckpt = Checkpoint(model_dir)
+    ModelSpec.from_config(ckpt.config)  # an unsupported architecture fails before any work
     check_model(model_dir)
     tokenizer = ckpt.hf_tokenizer()
     template = resolve_template(cfg.template, ckpt.chat_template, model_dir, bos_token=tokenizer.bos_token,
