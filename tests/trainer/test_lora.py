@@ -204,3 +204,27 @@ def test_lora_over_nf4_base_matches_peft_lora_over_the_same_nf4_base():
     assert all(p.grad is not None for p in trainable_parameters(ours))
     assert {n for n, p in ours.named_parameters() if p.requires_grad} == {
         f"{i}.lora_{ab}.weight" for i in (0, 2) for ab in "AB"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_our_decoder_with_our_lora_matches_transformers_with_peft(family, tmp_path):
+    """The same adapter on the same base: our decoder + LoRALinear vs transformers + peft.PeftModel."""
+    import builders
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from trainer.models import load_model
+
+    base = tmp_path / "base"
+    builders.save_tiny_model(base, family, 96, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    ours = load_model(base, dtype=torch.float32, device="cpu", load_in_4bit=False).eval()
+    settings = apply_lora(ours, LoRASettings(r=4, alpha=8, use_rslora=family == "gemma2"))
+    randomize_lora(ours)
+    save_adapter(ours, tmp_path / "adapter", settings, base_model=str(base))
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                          tmp_path / "adapter").eval()
+    x = tokens()
+    with torch.no_grad():
+        expected = reference(x).logits
+        got = ours(x).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
