@@ -1,0 +1,141 @@
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: CI runs the kernels on CPU
+
+import pytest  # noqa: E402
+from kernel_checks import DTYPES, device, relative_error  # noqa: E402
+
+from trainer.kernels.fused_linear_ce import fused_linear_cross_entropy  # noqa: E402
+from trainer.models import ops  # noqa: E402
+
+# The interpreter's numpy overflows exp() in saturated tails on purpose (exp -> inf -> 1 - 0).
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+
+
+def _inputs(batch: int, seq: int, hidden: int, vocab: int, dtype: torch.dtype, *, logit_scale: float = 1.0,
+            ignored: float = 0.3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dev = device()
+    h = torch.randn(batch, seq, hidden, device=dev).to(dtype).requires_grad_()
+    # Logits of spread ~ logit_scale: rows of h @ W.T with unit h and W rows of norm logit_scale.
+    w = (torch.randn(vocab, hidden, device=dev) * logit_scale / hidden**0.5).to(dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (batch, seq), device=dev)
+    labels[torch.rand(batch, seq, device=dev) < ignored] = ops.IGNORE_INDEX
+    return h, w, ops.shift_targets(labels)
+
+
+def _plain_path(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, **kw):
+    """lm_head in the model dtype, then ops.causal_lm_loss: the decoder's plain path."""
+    hr, wr = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    loss = ops.causal_lm_loss(hr @ wr.t(), targets, **kw)
+    return (loss, *torch.autograd.grad(loss, (hr, wr)))
+
+
+def _float64_truth(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, softcap: float | None = None,
+                   num_items_in_batch: int | torch.Tensor | None = None):
+    """The same loss with every step in float64 (ops.causal_lm_loss itself computes in float32)."""
+    hr, wr = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    z = hr @ wr.t()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    total = torch.nn.functional.cross_entropy(z.flatten(0, -2), targets.flatten(), reduction="sum",
+                                              ignore_index=ops.IGNORE_INDEX)
+    n = num_items_in_batch if num_items_in_batch is not None else (targets != ops.IGNORE_INDEX).sum().clamp(min=1)
+    loss = total / n
+    return (loss, *torch.autograd.grad(loss, (hr, wr)))
+
+
+def _check(h, w, targets, dtype, chunk_size=None, **kw) -> None:
+    loss = fused_linear_cross_entropy(h, w, targets, chunk_size=chunk_size, **kw)
+    dh, dw = torch.autograd.grad(loss, (h, w))
+    loss_plain, dh_plain, dw_plain = _plain_path(h, w, targets, **kw)
+    _, dh64, dw64 = _float64_truth(h, w, targets, **kw)
+    assert loss.dtype == torch.float32 and dh.dtype == dw.dtype == dtype
+    # Same logits, float32 statistics on both sides: only summation order differs.
+    assert torch.allclose(loss, loss_plain, rtol=1e-5, atol=1e-6), (loss.item(), loss_plain.item())
+    # Gradients are sums over V (dh) or tokens (dW) of terms rounded to the model dtype, so they are
+    # judged as whole tensors against float64: no further from it than the plain path is, give or take
+    # half (the rounding of individual terms falls differently), plus float32 noise.
+    for name, got, plain, exact in (("dh", dh, dh_plain, dh64), ("dw", dw, dw_plain, dw64)):
+        err, err_plain = relative_error(got, exact), relative_error(plain, exact)
+        assert err <= 1.5 * err_plain + 1e-6, (name, err, err_plain)
+        assert torch.isfinite(got).all(), name
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0], ids=["nocap", "cap30"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dims", [(2, 19, 64, 1000, 8), (1, 23, 96, 3001, None)],
+                         ids=["v1000-chunks", "v3001-onechunk"])
+def test_fused_loss_and_grads_match_lm_head_plus_causal_lm_loss(dims, dtype, softcap):
+    torch.manual_seed(hash((dims, str(dtype), softcap)) % 2**31)
+    batch, seq, hidden, vocab, chunk = dims
+    h, w, targets = _inputs(batch, seq, hidden, vocab, dtype, logit_scale=4.0)
+    _check(h, w, targets, dtype, chunk_size=chunk, softcap=softcap)
+
+
+def test_vocab_spanning_several_blocks_with_saturating_softcap():
+    """V = 5000 > one 4096-wide block; logits of spread ~60 push Gemma 2's 30 tanh(x / 30) into its tails."""
+    torch.manual_seed(8)
+    h, w, targets = _inputs(1, 9, 64, 5000, torch.float32, logit_scale=60.0)
+    _check(h, w, targets, torch.float32, softcap=30.0)
+    _check(h, w, targets, torch.float32)
+
+
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["int", "tensor"])
+def test_num_items_in_batch_divides_the_summed_loss(as_tensor):
+    torch.manual_seed(9)
+    h, w, targets = _inputs(2, 11, 64, 1000, torch.bfloat16)
+    n = torch.tensor(37, device=h.device) if as_tensor else 37
+    _check(h, w, targets, torch.bfloat16, chunk_size=4, num_items_in_batch=n)
+
+
+def test_all_targets_ignored_gives_zero_loss_and_zero_grads():
+    torch.manual_seed(10)
+    h, w, targets = _inputs(2, 5, 64, 1000, torch.float32)
+    targets = torch.full_like(targets, ops.IGNORE_INDEX)
+    loss = fused_linear_cross_entropy(h, w, targets)
+    dh, dw = torch.autograd.grad(loss, (h, w))
+    assert loss.item() == 0.0 and not dh.any() and not dw.any()
+    assert ops.causal_lm_loss(h @ w.t(), targets).item() == 0.0
+
+
+def test_frozen_head_and_no_grad_paths_give_the_same_loss():
+    """QLoRA freezes lm_head: only the hidden-state gradient is computed; evaluation computes none."""
+    torch.manual_seed(11)
+    h, w, targets = _inputs(2, 13, 64, 1000, torch.bfloat16)
+    w = w.detach()
+    loss = fused_linear_cross_entropy(h, w, targets, chunk_size=8)
+    (dh,) = torch.autograd.grad(2.5 * loss, (h,))
+    loss_ref, dh_plain, _ = _plain_path(h, w, targets)
+    _, dh64, _ = _float64_truth(h, w, targets)
+    assert torch.allclose(loss, loss_ref, rtol=1e-5)
+    # The backward scales the precomputed bf16 gradient by grad_output (2.5 here): one more rounding,
+    # at most 2**-8 relative.
+    assert relative_error(dh, 2.5 * dh64) <= 1.5 * relative_error(dh_plain, dh64) + 2.0**-8
+    with torch.no_grad():
+        assert torch.allclose(fused_linear_cross_entropy(h, w, targets), loss_ref, rtol=1e-5)
+
+
+def test_fused_loss_agrees_with_float64_math():
+    """Against the softmax cross-entropy computed in float64 from float64 logits (fp32 inputs)."""
+    torch.manual_seed(12)
+    h, w, targets = _inputs(1, 17, 64, 1000, torch.float32, logit_scale=20.0)
+    loss = fused_linear_cross_entropy(h, w, targets, softcap=30.0)
+    z = 30.0 * torch.tanh(h.detach().double() @ w.detach().double().t() / 30.0)
+    keep = targets != ops.IGNORE_INDEX
+    nll = torch.logsumexp(z, dim=-1) - z.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    expected = nll[keep].sum() / keep.sum()
+    assert abs(loss.item() - expected.item()) <= 1e-5 * expected.item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dims", [(2, 2048, 4096, 128256), (2, 2047, 4096, 32000), (1, 4099, 3072, 256000)],
+                         ids=["llama3-8b", "mistral-7b-odd-seq", "gemma-7b"])
+def test_fused_linear_cross_entropy_full_size(dims):
+    torch.manual_seed(dims[-1])
+    batch, seq, hidden, vocab = dims
+    h, w, targets = _inputs(batch, seq, hidden, vocab, torch.bfloat16, logit_scale=8.0)
+    softcap = 30.0 if vocab == 256000 else None
+    _check(h, w, targets, torch.bfloat16, softcap=softcap)
