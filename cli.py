@@ -160,12 +160,17 @@ def template_render(name: str, messages_file: Path, model_dir: Path | None, mask
 @click.option("--dataset", type=click.Path(path_type=Path, dir_okay=False),
               help="Training data: also repair untrained rows of tokens it uses.")
 @click.option("--all-untrained", is_flag=True, help="Repair every untrained embedding row, used or not.")
+@click.option("--grow-embeddings", "out_of_range", flag_value="grow",
+              help="Token ids past the embedding: add mean-initialized rows (default for special tokens).")
+@click.option("--drop-out-of-range", "out_of_range", flag_value="drop",
+              help="Token ids past the embedding: remove those tokens (default for non-special ones).")
 @click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the fix report as JSON on stdout.")
 @friendly_errors
 def fix(model_dir: Path, out: Path, chatml: bool, template: str | None, corpus: Path | None,
-        dataset: Path | None, all_untrained: bool, dry_run: bool, force: bool, as_json: bool) -> None:
+        dataset: Path | None, all_untrained: bool, out_of_range: str | None, dry_run: bool, force: bool,
+        as_json: bool) -> None:
     """Repair MODEL_DIR into OUT: tokenizer, template, pad/BOS, untrained embeddings.
 
     MODEL_DIR is never modified. OUT appears only when complete and when doctor no longer
@@ -175,7 +180,8 @@ def fix(model_dir: Path, out: Path, chatml: bool, template: str | None, corpus: 
 
     try:
         report = repair(model_dir, out, chatml=chatml, template=template, corpus=corpus, dry_run=dry_run,
-                        force=force, all_untrained=all_untrained, dataset=dataset)
+                        force=force, all_untrained=all_untrained, dataset=dataset,
+                        out_of_range=out_of_range or "auto")
     except FixError as e:
         if as_json:
             click.echo(e.report.to_json())
@@ -255,6 +261,31 @@ def trainer_run(config_file: Path | None, **settings) -> None:
         click.echo(f"error: {e}", err=True)
         sys.exit(EXIT_FINDINGS)
     _console().print(result.summary(), highlight=False)
+
+
+@trainer.command("export")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out", type=click.Path(path_type=Path), required=True,
+              help="Output: a directory (--format hf) or a .gguf file (--format gguf).")
+@click.option("--format", "fmt", type=click.Choice(["hf", "gguf"]), default="hf", show_default=True,
+              help="hf: merged safetensors checkpoint dir; gguf: one file for llama.cpp.")
+@click.option("--quant", default="f16", show_default=True, help="GGUF type: f16, bf16, q8_0 or q4_0.")
+@click.option("--dtype", default="auto", show_default=True,
+              help="hf weights dtype: auto (the base's), bfloat16, float16 or float32.")
+@click.option("--base", type=click.Path(path_type=Path), help="Base model dir (default: the one the adapter records).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@friendly_errors
+def trainer_export(source: Path, out: Path, fmt: str, quant: str, dtype: str, base: Path | None, force: bool) -> None:
+    """Merge the LoRA adapter of SOURCE (run dir, adapter dir or model dir) into its base and write OUT."""
+    import export
+
+    if fmt == "hf" and quant != "f16":
+        raise click.UsageError("--quant applies to --format gguf; use --dtype for hf output")
+    if fmt == "gguf":
+        written = export.to_gguf(source, out, quant, base=base, force=force)
+    else:
+        written = export.merge(source, out, base=base, dtype=dtype, force=force)
+    _console().print(f"Wrote {written}", highlight=False)
 
 
 if __name__ == "__main__":

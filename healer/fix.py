@@ -60,6 +60,7 @@ class Options:
     corpus: tuple[str, ...] = ()
     all_untrained: bool = False
     dataset: str | None = None
+    out_of_range: str = "auto"  # auto | grow | drop
 
 
 @dataclass
@@ -511,8 +512,114 @@ def grow_rows(draft: Draft) -> None:
                  f"{n_new} new embedding row(s), set to the mean of the trained rows", rows, draft.rows_needed)
 
 
-PASS_ONE: list[Fix] = [fix_chatml, fix_template, fix_fast_tokenizer, fix_bos_missing, fix_double_bos, fix_pad,
-                       fix_eos_mismatch]
+def fix_dangling_added_tokens(draft: Draft, findings: list[Finding], opts: Options) -> None:
+    """Make tokenizer_config.json and added_tokens.json agree with the vocabulary loaders use first.
+
+    The authority is tokenizer.json (its vocabulary and added tokens) or, without it,
+    tokenizer.model: that is the vocabulary the weights were trained with. Entries of the other
+    files that give an id another text are rewritten; entries for tokens the authority lacks
+    are added to tokenizer.json when their id is free.
+    """
+    found = [f for f in findings if f.check == "tokenizer.dangling_added_token"]
+    if not found:
+        return
+    from healer.tokenizers.inventory import inventory
+
+    inv = inventory(draft.ckpt)
+    authority_sources = ({"tokenizer.json vocab", "tokenizer.json added_tokens"} if draft.ckpt.has_fast
+                         else {"tokenizer.model"})
+    authority = {c.id: c.content for c in inv.claims if c.source in authority_sources}
+    tc = draft.tokenizer_config
+    decoder = tc.get("added_tokens_decoder") or {}
+    for key, tok in list(decoder.items()):
+        content = tok.get("content") if isinstance(tok, dict) else tok
+        i = int(key)
+        if i in authority and authority[i] != content:
+            decoder[key] = {**tok, "content": authority[i]} if isinstance(tok, dict) else authority[i]
+            draft.change("tokenizer.dangling_added_token", "tokenizer_config.json",
+                         f"added_tokens_decoder id {i}: {content!r} -> {authority[i]!r} (as the vocabulary says)",
+                         content, authority[i])
+        elif i not in authority and draft.ckpt.has_fast:
+            append_at(draft, i, content, special=bool(tok.get("special", True)) if isinstance(tok, dict) else True)
+            draft.change("tokenizer.dangling_added_token", "tokenizer.json", f"added {content!r} as id {i}",
+                         None, content)
+    tj_added = {t["id"]: t for t in (json.loads(draft.read("tokenizer.json")).get("added_tokens") or [])
+                } if draft.read("tokenizer.json") else {}
+    if decoder or tc.get("added_tokens_decoder") is not None:
+        for i, t in sorted(tj_added.items()):
+            if str(i) not in decoder:
+                decoder[str(i)] = {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word",
+                                                      "special") if k in t}
+                draft.change("tokenizer.dangling_added_token", "tokenizer_config.json",
+                             f"added_tokens_decoder lists {t['content']!r} (id {i}) like tokenizer.json", None,
+                             t["content"])
+        tc["added_tokens_decoder"] = dict(sorted(decoder.items(), key=lambda kv: int(kv[0])))
+        draft.write_json("tokenizer_config.json", tc)
+    legacy = draft.json("added_tokens.json")
+    if legacy:
+        agreed = {c: i for c, i in legacy.items() if authority.get(i, c) == c}
+        if agreed != legacy:
+            dropped = sorted(set(legacy) - set(agreed))
+            draft.write_json("added_tokens.json", agreed)
+            draft.change("tokenizer.dangling_added_token", "added_tokens.json",
+                         f"dropped entries that contradict the vocabulary: {dropped}", dropped, None)
+
+
+def append_at(draft: Draft, i: int, content: str, special: bool) -> None:
+    """Add an added token with an explicit id to tokenizer.json (records the embedding row it needs)."""
+    tj = json.loads(draft.read("tokenizer.json"))
+    tj.setdefault("added_tokens", []).append({
+        "id": i, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
+        "normalized": False, "special": special})
+    tj["added_tokens"].sort(key=lambda t: t["id"])
+    draft.files["tokenizer.json"] = json.dumps(tj, ensure_ascii=False).encode("utf-8")
+    draft.rows_needed = max(draft.rows_needed, i + 1)
+
+
+def fix_out_of_range(draft: Draft, findings: list[Finding], opts: Options) -> None:
+    """Ids past the embedding rows: grow the embeddings (default for special tokens) or drop the tokens."""
+    found = [f for f in findings if f.check == "tokenizer.id_out_of_range"]
+    if not found:
+        return
+    from healer.tokenizers.inventory import inventory, special_tokens
+
+    rows = draft.ckpt.embedding_rows or 0
+    inv = inventory(draft.ckpt)
+    past = {c.id: c for c in inv.claims if c.id >= rows}
+    wanted = set(special_tokens(draft.ckpt).values())
+    _, template = draft.chat_template()
+    added_special = {c.content for c in inv.added_claims()}
+    mode = opts.out_of_range
+    if mode == "auto":
+        mode = "grow" if any(c.content in wanted or (template and c.content in template)
+                             or c.content in added_special for c in past.values()) else "drop"
+    if mode == "grow":
+        draft.rows_needed = max(draft.rows_needed, max(past) + 1)
+        return  # grow_rows() writes the rows and config.vocab_size and records the change
+    if any(not c.added for c in past.values()):
+        draft.unfixable.append(Finding("tokenizer.id_out_of_range", "error",
+                                       "Ids past the embedding are part of the base vocabulary; only growing "
+                                       "the embeddings (--grow-embeddings) can fix that."))
+        return
+    data = draft.read("tokenizer.json")
+    if data:
+        tj = json.loads(data)
+        tj["added_tokens"] = [t for t in tj.get("added_tokens") or [] if t["id"] < rows]
+        draft.files["tokenizer.json"] = json.dumps(tj, ensure_ascii=False).encode("utf-8")
+    tc = draft.tokenizer_config
+    if tc.get("added_tokens_decoder"):
+        tc["added_tokens_decoder"] = {k: v for k, v in tc["added_tokens_decoder"].items() if int(k) < rows}
+        draft.write_json("tokenizer_config.json", tc)
+    legacy = draft.json("added_tokens.json")
+    if legacy:
+        draft.write_json("added_tokens.json", {c: i for c, i in legacy.items() if i < rows})
+    draft.change("tokenizer.id_out_of_range", "tokenizer files",
+                 f"dropped {len(past)} token(s) past the {rows} embedding rows",
+                 [c.content for _, c in sorted(past.items())][:20], None)
+
+
+PASS_ONE: list[Fix] = [fix_dangling_added_tokens, fix_out_of_range, fix_chatml, fix_template, fix_fast_tokenizer,
+                       fix_bos_missing, fix_double_bos, fix_pad, fix_eos_mismatch]
 
 
 def fix_untrained(draft: Draft, findings: list[Finding], opts: Options) -> None:
@@ -547,13 +654,15 @@ PASS_TWO: list[Fix] = [fix_untrained]
 
 def repair(path: str | Path, out: str | Path, *, chatml: bool = False, template: str | None = None,
            corpus: str | Path | None = None, dry_run: bool = False, force: bool = False,
-           all_untrained: bool = False, dataset: str | Path | None = None) -> FixReport:
+           all_untrained: bool = False, dataset: str | Path | None = None,
+           out_of_range: str = "auto") -> FixReport:
     """Repair the checkpoint at `path` into `out` (never touching `path`); returns what was done."""
     src = Checkpoint(path)
     out = Path(out)
     _check_output(src.path, out, force)
     opts = Options(chatml=chatml, template=template, corpus=read_corpus(corpus), all_untrained=all_untrained,
-                   dataset=str(dataset) if dataset else None)
+                   dataset=str(dataset) if dataset else None, out_of_range=out_of_range)
+    assert out_of_range in ("auto", "grow", "drop"), out_of_range
     before = diagnose(src.path, corpus=corpus)
     report = FixReport(model=str(src.path), out=str(out), before=before)
     draft = _plan(src, before.findings, opts, PASS_ONE)

@@ -233,3 +233,51 @@ def test_cli_json_report(example, tmp_path):
     data = json.loads(result.stdout)
     assert data["written"] and data["after"]["summary"]["error"] == 0
     shutil.rmtree(tmp_path / "o")
+
+
+@pytest.fixture(scope="module")
+def phi3_in_small_model(tmp_path_factory) -> Path:
+    """Phi-3's tokenizer (added tokens 32000..32063) on a model with only 32000 embedding rows."""
+    tmp = tmp_path_factory.mktemp("phi3")
+    return builders.sentencepiece_checkpoint(tmp / "phi3", testdata.sentencepiece_model("phi-3"), vocab_size=32000,
+                                             tokenizer_json=testdata.fast_tokenizer_json("phi-3"), pad_token="<unk>")
+
+
+def test_out_of_range_special_tokens_grow_the_embeddings(phi3_in_small_model, tmp_path):
+    src = load_file(phi3_in_small_model / "model.safetensors")
+    repair(phi3_in_small_model, tmp_path / "out")
+    after = healer.diagnose(tmp_path / "out")
+    assert not {"tokenizer.id_out_of_range", "config.vocab_mismatch"} & checks_at(after, "error")
+    dst = load_file(tmp_path / "out" / "model.safetensors")
+    n = json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"]
+    assert n == dst["model.embed_tokens.weight"].shape[0] == 32064
+    assert torch.equal(dst["model.embed_tokens.weight"][:32000], src["model.embed_tokens.weight"])
+    expected = trained_mean64(src["model.embed_tokens.weight"], [])
+    assert torch.allclose(dst["model.embed_tokens.weight"][32010].double(), expected, atol=1e-6)
+
+
+def test_out_of_range_tokens_can_be_dropped_instead(phi3_in_small_model, tmp_path):
+    repair(phi3_in_small_model, tmp_path / "out", out_of_range="drop")
+    tj = json.loads((tmp_path / "out" / "tokenizer.json").read_text())
+    assert max(t["id"] for t in tj["added_tokens"]) < 32000
+    assert "tokenizer.id_out_of_range" not in healer.diagnose(tmp_path / "out").checks()
+    assert load_file(tmp_path / "out" / "model.safetensors")["model.embed_tokens.weight"].shape[0] == 32000
+
+
+def test_colliding_added_token_is_rewritten_to_the_vocabulary(tmp_path):
+    model = builders.sentencepiece_checkpoint(tmp_path / "l2", testdata.sentencepiece_model("llama-spm"),
+                                              pad_token="<unk>")
+    tc = json.loads((model / "tokenizer_config.json").read_text())
+    tc["added_tokens_decoder"] = {"0": {"content": "<unk>", "special": True},
+                                  "1": {"content": "<s>", "special": True},
+                                  "2": {"content": "<|im_end|>", "special": True}}
+    (model / "tokenizer_config.json").write_text(json.dumps(tc))
+    assert "tokenizer.dangling_added_token" in checks_at(healer.diagnose(model), "error")
+    repair(model, tmp_path / "out")
+    out_tc = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+    assert out_tc["added_tokens_decoder"]["2"]["content"] == "</s>"
+    assert "tokenizer.dangling_added_token" not in healer.diagnose(tmp_path / "out").checks()
+
+
+def checks_at(report: healer.Report, severity: str) -> set[str]:
+    return {f.check for f in report.findings if f.severity == severity}
