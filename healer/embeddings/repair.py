@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -22,6 +24,15 @@ from healer.embeddings.rows import (
     stored_matrix,
     trained_mean,
     untrained_rows,
+)
+from healer.embeddings.usage import (
+    TokenUse,
+    Vocab,
+    describe,
+    load_vocab,
+    protected_ids,
+    select_rows,
+    token_use,
 )
 from healer.errors import CheckpointError
 
@@ -107,3 +118,39 @@ def grow_embeddings(ckpt: Checkpoint, n_new: int, untrained: Mapping[int, str] |
     elif names.tied_copy is not None:
         out[names.tied_copy] = out[names.embed]
     return out
+
+
+@dataclass
+class RepairPlan:
+    """What `healer fix` repairs for embeddings.untrained, and why (see healer.embeddings.usage)."""
+
+    untrained: dict[int, str]  # every untrained row -> detection rule
+    rows: list[int]  # the rows to repair
+    use: TokenUse
+    vocab: Vocab | None
+
+    def updates(self, ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+        """The replaced tensors, for write_weights."""
+        return repair_untrained(ckpt, self.rows, self.untrained)
+
+    def summary(self, top: int = 20) -> dict[str, Any]:
+        """JSON-able record for healer_report.json: repaired tokens with reasons, what was left, dataset counts."""
+        repaired = [{**d, "rule": self.untrained[d["id"]], "used_by": self.use.reasons(d["id"])}
+                    for d in describe(self.rows, self.vocab)]
+        seen = sorted((r for r in self.untrained if self.use.dataset[r]), key=lambda r: -self.use.dataset[r])
+        return {
+            "untrained_count": len(self.untrained),
+            "repaired_count": len(self.rows),
+            "left_untrained_count": len(self.untrained) - len(self.rows),
+            "repaired": repaired,
+            "dataset_top": [{**d, "count": self.use.dataset[d["id"]]} for d in describe(seen[:top], self.vocab)],
+            "value": "mean of the trained rows (float32, cast to the checkpoint dtype), embed and lm_head each",
+        }
+
+
+def plan_repair(ckpt: Checkpoint, dataset: str | Path | None = None, all_untrained: bool = False) -> RepairPlan:
+    """Find the untrained rows and choose those to repair: special, template and dataset tokens, or all."""
+    vocab = load_vocab(ckpt) if ckpt.has_tokenizer else None
+    untrained = checkpoint_untrained_rows(ckpt, protected_ids(ckpt, vocab))
+    use = token_use(ckpt, vocab, dataset=dataset)
+    return RepairPlan(untrained, select_rows(untrained, use, all_untrained), use, vocab)

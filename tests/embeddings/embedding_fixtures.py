@@ -72,3 +72,12 @@ def copy_non_weights(src: Path, dst: Path) -> None:
     for f in src.iterdir():
         if f.suffix != ".safetensors" and f.name != "model.safetensors.index.json":
             shutil.copyfile(f, dst / f.name)
+
+
+def assert_within_one_bf16_ulp(got: torch.Tensor, reference: torch.Tensor) -> None:
+    """`got` (bfloat16) is the float64 `reference` rounded to bfloat16, give or take one step:
+    the float32 mean sits within ~1e-7 of the float64 one, so it can round to the neighbour."""
+    ref = reference.to(torch.float64)
+    _, exponent = torch.frexp(ref)
+    ulp = torch.pow(2.0, (exponent - 8).to(torch.float64))  # bfloat16 keeps 8 significant bits
+    assert ((got.to(torch.float64) - ref).abs() <= ulp).all(), (got, ref)

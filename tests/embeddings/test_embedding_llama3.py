@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from embedding_fixtures import EMBED, LM_HEAD, copy_non_weights
+from embedding_fixtures import EMBED, LM_HEAD, assert_within_one_bf16_ulp, copy_non_weights
 from safetensors.torch import load_file
 
 from healer.checkpoint import Checkpoint
@@ -13,6 +13,7 @@ from healer.doctor import Context
 from healer.embeddings import (
     checkpoint_untrained_rows,
     load_vocab,
+    plan_repair,
     protected_ids,
     repair_untrained,
     select_rows,
@@ -70,13 +71,11 @@ def _reference_mean(matrix: torch.Tensor, untrained) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def repaired(ckpt, tmp_path_factory):
     """The default repair (rows that matter), written the way `healer fix` writes it."""
-    vocab = load_vocab(ckpt)
-    untrained = checkpoint_untrained_rows(ckpt, protected_ids(ckpt, vocab))
-    rows = select_rows(untrained, token_use(ckpt, vocab))
+    plan = plan_repair(ckpt)
     out = tmp_path_factory.mktemp("repaired") / "model"
     copy_non_weights(ckpt.path, out)
-    written = write_weights(ckpt, repair_untrained(ckpt, rows, untrained), out)
-    return out, rows, untrained, written
+    written = write_weights(ckpt, plan.updates(ckpt), out)
+    return out, plan.rows, plan.untrained, written
 
 
 def test_doctor_finds_exactly_the_zeroed_llama3_rows(ckpt, llama3_untrained):
@@ -122,13 +121,9 @@ def test_repair_writes_the_unbiased_trained_mean_into_embed_and_lm_head(repaired
     before, after = _weights(llama3_untrained.path), _weights(out)
     for name in (EMBED, LM_HEAD):
         ref = _reference_mean(before[name], untrained)
-        expected = ref.to(torch.bfloat16).to(torch.float64)
-        got = after[name][rows].to(torch.float64)
         assert after[name].dtype == torch.bfloat16
-        # float32 accumulation may round to a neighbouring bfloat16 value, never further
-        assert ((got - expected).abs() <= expected.abs() * 2**-8 + 1e-30).all(), name
-        biased = before[name].to(torch.float64).mean(0)
-        assert (ref - biased).abs().max() > 1e-5  # the untrained rows would have pulled it away
+        for r in rows:
+            assert_within_one_bf16_ulp(after[name][r], ref)
         untouched = [i for i in range(len(before[name])) if i not in rows]
         assert torch.equal(after[name][untouched], before[name][untouched]), name
     assert not torch.equal(_reference_mean(before[EMBED], untrained), _reference_mean(before[LM_HEAD], untrained))
@@ -185,6 +180,12 @@ def test_dataset_tokens_are_counted_after_the_template_and_selected(ckpt, hf_tok
     untrained = checkpoint_untrained_rows(ckpt, protected_ids(ckpt, vocab))
     assert reserved5 in select_rows(untrained, token_use(ckpt, vocab, dataset=data))
     assert reserved5 not in select_rows(untrained, token_use(ckpt, vocab))
+    summary = plan_repair(ckpt, dataset=data).summary()
+    assert summary["repaired_count"] == 4 and summary["left_untrained_count"] == 250
+    top = summary["dataset_top"]
+    assert [d["count"] for d in top] == sorted((counts[i] for i in (128006, 128007, 128009, reserved5)), reverse=True)
+    assert {d["token"] for d in top} == {"<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                                          "<|reserved_special_token_5|>"}
 
 
 def _train_step(path, ids) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
