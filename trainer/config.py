@@ -71,7 +71,8 @@ class TrainConfig:
     device: str = _f("auto", "auto, cpu or cuda.")
     dtype: str = _f("auto", "Compute dtype: auto (bfloat16 on GPU, float32 on CPU), float32 or bfloat16.")
     logging_steps: int = _f(1, "Write metrics every N optimizer steps.")
-    save_steps: int = _f(0, "Save a checkpoint every N steps (0: only at the end).")
+    save_steps: int = _f(0, "Save a resumable checkpoint every N steps (0: only the final adapter; "
+                            "read by resume, which is not implemented yet).")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -67,8 +67,10 @@ def test_peft_loads_the_runs_adapter_with_our_logits(llama2, chat_data, tmp_path
     from trainer.models import load_model
 
     cfg = resolve_config(model=str(llama2), data=str(chat_data), out=str(tmp_path / "run"), template="llama-2",
-                         max_steps=3, batch_size=4, grad_accum=1, lr=0.01, warmup_steps=0, load_in_4bit=False)
+                         max_steps=3, batch_size=1, grad_accum=1, lr=0.01, warmup_steps=0, load_in_4bit=False,
+                         packing=True, max_seq_len=256)
     result = train(cfg)
+    assert result.sequences < result.examples  # packed
     ours = load_model(llama2, dtype=torch.float32, device="cpu", load_in_4bit=False)
     apply_lora(ours, read_adapter_config(result.adapter_dir))
     load_adapter_weights(ours, result.adapter_dir)
