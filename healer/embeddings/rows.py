@@ -155,7 +155,7 @@ def untrained_rows(embed: Matrix, lm_head: Matrix | None = None, eps: float = EP
     if lm_head is None or len(candidates) == 0:
         return {int(r): EMBED_ZERO for r in candidates.tolist()}
     assert lm_head.shape[1] == embed.shape[1], (lm_head.shape, embed.shape)
-    candidates = candidates[candidates < lm_head.shape[0]]
+    candidates = candidates[candidates < lm_head.shape[0]]  # a row the head lacks cannot be confirmed
     head = lm_head[candidates].float()
     head_absmax = head.abs().amax(dim=1)
     out: dict[int, str] = {}
