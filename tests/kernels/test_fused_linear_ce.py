@@ -34,17 +34,25 @@ def _plain_path(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, **kw):
 
 
 def _float64_truth(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, softcap: float | None = None,
-                   num_items_in_batch: int | torch.Tensor | None = None):
-    """The same loss with every step in float64 (ops.causal_lm_loss itself computes in float32)."""
-    hr, wr = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    z = hr @ wr.t()
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    total = torch.nn.functional.cross_entropy(z.flatten(0, -2), targets.flatten(), reduction="sum",
-                                              ignore_index=ops.IGNORE_INDEX)
-    n = num_items_in_batch if num_items_in_batch is not None else (targets != ops.IGNORE_INDEX).sum().clamp(min=1)
-    loss = total / n
-    return (loss, *torch.autograd.grad(loss, (hr, wr)))
+                   num_items_in_batch: int | torch.Tensor | None = None, rows_per_chunk: int = 512):
+    """The same loss with every step in float64 (ops.causal_lm_loss itself computes in float32).
+
+    Chunked over tokens only to bound memory at full size (float64 logits of 4096 x 256000 are 8 GB).
+    """
+    h2, t1 = h.detach().reshape(-1, h.shape[-1]).double(), targets.reshape(-1)
+    w64 = w.detach().double().requires_grad_()
+    n = num_items_in_batch if num_items_in_batch is not None else (t1 != ops.IGNORE_INDEX).sum().clamp(min=1)
+    loss, dh, dw = torch.zeros((), dtype=torch.float64, device=h.device), torch.empty_like(h2), torch.zeros_like(w64)
+    for start in range(0, h2.shape[0], rows_per_chunk):
+        hc = h2[start:start + rows_per_chunk].requires_grad_()
+        z = hc @ w64.t()
+        if softcap is not None:
+            z = softcap * torch.tanh(z / softcap)
+        part = torch.nn.functional.cross_entropy(z, t1[start:start + rows_per_chunk], reduction="sum",
+                                                 ignore_index=ops.IGNORE_INDEX) / n
+        dhc, dwc = torch.autograd.grad(part, (hc, w64))
+        loss, dh[start:start + rows_per_chunk], dw = loss + part.detach(), dhc, dw + dwc
+    return loss, dh.view(h.shape), dw
 
 
 def _check(h, w, targets, dtype, chunk_size=None, **kw) -> None:
