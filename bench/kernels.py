@@ -49,6 +49,8 @@ class Row:
     impl: str
     fwd_ms: float
     fwd_bwd_ms: float
+    eager_fwd_bwd_ms: float  # launched one op at a time from Python, launch overhead included
+    graph: bool  # fwd_ms and fwd_bwd_ms are CUDA-graph replays (GPU time only)
     bytes_fwd_bwd: int | None = None  # memory-bound ops: the fewest bytes fwd+bwd must move
     flop_fwd_bwd: float | None = None  # the fused cross-entropy: matmul FLOPs of fwd+bwd
     peak_mb: float | None = None  # peak allocated during fwd+bwd above the inputs
@@ -57,6 +59,13 @@ class Row:
 
 def _median_ms(fn: Callable[[], object]) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def _graph_median_ms(fn: Callable[[], object]) -> float:
+    """GPU time alone: fn captured many times into one CUDA graph and replayed (no launch overhead)."""
+    fn()  # compile (Triton, torch.compile) outside the capture
+    torch.cuda.synchronize()
+    return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
 
 
 def ceilings() -> dict[str, float]:
@@ -70,8 +79,10 @@ def ceilings() -> dict[str, float]:
     return {"copy_GBps": 2 * 2**30 / copy_ms / 1e6, "bf16_mm_TFLOPs": 2 * 8192**3 / mm_ms / 1e9}
 
 
-def _timed(call: Callable, sets: list[list[torch.Tensor]]) -> tuple[float, float, float, torch.Tensor]:
-    """Median fwd and fwd+bwd times (ms), peak MB of one fwd+bwd above the inputs, first forward output."""
+def _timed(call: Callable, sets: list[list[torch.Tensor]],
+           graph: bool) -> tuple[float, float, float, float, torch.Tensor]:
+    """Median fwd and fwd+bwd ms (in a CUDA graph when graph), eager fwd+bwd ms, peak MB of one fwd+bwd
+    above the inputs, and the first forward output."""
     outs0 = call(*sets[0])
     outs0 = outs0 if isinstance(outs0, tuple) else (outs0,)
     grads = [torch.randn_like(o) if o.dim() else torch.ones_like(o) for o in outs0]
@@ -87,30 +98,35 @@ def _timed(call: Callable, sets: list[list[torch.Tensor]]) -> tuple[float, float
         outs = outs if isinstance(outs, tuple) else (outs,)
         torch.autograd.grad(outs, [t for t in inputs if t.requires_grad], grads)
 
-    fwd_ms = _median_ms(fwd)
-    fwd_bwd_ms = _median_ms(fwd_bwd)
+    eager_ms = _median_ms(fwd_bwd)
+    if graph:
+        fwd_ms, fwd_bwd_ms = _graph_median_ms(fwd), _graph_median_ms(fwd_bwd)
+    else:
+        fwd_ms, fwd_bwd_ms = _median_ms(fwd), eager_ms
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     fwd_bwd()
     torch.cuda.synchronize()
     peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
-    return fwd_ms, fwd_bwd_ms, peak_mb, outs0[0].detach()
+    return fwd_ms, fwd_bwd_ms, eager_ms, peak_mb, outs0[0].detach()
 
 
 def _run(kernel: str, shape: str, impls: dict[str, Callable], make_inputs: Callable[[], list[torch.Tensor]],
-         set_bytes: int, rows: list[Row], **metric) -> None:
+         set_bytes: int, rows: list[Row], graph: bool, **metric) -> None:
     # Same input sets for every implementation; several when one set would stay in L2 between calls.
     sets = [make_inputs() for _ in range(max(1, min(4, (3 * L2_BYTES) // set_bytes + 1)))]
     plain_out = None
     for impl, call in impls.items():
-        fwd_ms, fwd_bwd_ms, peak_mb, out = _timed(call, sets)
+        fwd_ms, fwd_bwd_ms, eager_ms, peak_mb, out = _timed(call, sets, graph)
         if impl == "plain":
             plain_out = out.float()
         err = ((out.float() - plain_out).norm() / plain_out.norm()).item()
         measure = {k: v[impl] if isinstance(v, dict) else v for k, v in metric.items()}
-        rows.append(Row(kernel, shape, impl, fwd_ms, fwd_bwd_ms, peak_mb=peak_mb, rel_err=err, **measure))
-        print(f"  {kernel:10s} {shape:11s} {impl:8s} fwd {fwd_ms:8.3f} ms  fwd+bwd {fwd_bwd_ms:8.3f} ms", flush=True)
+        rows.append(Row(kernel, shape, impl, fwd_ms, fwd_bwd_ms, eager_ms, graph, peak_mb=peak_mb, rel_err=err,
+                        **measure))
+        print(f"  {kernel:10s} {shape:11s} {impl:8s} fwd {fwd_ms:8.3f} ms  fwd+bwd {fwd_bwd_ms:8.3f} ms  "
+              f"(eager fwd+bwd {eager_ms:8.3f} ms)", flush=True)
     del sets
     torch.cuda.empty_cache()
 
@@ -140,7 +156,7 @@ def bench_shape(name: str, tokens: int, compile_too: bool, rows: list[Row]) -> N
     off = s["offset"]
     _run("rms_norm", name, _impls(lambda x, w: ops.rms_norm(x, w, 1e-6, off),
                                   lambda x, w: kernels.rms_norm(x, w, 1e-6, off), compile_too),
-         norm_inputs, 2 * tokens * d * esize, rows, bytes_fwd_bwd=5 * tokens * d * esize + tokens * 4 * 2)
+         norm_inputs, 2 * tokens * d * esize, rows, True, bytes_fwd_bwd=5 * tokens * d * esize + tokens * 4 * 2)
 
     # Gated activation over [B, T, intermediate]: fwd reads gate, up, writes out; bwd reads dout, gate, up,
     # writes dgate, dup.
@@ -151,7 +167,7 @@ def bench_shape(name: str, tokens: int, compile_too: bool, rows: list[Row]) -> N
 
     _run(f"{act}", name, _impls(lambda g, u: ops.gated_activation(g, u, act),
                                 lambda g, u: kernels.gated_activation(g, u, act), compile_too),
-         act_inputs, 2 * tokens * inter * esize, rows, bytes_fwd_bwd=8 * tokens * inter * esize)
+         act_inputs, 2 * tokens * inter * esize, rows, True, bytes_fwd_bwd=8 * tokens * inter * esize)
 
     # RoPE on q [B, H, T, D] and k [B, KV, T, D] in the decoder's layout (views of [B, T, H, D]).
     h, kv, hd = s["heads"], s["kv"], s["head_dim"]
@@ -166,7 +182,7 @@ def bench_shape(name: str, tokens: int, compile_too: bool, rows: list[Row]) -> N
     qk_bytes = tokens * (h + kv) * hd * esize
     _run("rope", name, _impls(lambda q, k: ops.apply_rope(q, k, cos, sin),
                               lambda q, k: kernels.apply_rope(q, k, cos, sin), compile_too),
-         rope_inputs, qk_bytes, rows, bytes_fwd_bwd=4 * qk_bytes + 2 * 2 * tokens * hd * 4)
+         rope_inputs, qk_bytes, rows, True, bytes_fwd_bwd=4 * qk_bytes + 2 * 2 * tokens * hd * 4)
 
     # Fused linear cross-entropy, lm_head frozen (QLoRA): logits, dh = dlogits @ W: 2 products of 2NVH.
     vocab = s["vocab"]
@@ -192,13 +208,17 @@ def bench_shape(name: str, tokens: int, compile_too: bool, rows: list[Row]) -> N
             counted = tokens - b * (t // 4 + 1)
             flop = {impl: 2 * (counted if impl == "triton" else tokens) * vocab * d * products
                     for impl in ("plain", "compile", "triton")}
-            _run(label, name, _impls(plain, fused, compile_too), ce_inputs, 10**12, rows, flop_fwd_bwd=flop)
+            _run(label, name, _impls(plain, fused, compile_too), ce_inputs, 10**12, rows, False,
+                 flop_fwd_bwd=flop)
 
 
 def render(rows: list[Row], ceil: dict[str, float]) -> str:
     out = [f"ceilings: copy {ceil['copy_GBps']:.0f} GB/s (read+write), bf16 matmul {ceil['bf16_mm_TFLOPs']:.0f} TFLOP/s",
-           "", "| kernel | shape | impl | fwd ms | fwd+bwd ms | vs plain | achieved (fwd+bwd) | peak MB | rel err |",
-           "| --- | --- | --- | ---: | ---: | ---: | --- | ---: | ---: |"]
+           "fwd/fwd+bwd: GPU time of CUDA-graph replays for the memory-bound ops (*), event-timed eager runs",
+           "for the cross-entropy (it syncs once); eager: fwd+bwd launched from Python, overhead included.",
+           "", "| kernel | shape | impl | fwd ms | fwd+bwd ms | vs plain | achieved (fwd+bwd) | eager fwd+bwd ms "
+           "| peak MB | rel err |",
+           "| --- | --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
     plain = {(r.kernel, r.shape): r for r in rows if r.impl == "plain"}
     for r in rows:
         speedup = plain[(r.kernel, r.shape)].fwd_bwd_ms / r.fwd_bwd_ms
@@ -209,8 +229,9 @@ def render(rows: list[Row], ceil: dict[str, float]) -> str:
             tf = r.flop_fwd_bwd / r.fwd_bwd_ms / 1e9
             achieved = f"{tf:.0f} TFLOP/s ({100 * tf / ceil['bf16_mm_TFLOPs']:.0f}% of mm)"
         err = f"{r.rel_err:.1e}"
-        out.append(f"| {r.kernel} | {r.shape} | {r.impl} | {r.fwd_ms:.3f} | {r.fwd_bwd_ms:.3f} | {speedup:.2f}x "
-                   f"| {achieved} | {r.peak_mb:.0f} | {err} |")
+        star = "*" if r.graph else ""
+        out.append(f"| {r.kernel}{star} | {r.shape} | {r.impl} | {r.fwd_ms:.3f} | {r.fwd_bwd_ms:.3f} | {speedup:.2f}x "
+                   f"| {achieved} | {r.eager_fwd_bwd_ms:.3f} | {r.peak_mb:.0f} | {err} |")
     return "\n".join(out)
 
 
