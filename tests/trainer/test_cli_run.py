@@ -29,6 +29,7 @@ def chat_data(tmp_path_factory) -> Path:
     return tiny_runs.write_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", tiny_runs.chat_rows(64))
 
 
+@pytest.mark.slow
 def test_trainer_run_subprocess_loss_falls_and_writes_a_complete_run_dir(llama2, chat_data, tmp_path):
     out = tmp_path / "run"
     (tmp_path / "train.yaml").write_text("template: llama-2\nlr: 0.01\nmax_steps: 1000\nlora_r: 16\n")

@@ -230,7 +230,7 @@ def llama3_data(path: Path, tmp_path: Path):
     return ckpt, tok, data
 
 
-@pytest.mark.parametrize("autocast", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("autocast", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.slow)])
 def test_zero_rows_train_without_nan_but_their_logit_stays_exactly_zero(llama3_zero_rows, tmp_path, autocast):
     """What really happens with untrained template tokens and no repair (the reason training checks first).
 
