@@ -50,7 +50,7 @@ class Row:
     fwd_ms: float
     fwd_bwd_ms: float
     eager_fwd_bwd_ms: float  # launched one op at a time from Python, launch overhead included
-    graph: bool  # fwd_ms and fwd_bwd_ms are CUDA-graph replays (GPU time only)
+    queued: bool  # fwd_ms and fwd_bwd_ms are GPU time alone (calls queued behind a sleep kernel)
     bytes_fwd_bwd: int | None = None  # memory-bound ops: the fewest bytes fwd+bwd must move
     flop_fwd_bwd: float | None = None  # the fused cross-entropy: matmul FLOPs of fwd+bwd
     peak_mb: float | None = None  # peak allocated during fwd+bwd above the inputs
@@ -61,11 +61,28 @@ def _median_ms(fn: Callable[[], object]) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def _graph_median_ms(fn: Callable[[], object]) -> float:
-    """GPU time alone: fn captured many times into one CUDA graph and replayed (no launch overhead)."""
-    fn()  # compile (Triton, torch.compile) outside the capture
+def _queued_median_ms(fn: Callable[[], object], eager_ms: float, iters: int = 40) -> float:
+    """GPU time alone: the GPU is held in a sleep kernel while Python queues `iters` calls, so they run
+    back to back without launch gaps (a training step's CPU runs ahead of the GPU the same way).
+
+    CUDA-graph capture is not used: autograd's backward syncs with the legacy stream and breaks it.
+    """
+    fn()
     torch.cuda.synchronize()
-    return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
+    # Sleep longer than the queueing takes (eager_ms bounds the host time of one call): 2e6 cycles per
+    # ms is an upper bound on the clock, so the sleep only errs on the long side.
+    cycles = int(2e6 * 1.5 * iters * eager_ms) + 2_000_000
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(cycles)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / iters)
+    return sorted(times)[len(times) // 2]
 
 
 def ceilings() -> dict[str, float]:
@@ -80,8 +97,8 @@ def ceilings() -> dict[str, float]:
 
 
 def _timed(call: Callable, sets: list[list[torch.Tensor]],
-           graph: bool) -> tuple[float, float, float, float, torch.Tensor]:
-    """Median fwd and fwd+bwd ms (in a CUDA graph when graph), eager fwd+bwd ms, peak MB of one fwd+bwd
+           queued: bool) -> tuple[float, float, float, float, torch.Tensor]:
+    """Median fwd and fwd+bwd ms (GPU time alone when queued), eager fwd+bwd ms, peak MB of one fwd+bwd
     above the inputs, and the first forward output."""
     outs0 = call(*sets[0])
     outs0 = outs0 if isinstance(outs0, tuple) else (outs0,)
@@ -99,8 +116,8 @@ def _timed(call: Callable, sets: list[list[torch.Tensor]],
         torch.autograd.grad(outs, [t for t in inputs if t.requires_grad], grads)
 
     eager_ms = _median_ms(fwd_bwd)
-    if graph:
-        fwd_ms, fwd_bwd_ms = _graph_median_ms(fwd), _graph_median_ms(fwd_bwd)
+    if queued:
+        fwd_ms, fwd_bwd_ms = _queued_median_ms(fwd, eager_ms), _queued_median_ms(fwd_bwd, eager_ms)
     else:
         fwd_ms, fwd_bwd_ms = _median_ms(fwd), eager_ms
     torch.cuda.synchronize()
@@ -113,17 +130,17 @@ def _timed(call: Callable, sets: list[list[torch.Tensor]],
 
 
 def _run(kernel: str, shape: str, impls: dict[str, Callable], make_inputs: Callable[[], list[torch.Tensor]],
-         set_bytes: int, rows: list[Row], graph: bool, **metric) -> None:
+         set_bytes: int, rows: list[Row], queued: bool, **metric) -> None:
     # Same input sets for every implementation; several when one set would stay in L2 between calls.
     sets = [make_inputs() for _ in range(max(1, min(4, (3 * L2_BYTES) // set_bytes + 1)))]
     plain_out = None
     for impl, call in impls.items():
-        fwd_ms, fwd_bwd_ms, eager_ms, peak_mb, out = _timed(call, sets, graph)
+        fwd_ms, fwd_bwd_ms, eager_ms, peak_mb, out = _timed(call, sets, queued)
         if impl == "plain":
             plain_out = out.float()
         err = ((out.float() - plain_out).norm() / plain_out.norm()).item()
         measure = {k: v[impl] if isinstance(v, dict) else v for k, v in metric.items()}
-        rows.append(Row(kernel, shape, impl, fwd_ms, fwd_bwd_ms, eager_ms, graph, peak_mb=peak_mb, rel_err=err,
+        rows.append(Row(kernel, shape, impl, fwd_ms, fwd_bwd_ms, eager_ms, queued, peak_mb=peak_mb, rel_err=err,
                         **measure))
         print(f"  {kernel:10s} {shape:11s} {impl:8s} fwd {fwd_ms:8.3f} ms  fwd+bwd {fwd_bwd_ms:8.3f} ms  "
               f"(eager fwd+bwd {eager_ms:8.3f} ms)", flush=True)
@@ -214,8 +231,9 @@ def bench_shape(name: str, tokens: int, compile_too: bool, rows: list[Row]) -> N
 
 def render(rows: list[Row], ceil: dict[str, float]) -> str:
     out = [f"ceilings: copy {ceil['copy_GBps']:.0f} GB/s (read+write), bf16 matmul {ceil['bf16_mm_TFLOPs']:.0f} TFLOP/s",
-           "fwd/fwd+bwd: GPU time of CUDA-graph replays for the memory-bound ops (*), event-timed eager runs",
-           "for the cross-entropy (it syncs once); eager: fwd+bwd launched from Python, overhead included.",
+           "fwd/fwd+bwd: GPU time alone for the memory-bound ops (*: 40 calls queued behind a sleep kernel, no",
+           "launch gaps), event-timed eager runs for the cross-entropy (it syncs once per call); eager: one",
+           "fwd+bwd at a time from Python, launch overhead included.",
            "", "| kernel | shape | impl | fwd ms | fwd+bwd ms | vs plain | achieved (fwd+bwd) | eager fwd+bwd ms "
            "| peak MB | rel err |",
            "| --- | --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
@@ -229,7 +247,7 @@ def render(rows: list[Row], ceil: dict[str, float]) -> str:
             tf = r.flop_fwd_bwd / r.fwd_bwd_ms / 1e9
             achieved = f"{tf:.0f} TFLOP/s ({100 * tf / ceil['bf16_mm_TFLOPs']:.0f}% of mm)"
         err = f"{r.rel_err:.1e}"
-        star = "*" if r.graph else ""
+        star = "*" if r.queued else ""
         out.append(f"| {r.kernel}{star} | {r.shape} | {r.impl} | {r.fwd_ms:.3f} | {r.fwd_bwd_ms:.3f} | {speedup:.2f}x "
                    f"| {achieved} | {r.eager_fwd_bwd_ms:.3f} | {r.peak_mb:.0f} | {err} |")
     return "\n".join(out)
