@@ -175,7 +175,12 @@ class Checkpoint:
         return sp
 
     def fast_tokenizer(self):
-        """The `tokenizers.Tokenizer` of tokenizer.json."""
+        """The `tokenizers.Tokenizer` of tokenizer.json (parsed once: a 128K vocabulary takes seconds)."""
+        if "_fast" not in self.__dict__:
+            self.__dict__["_fast"] = self._load_fast()
+        return self.__dict__["_fast"]
+
+    def _load_fast(self):
         from tokenizers import Tokenizer
 
         p = self.file("tokenizer.json")
