@@ -49,6 +49,26 @@ def healer(debug: bool) -> None:
 
 
 @healer.command()
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=Path("healer-demo"),
+              show_default=True, help="Directory for everything the demo writes (an earlier demo there is replaced).")
+@click.option("--steps", type=click.IntRange(min=1), help="Training steps [default: 100 small, 150 tiny].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where to train.")
+@click.option("--size", type=click.Choice(["small", "tiny"]), default="small", show_default=True,
+              help="Model size: small (3.4M parameters) or tiny (0.2M, for a quick check).")
+@friendly_errors
+def demo(out: Path, steps: int | None, device: str, size: str) -> None:
+    """Run the whole flow on a model built here (no download): doctor, fix, doctor, train, export.
+
+    Builds a small Llama checkpoint with planted defects, repairs it, fine-tunes it with QLoRA on a
+    generated chat dataset, exports merged safetensors and GGUF, and compares answers before and after.
+    """
+    from healer.demo import run_demo
+
+    run_demo(out, steps=steps, device=device, size=size, console=_console())
+
+
+@healer.command()
 @click.argument("model_dir", type=click.Path(path_type=Path), required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout (nothing else).")
 @click.option("--corpus", type=click.Path(path_type=Path, dir_okay=False),

@@ -1,15 +1,17 @@
 """A small flawed checkpoint built on the spot, so every command can be tried without a download.
 
-It is a Llama-architecture model (about 1M parameters) with a real sentencepiece tokenizer
-trained here on generated text, carrying the defects users meet in the field:
-no tokenizer.json (slow only), BOS not added on encode, pad = eos, a ChatML chat template
-whose markers are not tokens of the vocabulary, and never-trained (zero) embedding rows
-for control tokens.
+It is a Llama-architecture model (hidden size 64 and 2 layers by default, about 0.2M parameters;
+larger on request) with a real sentencepiece tokenizer trained here on generated text,
+carrying the defects users meet in the field: no tokenizer.json (slow only), BOS not added
+on encode, pad = eos, a ChatML chat template whose markers are not tokens of the vocabulary,
+and never-trained (zero) embedding rows for control tokens. `reversal_chats` generates the
+chat dataset `healer demo` trains on.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -24,10 +26,14 @@ CHATML = (
 )
 
 
+WORDS = ("apple", "river", "stone", "light", "cloud", "green", "music", "table", "north", "smile")
+REVERSE_LENGTH = 3  # 10 * 9 * 8 = 720 distinct questions: enough to hold some out and still generalize
+
+
 def example_text(n_lines: int = 4000, seed: int = 0) -> list[str]:
     """Generated sentences: arithmetic and string reversal, the material of the demo dataset."""
     rng = random.Random(seed)
-    words = ["apple", "river", "stone", "light", "cloud", "green", "music", "table", "north", "smile"]
+    words = list(WORDS)
     lines = []
     for _ in range(n_lines):
         a, b = rng.randint(0, 99), rng.randint(0, 99)
@@ -39,6 +45,46 @@ def example_text(n_lines: int = 4000, seed: int = 0) -> list[str]:
             f"The {w} is near the {rng.choice(words)}.",
         ]))
     return lines
+
+
+def reversal_question(rng: random.Random) -> tuple[str, str]:
+    """A (question, answer) pair: reverse the order of REVERSE_LENGTH distinct words of WORDS."""
+    words = rng.sample(WORDS, REVERSE_LENGTH)
+    return "Reverse: " + " ".join(words), " ".join(reversed(words))
+
+
+def reversal_chats(n_rows: int = 3000, n_held_out: int = 20,
+                   seed: int = 0) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Training rows in the `messages` format, and held-out (question, answer) pairs no row contains."""
+    assert n_held_out < math.perm(len(WORDS), REVERSE_LENGTH) // 2, n_held_out
+    rng = random.Random(seed)
+    held_out: dict[str, str] = {}
+    while len(held_out) < n_held_out:
+        question, answer = reversal_question(rng)
+        held_out[question] = answer
+    rows = []
+    while len(rows) < n_rows:
+        question, answer = reversal_question(rng)
+        if question not in held_out:
+            rows.append({"messages": [{"role": "user", "content": question},
+                                      {"role": "assistant", "content": answer}]})
+    return rows, list(held_out.items())
+
+
+def write_chat_dataset(path: str | Path, n_rows: int = 3000, n_held_out: int = 20,
+                       seed: int = 0) -> list[tuple[str, str]]:
+    """Write reversal_chats' rows as JSONL at `path` (atomically); return the held-out pairs."""
+    rows, held_out = reversal_chats(n_rows, n_held_out, seed)
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return held_out
 
 
 def train_tokenizer(out: Path, vocab_size: int = VOCAB_SIZE) -> Path:
@@ -58,8 +104,13 @@ def train_tokenizer(out: Path, vocab_size: int = VOCAB_SIZE) -> Path:
     return out / "tokenizer.model"
 
 
-def build_example(out: str | Path | None = None) -> Path:
-    """Write the flawed example checkpoint to `out` (default: a fixed dir under the temp dir)."""
+def build_example(out: str | Path | None = None, *, hidden_size: int = 64, num_layers: int = 2) -> Path:
+    """Write the flawed example checkpoint to `out` (default: a fixed dir under the temp dir).
+
+    `hidden_size` (a multiple of 32) and `num_layers` set the model's size; the MLP is 3x hidden
+    and attention has hidden/16 query heads over half as many key/value heads.
+    """
+    assert hidden_size % 32 == 0 and num_layers >= 1, (hidden_size, num_layers)
     import sentencepiece as spm
     import torch
     from safetensors.torch import load_file, save_file
@@ -71,8 +122,9 @@ def build_example(out: str | Path | None = None) -> Path:
         sp = spm.SentencePieceProcessor(model_file=str(train_tokenizer(staging)))
         torch.manual_seed(0)
         config = LlamaConfig(
-            vocab_size=sp.get_piece_size(), hidden_size=64, intermediate_size=192, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            vocab_size=sp.get_piece_size(), hidden_size=hidden_size, intermediate_size=3 * hidden_size,
+            num_hidden_layers=num_layers, num_attention_heads=hidden_size // 16,
+            num_key_value_heads=hidden_size // 32, max_position_embeddings=512,
             bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False,
         )
         LlamaForCausalLM(config).save_pretrained(staging)
