@@ -109,6 +109,14 @@ def test_all_targets_ignored_gives_zero_loss_and_zero_grads():
     assert ops.causal_lm_loss(h @ w.t(), targets).item() == 0.0
 
 
+def test_target_outside_the_vocabulary_is_refused():
+    torch.manual_seed(13)
+    h, w, targets = _inputs(1, 6, 64, 1000, torch.float32)
+    targets[0, 2] = 1000
+    with pytest.raises(AssertionError, match="outside"):
+        fused_linear_cross_entropy(h, w, targets)
+
+
 def test_frozen_head_and_no_grad_paths_give_the_same_loss():
     """QLoRA freezes lm_head: only the hidden-state gradient is computed; evaluation computes none."""
     torch.manual_seed(11)

@@ -127,6 +127,10 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         rows = counted if counted.numel() < n_tokens else None
         h_all, t_all = (hidden[rows], targets[rows]) if rows is not None else (hidden, targets)
         n_rows = h_all.shape[0]
+        if n_rows:
+            # The row kernel reads logits[target] unchecked; F.cross_entropy raises on such a target.
+            low, high = torch.stack((t_all.min(), t_all.max())).tolist()
+            assert 0 <= low and high < weight.shape[0], f"targets outside [0, {weight.shape[0]}): {low}..{high}"
         # 1 / num_items as a device scalar the kernel reads: no host sync when num_items is a tensor.
         scale = (1.0 / torch.as_tensor(num_items, dtype=torch.float64, device=hidden.device)).float().reshape(1)
         # forward() always runs with grad mode off; the caller's mode says whether a backward will follow.
