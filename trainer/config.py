@@ -20,6 +20,7 @@ DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "
 LR_SCHEDULERS = ("linear", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16")
+GRADIENT_CHECKPOINTING = ("off", "on", "offload")
 REQUIRED = ("model", "data", "out")
 
 
@@ -71,8 +72,10 @@ class TrainConfig:
     device: str = _f("auto", "auto, cpu or cuda.")
     dtype: str = _f("auto", "Compute dtype: auto (bfloat16 on GPU, float32 on CPU), float32 or bfloat16.")
     logging_steps: int = _f(1, "Write metrics every N optimizer steps.")
-    save_steps: int = _f(0, "Save a resumable checkpoint every N steps (0: only the final adapter; "
-                            "read by resume, which is not implemented yet).")
+    save_steps: int = _f(0, "Save a resumable checkpoint every N steps (0: only the final adapter); "
+                            "the last 2 are kept and `trainer run --resume RUN_DIR` continues from the latest.")
+    gradient_checkpointing: str = _f("off", "Recompute decoder layers in backward: off, on, or offload (also park "
+                                            "each layer's input in CPU memory; longest sequences).")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -184,7 +187,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"setting lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
     if not cfg.target_modules:
         raise ConfigError("setting target_modules is empty: name at least one linear layer, e.g. q_proj")
-    for name, allowed in (("lr_scheduler", LR_SCHEDULERS), ("device", DEVICES), ("dtype", DTYPES)):
+    for name, allowed in (("lr_scheduler", LR_SCHEDULERS), ("device", DEVICES), ("dtype", DTYPES),
+                          ("gradient_checkpointing", GRADIENT_CHECKPOINTING)):
         if getattr(cfg, name) not in allowed:
             raise ConfigError(f"setting {name} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
     return cfg

@@ -28,6 +28,7 @@ from torch import nn
 
 from healer.checkpoint import Checkpoint
 from healer.errors import CheckpointError, OutputError
+from trainer.checkpointing import set_gradient_checkpointing
 from trainer.config import TrainConfig, validate
 from trainer.data import (
     Batch,
@@ -395,6 +396,7 @@ def train(config: TrainConfig, *, console=None) -> RunResult:
                       f"rows: {', '.join(list(repaired.values())[:8])}")
     settings = apply_lora(model, LoRASettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora,
                                               list(cfg.target_modules), list(cfg.modules_to_save)))
+    set_gradient_checkpointing(model, cfg.gradient_checkpointing)
     model.train()
 
     sequences = pack(data.examples, cfg.max_seq_len) if cfg.packing else as_sequences(data.examples)

@@ -1,0 +1,149 @@
+"""Gradient checkpointing of the decoder layers: off, on (recompute in backward) or offload.
+
+`on` keeps each layer's input on the device and recomputes the layer in backward
+(torch.utils.checkpoint, non-reentrant). `offload` also moves each layer's input to pinned
+CPU memory in forward (non-blocking copies on a side stream) and brings it back in backward,
+prefetching the next layer down while the current one recomputes, so only one or two layer
+inputs stay on the GPU. On CPU the copies are plain references and there are no streams, so the
+same code path runs in tests.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+MODES = ("off", "on", "offload")
+
+
+class ActivationOffloader:
+    """Layer inputs parked in host memory, keyed by layer index, with one-ahead prefetch back to the device."""
+
+    def __init__(self) -> None:
+        self.stored: dict[int, tuple[torch.Tensor, torch.device, Any]] = {}
+        self.fetched: dict[int, tuple[torch.Tensor, Any]] = {}
+        self.stream: torch.cuda.Stream | None = None
+
+    def _side_stream(self, device: torch.device) -> torch.cuda.Stream | None:
+        if device.type != "cuda":
+            return None
+        if self.stream is None or self.stream.device != device:
+            self.stream = torch.cuda.Stream(device)
+        return self.stream
+
+    def offload(self, key: int, x: torch.Tensor) -> None:
+        """Start copying x to pinned host memory; x may be freed by the caller right after."""
+        stream = self._side_stream(x.device)
+        if stream is None:
+            self.stored[key] = (x.detach(), x.device, None)
+            return
+        host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        stream.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(stream):
+            host.copy_(x.detach(), non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(stream)
+        # the side stream reads x after the caller drops it: keep its memory from being reused too early
+        x.record_stream(stream)
+        self.stored[key] = (host, x.device, done)
+
+    def prefetch(self, key: int) -> None:
+        """Start the copy of layer `key`'s input back to its device (no-op if absent or already fetched)."""
+        if key not in self.stored or key in self.fetched:
+            return
+        host, device, offloaded = self.stored.pop(key)
+        stream = self._side_stream(device)
+        if stream is None:
+            self.fetched[key] = (host, None)
+            return
+        with torch.cuda.stream(stream):
+            if offloaded is not None:
+                stream.wait_event(offloaded)
+            x = host.to(device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(stream)
+        self.fetched[key] = (x, done)
+
+    def fetch(self, key: int) -> torch.Tensor:
+        """Layer `key`'s input on its device, ready for use on the current stream."""
+        self.prefetch(key)
+        x, done = self.fetched.pop(key)
+        if done is not None:
+            torch.cuda.current_stream(x.device).wait_event(done)
+            x.record_stream(torch.cuda.current_stream(x.device))
+        return x
+
+
+class _OffloadedLayerFunction(torch.autograd.Function):
+    """Run a layer without keeping activations; in backward fetch its input back and recompute."""
+
+    @staticmethod
+    def forward(ctx, layer: nn.Module, offloader: ActivationOffloader, index: int, x: torch.Tensor,
+                *args: Any) -> torch.Tensor:
+        ctx.layer, ctx.offloader, ctx.index, ctx.args = layer, offloader, index, args
+        ctx.autocast = (x.device.type, torch.is_autocast_enabled(x.device.type),
+                        torch.get_autocast_dtype(x.device.type))
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.device.type == "cuda" else None
+        offloader.offload(index, x)
+        with torch.no_grad():
+            return layer(x, *args)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x = ctx.offloader.fetch(ctx.index)
+        ctx.offloader.prefetch(ctx.index - 1)
+        device_type, autocast_on, autocast_dtype = ctx.autocast
+        devices = [x.device] if x.device.type == "cuda" else []
+        # replay the forward's dropout masks without disturbing the caller's random stream
+        with torch.random.fork_rng(devices=devices, device_type=device_type if devices else "cuda"):
+            torch.set_rng_state(ctx.cpu_rng)
+            if ctx.cuda_rng is not None:
+                torch.cuda.set_rng_state(ctx.cuda_rng, x.device)
+            x = x.detach().requires_grad_(True)
+            with torch.enable_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
+                out = ctx.layer(x, *ctx.args)
+            torch.autograd.backward(out, grad_out)
+        return (None, None, None, x.grad) + (None,) * len(ctx.args)
+
+
+class OffloadedLayer(nn.Module):
+    """A decoder layer whose input is offloaded in forward and which is recomputed in backward.
+
+    The wrapped layer's children are registered as this module's own, so parameter names (and
+    with them saved adapters) stay those of the plain layer.
+    """
+
+    def __init__(self, layer: nn.Module, index: int, offloader: ActivationOffloader):
+        super().__init__()
+        object.__setattr__(self, "layer", layer)
+        self.index, self.offloader = index, offloader
+        for name, child in layer.named_children():
+            self.add_module(name, child)
+
+    def forward(self, x: torch.Tensor, *args: Any) -> torch.Tensor:
+        if not (self.training and torch.is_grad_enabled()):
+            return self.layer(x, *args)
+        if not x.requires_grad:
+            # a frozen embedding gives a constant input; the Function's output must still carry the
+            # graph to this layer's trainable parameters
+            x = x.detach().requires_grad_(True)
+        return _OffloadedLayerFunction.apply(self.layer, self.offloader, self.index, x, *args)
+
+
+def set_gradient_checkpointing(model: nn.Module, mode: str) -> None:
+    """Switch `model` (a trainer CausalLM) to gradient checkpointing mode off, on or offload."""
+    assert mode in MODES, mode
+    decoder = model.model
+    layers = decoder.layers
+    for i, layer in enumerate(layers):
+        if isinstance(layer, OffloadedLayer):
+            layers[i] = layer.layer
+    decoder.gradient_checkpointing = mode == "on"
+    if mode == "offload":
+        offloader = ActivationOffloader()
+        for i, layer in enumerate(layers):
+            layers[i] = OffloadedLayer(layer, i, offloader)
+
