@@ -17,6 +17,7 @@ Cache location: $HEALER_TESTDATA, default ~/.cache/healer-testdata.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import subprocess
@@ -162,8 +163,13 @@ def sentencepiece_model(name: str, n_pieces: int = 32000) -> Path:
 
 
 def fast_tokenizer_json(name: str) -> Path:
-    """tokenizer.json converted from a GGUF vocab by transformers (slow for big BPE vocabs: cached)."""
-    dest = CACHE / "fast" / name / "tokenizer.json"
+    """tokenizer.json converted from a GGUF vocab by transformers (slow for big BPE vocabs: cached).
+
+    transformers' GGUF converter appends a `<|endoftext|>` past the end of some vocabularies
+    (Llama 3: id 128256, which the real tokenizer does not have); tokens past the GGUF's own
+    list are dropped so the result has the real vocabulary size.
+    """
+    dest = CACHE / "fast-v2" / name / "tokenizer.json"
     if dest.exists():
         return dest
     from transformers import AutoTokenizer
@@ -172,8 +178,19 @@ def fast_tokenizer_json(name: str) -> Path:
         if dest.exists():
             return dest
         tok = AutoTokenizer.from_pretrained(str(llama_cpp_models()), gguf_file=f"ggml-vocab-{name}.gguf")
+        n_tokens = len(gguf_vocab(name)["tokens"])
         with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
             tok.save_pretrained(tmp)
+            tj_path = Path(tmp) / "tokenizer.json"
+            tj = json.loads(tj_path.read_text(encoding="utf-8"))
+            tj["added_tokens"] = [t for t in tj.get("added_tokens") or [] if t["id"] < n_tokens]
+            tj_path.write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
+            tc_path = Path(tmp) / "tokenizer_config.json"
+            if tc_path.exists():
+                tc = json.loads(tc_path.read_text(encoding="utf-8"))
+                decoder = tc.get("added_tokens_decoder") or {}
+                tc["added_tokens_decoder"] = {k: v for k, v in decoder.items() if int(k) < n_tokens}
+                tc_path.write_text(json.dumps(tc, ensure_ascii=False), encoding="utf-8")
             dest.parent.mkdir(parents=True, exist_ok=True)
             for f in Path(tmp).iterdir():
                 os.replace(f, dest.parent / f.name)

@@ -27,9 +27,14 @@ class Inventory:
     """All id<->content claims of a checkpoint's tokenizer files."""
 
     claims: list[Claim] = field(default_factory=list)
+    # indexes: a 128K vocabulary is looked up once per added token
+    _ids: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set), repr=False)
+    _sources: dict[tuple[int, str], set[str]] = field(default_factory=lambda: defaultdict(set), repr=False)
 
     def add(self, source: str, id_: int, content: str, added: bool) -> None:
         self.claims.append(Claim(source, int(id_), content, added))
+        self._ids[content].add(int(id_))
+        self._sources[(int(id_), content)].add(source)
 
     @property
     def max_id(self) -> int:
@@ -42,10 +47,10 @@ class Inventory:
         return out
 
     def ids_of(self, content: str) -> set[int]:
-        return {c.id for c in self.claims if c.content == content}
+        return set(self._ids.get(content, ()))
 
     def sources_of(self, id_: int, content: str) -> list[str]:
-        return sorted({c.source for c in self.claims if c.id == id_ and c.content == content})
+        return sorted(self._sources.get((id_, content), ()))
 
     def added_claims(self) -> list[Claim]:
         return [c for c in self.claims if c.added]
@@ -55,7 +60,13 @@ class Inventory:
 
 
 def inventory(ckpt: Checkpoint) -> Inventory:
-    """Collect the claims of every tokenizer file present (base vocabularies and added tokens)."""
+    """Collect the claims of every tokenizer file present (built once per Checkpoint; read-only)."""
+    if "_inventory" not in ckpt.__dict__:
+        ckpt.__dict__["_inventory"] = _collect(ckpt)
+    return ckpt.__dict__["_inventory"]
+
+
+def _collect(ckpt: Checkpoint) -> Inventory:
     inv = Inventory()
     if ckpt.has_sentencepiece:
         sp = ckpt.sentencepiece()
