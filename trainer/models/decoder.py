@@ -21,6 +21,7 @@ from trainer.models.ops import (
     causal_lm_loss,
     document_ids,
     gated_activation,
+    kernels_enabled,
     logit_softcap,
     rms_norm,
     rope_tables,
@@ -33,7 +34,7 @@ from trainer.models.spec import ModelSpec, RopeSpec
 class CausalLMOutput:
     """logits [B, T, V] in the model dtype (final softcap applied); loss: float32 scalar when labels given."""
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # None when the fused loss kernel ran (training on CUDA)
     loss: torch.Tensor | None = None
 
 
@@ -217,7 +218,16 @@ class CausalLM(nn.Module):
             documents = document_ids(position_ids)
             if not bool((documents[:, -1] != 0).any()):  # one document per row: plain causal (flash) path
                 documents = None
-        logits = self.lm_head(self.model(input_ids, position_ids, documents))
+        hidden = self.model(input_ids, position_ids, documents)
+        if labels is not None and kernels_enabled(hidden) and type(self.lm_head) is nn.Linear \
+                and self.lm_head.bias is None:
+            # chunked loss: the [tokens x vocab] logits are never materialized (none are returned)
+            from trainer.kernels import fused_linear_cross_entropy
+
+            loss = fused_linear_cross_entropy(hidden, self.lm_head.weight, shift_targets(labels, documents),
+                                              softcap=self.spec.final_softcap, num_items_in_batch=num_items_in_batch)
+            return CausalLMOutput(logits=None, loss=loss)
+        logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, shift_targets(labels, documents), softcap=self.spec.final_softcap,

@@ -7,14 +7,25 @@ here too, so a FlexAttention/varlen path can replace `attention_mask` + `attenti
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 
 
+def kernels_enabled(t: torch.Tensor) -> bool:
+    """Triton kernels replace the plain paths on CUDA (TRAINER_KERNELS=0 turns them off to compare)."""
+    return t.is_cuda and os.environ.get("TRAINER_KERNELS", "1") != "0"
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
     """x / sqrt(mean(x^2) + eps) * (offset + weight), in float32, returned in x's dtype (Gemma: offset=1)."""
+    if kernels_enabled(x):  # imported lazily: Triton reads TRITON_INTERPRET at import
+        from trainer.kernels import rms_norm as kernel
+
+        return kernel(x, weight, eps, offset)
     # One rounding at the end: Llama's transformers code rounds the normalized x to bf16 before the
     # weight multiply; computing both in float32 is at least as accurate and is what a kernel does.
     xf = x.float()
@@ -36,6 +47,10 @@ def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor,
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [B, H, T, D] and k [B, KV, T, D] (the first cos.shape[-1] dims; rotate-half pairing)."""
+    if kernels_enabled(q):
+        from trainer.kernels import apply_rope as kernel
+
+        return kernel(q, k, cos, sin)
     cos, sin = cos[:, None], sin[:, None]
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
@@ -50,6 +65,10 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 def gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
     """act(gate) * up: SwiGLU (silu) or GeGLU (gelu_tanh, or exact gelu)."""
+    if kernels_enabled(gate):
+        from trainer.kernels import gated_activation as kernel
+
+        return kernel(gate, up, activation)
     if activation == "silu":
         return F.silu(gate) * up
     if activation == "gelu_tanh":

@@ -1,0 +1,166 @@
+"""Benchmark (GPU): QLoRA training steps of a Llama-3-8B-shaped random-weight model with our trainer.
+
+One process per variant, the same random weights, the same random token batches:
+micro-batch 2 x 2048 tokens, grad-accum 4, LoRA r=32 alpha=32 on q,k,v,o,gate,up,down, NF4 base
+(double quantization), bf16 autocast, paged 8-bit AdamW, gradient checkpointing on. Variants:
+Triton kernels on (default on CUDA) and off (TRAINER_KERNELS=0: the plain PyTorch paths).
+Prints a table: tokens/s after warm-up, memory after load, peak allocated/reserved, first losses.
+
+    python bench/train.py [--steps 6] [--shape llama3-8b|tiny] [--json out.json]
+
+The Hugging Face stack and Liger-Kernel variants of issue 7 are not in this script yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SHAPES = {
+    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0),
+    "tiny": dict(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0),
+}
+
+
+def generate(shape: str, out: Path) -> Path:
+    """Random bf16 Llama checkpoint (made on the GPU when there is one; written shard by shard)."""
+    from safetensors.torch import save_file
+
+    if (out / ".complete").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", max_position_embeddings=8192,
+               rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+               torch_dtype="bfloat16", **SHAPES[shape])
+    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(device=dev).manual_seed(0)
+
+    def rnd(*s: int) -> torch.Tensor:
+        return torch.empty(s, dtype=torch.bfloat16, device=dev).normal_(0, 0.02, generator=gen).cpu()
+
+    weight_map: dict[str, str] = {}
+    shard = {"model.embed_tokens.weight": rnd(v, h), "lm_head.weight": rnd(v, h),
+             "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}
+    save_file(shard, out / "model-embed.safetensors", metadata={"format": "pt"})
+    weight_map.update(dict.fromkeys(shard, "model-embed.safetensors"))
+    for n in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{n}."
+        shard = {p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+                 p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+                 p + "self_attn.q_proj.weight": rnd(h, h), p + "self_attn.k_proj.weight": rnd(kv, h),
+                 p + "self_attn.v_proj.weight": rnd(kv, h), p + "self_attn.o_proj.weight": rnd(h, h),
+                 p + "mlp.gate_proj.weight": rnd(i, h), p + "mlp.up_proj.weight": rnd(i, h),
+                 p + "mlp.down_proj.weight": rnd(h, i)}
+        name = f"model-layer{n:03d}.safetensors"
+        save_file(shard, out / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (out / "config.json").write_text(json.dumps(cfg))
+    (out / ".complete").touch()
+    return out
+
+
+def run_variant(model_dir: Path, steps: int, batch: int, seq: int, accum: int) -> dict:
+    """Train `steps` optimizer steps in this process; returns the measurements."""
+    from trainer.data import Batch
+    from trainer.loop import train_step
+    from trainer.lora import LoRASettings, apply_lora, trainable_parameters
+    from trainer.models import load_model
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    model = load_model(model_dir, dtype=torch.bfloat16, device="cuda", load_in_4bit=True)
+    after_load = torch.cuda.memory_allocated() / 2**30
+    apply_lora(model, LoRASettings(r=32, alpha=32.0, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    model.model.gradient_checkpointing = True
+    model.train()
+    import bitsandbytes as bnb
+
+    params = trainable_parameters(model)
+    opt = bnb.optim.PagedAdamW8bit(params, lr=2e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    vocab = model.spec.vocab_size
+    g = torch.Generator().manual_seed(1)
+    losses, times = [], []
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(steps):
+        micro = []
+        for _ in range(accum):
+            ids = torch.randint(0, vocab, (batch, seq), generator=g)
+            pos = torch.arange(seq).expand(batch, seq).contiguous()
+            micro.append(Batch(ids.to(dev), ids.clone().to(dev), pos.to(dev), [], batch * (seq - 1)))
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        r = train_step(model, micro, opt, sched, max_grad_norm=1.0, autocast_dtype=torch.bfloat16, device=dev)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+        losses.append(r.loss)
+    warm = times[2:] or times
+    return {
+        "tokens_per_s": batch * seq * accum * len(warm) / sum(warm),
+        "mem_after_load_gib": after_load,
+        "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+        "losses": [round(x, 4) for x in losses],
+        "step_s": [round(x, 3) for x in times],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="llama3-8b", choices=list(SHAPES))
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--accum", type=int, default=4)
+    ap.add_argument("--cache", default=os.environ.get("BENCH_CACHE", str(ROOT / "bench" / "cache")))
+    ap.add_argument("--json")
+    ap.add_argument("--variant", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    model_dir = Path(args.cache) / f"train-{args.shape}"
+    if args.variant:
+        print(json.dumps(run_variant(model_dir, args.steps, args.batch, args.seq, args.accum)))
+        return
+    generate(args.shape, model_dir)
+    results = {}
+    for name, env in (("ours, Triton kernels", {}), ("ours, plain PyTorch", {"TRAINER_KERNELS": "0"})):
+        proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--variant", name],
+                              env={**os.environ, **env}, capture_output=True, text=True)
+        if proc.returncode != 0:
+            results[name] = {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+            print(proc.stderr[-3000:], file=sys.stderr)
+            continue
+        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(f"\n{args.shape}, {dev}, micro-batch {args.batch} x {args.seq}, grad-accum {args.accum}, QLoRA r=32, "
+          f"{args.steps} steps (tokens/s over steps 3..)")
+    print(f"{'variant':<24}{'tokens/s':>10}{'after load':>12}{'peak alloc':>12}{'peak reserved':>15}  first losses")
+    for name, r in results.items():
+        if "error" in r:
+            print(f"{name:<24} error: {r['error']}")
+            continue
+        print(f"{name:<24}{r['tokens_per_s']:>10.0f}{r['mem_after_load_gib']:>10.2f}GB"
+              f"{r['peak_allocated_gib']:>10.2f}GB{r['peak_reserved_gib']:>13.2f}GB  {r['losses'][:3]}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"shape": args.shape, "device": dev, "results": results}, indent=2))
+    assert all(math.isfinite(x) for r in results.values() for x in r.get("losses", []))
+
+
+if __name__ == "__main__":
+    main()
