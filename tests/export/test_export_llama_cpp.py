@@ -1,0 +1,136 @@
+"""Our GGUF files run in llama.cpp itself (llama-cpp-python) with the same tokens and logits as HF + PEFT.
+
+Needs `llama_cpp` importable: `pip install llama-cpp-python==0.3.36` compiles llama.cpp from the
+PyPI sdist (about an hour of wall time on a busy 2-core machine; see the export issue's report).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import builders
+import numpy as np
+import pytest
+import testdata
+import torch
+from export_helpers import logits, make_adapter, peft_model
+
+import export
+
+llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed "
+                                "(pip install llama-cpp-python==0.3.36 builds llama.cpp from source)")
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "Hello world! The quick brown fox jumps over the lazy dog, 12345 times."
+CHATML_PROMPT = "<|im_start|>user\nHow are you?<|im_end|>\n<|im_start|>assistant\n"
+# random tiny models give logits of a few units only if the weights are larger than HF's 0.02 default
+INIT = {"initializer_range": 0.2}
+# f16 weights and llama.cpp's f16 activations each round at 2**-11 relative; over two layers the
+# logits may move by several such steps of their largest magnitude: allow 16
+F16_TOLERANCE = 2**-7
+
+
+def spm(path: Path, family: str, **kw) -> Path:
+    extra = {"query_pre_attn_scalar": 16} if family == "gemma2" else {}
+    return builders.sentencepiece_checkpoint(path, testdata.sentencepiece_model("llama-spm"), family=family,
+                                             **INIT, **extra, **kw)
+
+
+def phi3(path: Path) -> Path:
+    return builders.sentencepiece_checkpoint(path, testdata.sentencepiece_model("phi-3"), family="phi3",
+                                             vocab_size=32064, tokenizer_json=testdata.fast_tokenizer_json("phi-3"),
+                                             **INIT)
+
+
+def qwen2(path: Path) -> Path:
+    return builders.fast_checkpoint(path, testdata.fast_tokenizer_json("qwen2"), family="qwen2", bos_token=None,
+                                    eos_token="<|endoftext|>", **INIT)
+
+
+def llama3(path: Path) -> Path:
+    """Llama 3 as Meta ships it: the BPE tokenizer.json adds <|begin_of_text|> itself."""
+    src = json.loads(testdata.fast_tokenizer_json("llama-bpe").read_text(encoding="utf-8"))
+    bos = "<|begin_of_text|>"
+    bos_id = next(t["id"] for t in src["added_tokens"] if t["content"] == bos)
+    src["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                 {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}},
+    }
+    path.mkdir(parents=True)
+    (path / "_tok").mkdir()
+    (path / "_tok" / "tokenizer.json").write_text(json.dumps(src), encoding="utf-8")
+    return builders.fast_checkpoint(path, path / "_tok" / "tokenizer.json", family="llama", bos_token=bos,
+                                    eos_token="<|end_of_text|>", **INIT)
+
+
+def chatml_llama(path: Path) -> Path:
+    """A Llama 2 vocabulary with <|im_start|>/<|im_end|> added as special tokens and rows to match."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spm(path, "llama")
+    tok = AutoTokenizer.from_pretrained(str(path))
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.save_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path))
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    model.save_pretrained(str(path))
+    return path
+
+
+CASES = {
+    "llama": lambda p: spm(p, "llama"),
+    "mistral": lambda p: spm(p, "mistral"),
+    "gemma": lambda p: spm(p, "gemma"),
+    "gemma2": lambda p: spm(p, "gemma2"),
+    "phi3": phi3,
+    "qwen2": qwen2,
+    "llama3-bpe": llama3,
+    "llama-chatml": chatml_llama,
+}
+
+
+def llama_cpp_run(path: Path, ids: list[int], text: str) -> tuple[list[int], torch.Tensor]:
+    """llama.cpp's tokenization of `text` (its own BOS rule, special tokens parsed) and its logits for `ids`."""
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=2)
+    try:
+        tokens = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+        llm.eval(ids)
+        scores = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+    finally:
+        llm.close()
+    return tokens, scores
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_llama_cpp_tokenizes_like_hf_and_its_f16_logits_match_peft(tmp_path, case):
+    from transformers import AutoTokenizer
+
+    base = CASES[case](tmp_path / "base")
+    adapter = make_adapter(base, tmp_path / "adapter")
+    path = export.to_gguf(adapter, tmp_path / "model.gguf", "f16")
+    tok = AutoTokenizer.from_pretrained(str(base))
+    text = CHATML_PROMPT if case == "llama-chatml" else PROMPT
+    ids = tok(text).input_ids
+    tokens, got = llama_cpp_run(path, ids, text)
+
+    assert tokens == ids
+    if tok.bos_token_id is not None and ids[0] == tok.bos_token_id:
+        assert tokens.count(tok.bos_token_id) == 1
+    if case == "llama-chatml":
+        assert tok.convert_tokens_to_ids("<|im_start|>") in tokens
+    if case == "llama3-bpe":
+        assert tokens[0] == tok.bos_token_id
+
+    want = logits(peft_model(base, adapter), torch.tensor([ids]))
+    scale = float(want.abs().max())
+    assert float((got - want).abs().max()) <= F16_TOLERANCE * scale
+    top2 = want.topk(2, dim=-1).values
+    # where HF's best two tokens are closer than f16 noise, which one wins is a coin flip
+    decided = (top2[:, 0] - top2[:, 1]) > 2**-9 * scale
+    assert int(decided.sum()) >= 0.8 * len(ids)
+    assert torch.equal(got.argmax(-1)[decided], want.argmax(-1)[decided])
