@@ -264,9 +264,11 @@ def _train_config_options(fn):
 @trainer.command("run")
 @click.option("--config", "config_file", type=click.Path(path_type=Path, dir_okay=False),
               help="YAML file of settings (keys = the long option names with underscores); flags override it.")
+@click.option("--resume", "resume_dir", type=click.Path(path_type=Path),
+              help="Continue the run dir RUN_DIR from its latest checkpoint, with its saved settings.")
 @_train_config_options
 @friendly_errors
-def trainer_run(config_file: Path | None, **settings) -> None:
+def trainer_run(config_file: Path | None, resume_dir: Path | None, **settings) -> None:
     """Fine-tune --model on --data with LoRA / QLoRA; write the run dir --out.
 
     Exit status: 0 trained, 1 the NaN guard stopped the run, 2 bad input.
@@ -274,9 +276,16 @@ def trainer_run(config_file: Path | None, **settings) -> None:
     from trainer.config import resolve_config
     from trainer.loop import TrainingDiverged, train
 
-    config = resolve_config(config_file, **settings)
+    if resume_dir is not None:
+        from trainer.resume import ResumeError, resume_config
+
+        if config_file is not None:
+            raise ResumeError("--resume uses the run's saved config.yaml; drop --config")
+        config = resume_config(resume_dir, **settings)
+    else:
+        config = resolve_config(config_file, **settings)
     try:
-        result = train(config)
+        result = train(config, resume=resume_dir is not None)
     except TrainingDiverged as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(EXIT_FINDINGS)

@@ -18,6 +18,7 @@ import resource
 import tempfile
 import time
 from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +32,7 @@ from healer.errors import CheckpointError, OutputError
 from trainer.checkpointing import set_gradient_checkpointing
 from trainer.config import TrainConfig, validate
 from trainer.data import (
+    IGNORE_INDEX,
     Batch,
     TrainSequence,
     as_sequences,
@@ -40,7 +42,9 @@ from trainer.data import (
     resolve_template,
     step_plan,
 )
+from trainer.distributed import DataParallel, from_environment, shard_step, shutdown, wrap
 from trainer.lora import LoRASettings, apply_lora, save_adapter, trainable_parameters
+from trainer.resume import Progress, save_checkpoint
 
 RUN_MARKER = "run.json"
 BLOCKING_CHECKS = ("tokenizer.id_out_of_range", "tokenizer.bos_missing")
@@ -176,22 +180,34 @@ def _grads_finite(params: list[nn.Parameter]) -> torch.Tensor:
 
 def train_step(model: nn.Module, micro_batches: list[Batch], optimizer: torch.optim.Optimizer,
                scheduler: torch.optim.lr_scheduler.LRScheduler, *, max_grad_norm: float,
-               autocast_dtype: torch.dtype, device: torch.device) -> StepResult:
-    """Forward/backward every micro-batch, clip, and step unless the loss or a gradient is non-finite."""
+               autocast_dtype: torch.dtype, device: torch.device, dp: DataParallel | None = None) -> StepResult:
+    """Forward/backward every micro-batch, clip, and step unless the loss or a gradient is non-finite.
+
+    Under data parallelism `model` is the DDP wrapper and `micro_batches` this rank's share: the loss
+    is normalized by the step's target tokens on all ranks and reported summed over ranks.
+    """
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    n_targets = max(1, sum(b.n_targets for b in micro_batches))
+    n_targets = sum(b.n_targets for b in micro_batches)
+    if dp is not None:
+        n_targets = int(dp.sum(n_targets, torch.int64))
+    n_targets = max(1, n_targets)
+    # DDP averages gradients over ranks; the step's gradient is their sum
+    scale = dp.world_size if dp is not None else 1
     lr = optimizer.param_groups[0]["lr"]
     losses, finite = [], []
-    for b in micro_batches:
+    for i, b in enumerate(micro_batches):
         b = b.to(device)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
-            out = model(b.input_ids, labels=b.labels, position_ids=b.position_ids, num_items_in_batch=n_targets)
-        out.loss.backward()
+        # gradients are all-reduced once per step, in the last micro-batch's backward
+        sync = model.no_sync() if dp is not None and i < len(micro_batches) - 1 else nullcontext()
+        with sync:
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
+                out = model(b.input_ids, labels=b.labels, position_ids=b.position_ids, num_items_in_batch=n_targets)
+            (out.loss * scale if scale != 1 else out.loss).backward()
         losses.append(out.loss.detach().float())
         # deferred: one host sync per step, not per micro-batch
         finite.append(torch.isfinite(losses[-1]) & _grads_finite(params).to(losses[-1].device))
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
-    loss = float(torch.stack(losses).sum())
+    loss = float(dp.sum(torch.stack(losses).sum(), torch.float32)) if dp is not None else float(torch.stack(losses).sum())
     grad_norm = float(norm)
     ok = [bool(f) for f in torch.stack(finite).cpu()]
     skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
@@ -357,15 +373,33 @@ class _Progress:
         self.progress.console.print(f"[yellow]{text}[/yellow]")
 
 
-def train(config: TrainConfig, *, console=None) -> RunResult:
-    """Fine-tune config.model on config.data with LoRA / QLoRA and write the run dir at config.out."""
+def train(config: TrainConfig, *, console=None, resume: bool = False) -> RunResult:
+    """Fine-tune config.model on config.data with LoRA / QLoRA and write the run dir at config.out.
+
+    resume=True continues the run at config.out from its latest checkpoint (from the start if it has
+    none). Under torchrun (WORLD_SIZE > 1) the ranks train data-parallel and only rank 0 writes.
+    """
+    cfg = validate(config)
+    dp = from_environment(cfg.device)
+    try:
+        return _train(cfg, console, resume, dp)
+    finally:
+        shutdown(dp)
+
+
+def _train(cfg: TrainConfig, console, resume: bool, dp: DataParallel | None) -> RunResult:
     from rich.console import Console
 
     from trainer.models import ModelSpec, load_model
+    from trainer.resume import ResumeError, latest_checkpoint, load_checkpoint
 
-    cfg = validate(config)
-    console = console or Console(stderr=True)
+    main = dp is None or dp.is_main
+    console = console or Console(stderr=True, quiet=not main)
     out = check_out_dir(cfg.out)
+    if resume and not is_run_dir(out):
+        raise ResumeError(f"{out}: not a trainer run dir; nothing to resume")
+    if dp is not None:
+        dp.barrier()  # every rank has looked at the run dir before rank 0 writes to it
     model_dir = Path(cfg.model).resolve()
     ckpt = Checkpoint(model_dir)
     ModelSpec.from_config(ckpt.config)  # an unsupported architecture fails before any work
@@ -381,7 +415,7 @@ def train(config: TrainConfig, *, console=None) -> RunResult:
     if data.dropped_no_targets:
         console.print(f"{data.dropped_no_targets} examples had no assistant tokens left and were dropped")
 
-    device = resolve_device(cfg.device)
+    device = dp.device if dp is not None else resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     torch.manual_seed(cfg.seed)
     model = load_model(model_dir, dtype=dtype, device=device, load_in_4bit=cfg.load_in_4bit)
@@ -404,72 +438,118 @@ def train(config: TrainConfig, *, console=None) -> RunResult:
                      max_steps=cfg.max_steps, seed=cfg.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
-    out.mkdir(parents=True, exist_ok=True)
     resolved = TrainConfig(**{**cfg.to_dict(), "model": str(model_dir), "data": str(Path(cfg.data).resolve()),
                               "out": str(out.resolve()), "target_modules": settings.target_modules})
-    write_atomic(out / RUN_MARKER, json.dumps({"kind": "trainer-run", "model": str(model_dir),
-                                               "started": datetime.now(UTC).isoformat()}) + "\n")
-    write_atomic(out / "config.yaml", resolved.to_yaml())
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / RUN_MARKER, json.dumps({"kind": "trainer-run", "model": str(model_dir),
+                                                   "started": datetime.now(UTC).isoformat()}) + "\n")
+        write_atomic(out / "config.yaml", resolved.to_yaml())
 
     params = trainable_parameters(model)
     optimizer = build_optimizer(params, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_scheduler, cfg.warmup_steps, len(plan)))
+    progress = Progress()
+    latest = latest_checkpoint(out) if resume else None
+    if latest is not None:
+        progress = load_checkpoint(latest, model, optimizer, scheduler)
+        console.print(f"resuming from {latest} (step {progress.step} of {len(plan)})")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    result = run_steps(model, sequences, plan, optimizer, scheduler, cfg, out=out, pad_id=pad_id, device=device,
-                       dtype=dtype, console=console)
-    adapter_dir = save_adapter(model, out / "adapter", settings, base_model=str(model_dir))
-    steps = [i + 1 for i, (loss, skipped) in enumerate(result["history"]) if not skipped]
-    losses = [loss for loss, skipped in result["history"] if not skipped]
-    write_loss_plot(out / "loss.png", steps, losses)
-    run = RunResult(out, adapter_dir, len(plan), losses, result["skipped"], result["tokens"], result["wall_s"],
+    trained = wrap(model, dp, static_graph=cfg.gradient_checkpointing == "offload") if dp is not None else model
+    run_steps(trained, sequences, plan, optimizer, scheduler, cfg, out=out, pad_id=pad_id, device=device,
+              dtype=dtype, console=console, progress=progress, dp=dp,
+              save=lambda: save_checkpoint(out, model, optimizer, scheduler, progress, settings=settings,
+                                           base_model=str(model_dir)))
+    adapter_dir = out / "adapter"
+    steps = [i + 1 for i, (loss, skipped) in enumerate(progress.history) if not skipped]
+    losses = [loss for loss, skipped in progress.history if not skipped]
+    run = RunResult(out, adapter_dir, len(plan), losses, progress.skipped, progress.tokens, progress.wall_s,
                     peak_memory(device), data.rows, len(data.examples), len(sequences), data.truncated,
                     data.dropped_no_targets, repaired)
-    write_atomic(out / "summary.txt", run.summary() + "\n")
+    if main:
+        save_adapter(model, adapter_dir, settings, base_model=str(model_dir))
+        write_loss_plot(out / "loss.png", steps, losses)
+        write_atomic(out / "summary.txt", run.summary() + "\n")
     return run
 
 
 def run_steps(model: nn.Module, sequences: list[TrainSequence], plan: list[list[list[int]]],
               optimizer: torch.optim.Optimizer, scheduler, cfg: TrainConfig, *, out: Path, pad_id: int,
-              device: torch.device, dtype: torch.dtype, console) -> dict[str, Any]:
-    """Run every step of `plan`, writing metrics.jsonl; raise TrainingDiverged after max_bad_steps bad steps."""
-    history: list[tuple[float, bool]] = []
-    skipped: list[int] = []
-    bad_run: list[StepResult] = []
-    tokens, start = 0, time.perf_counter()
-    with open(out / "metrics.jsonl", "w", encoding="utf-8") as metrics, _Progress(len(plan), console,
-                                                                                  cfg.logging_steps) as progress:
-        for step, micro in enumerate(plan, 1):
-            t0 = time.perf_counter()
-            batches = [collate([sequences[i] for i in mb], pad_id) for mb in micro]
-            r = train_step(model, batches, optimizer, scheduler, max_grad_norm=cfg.max_grad_norm,
-                           autocast_dtype=dtype, device=device)
-            step_tokens = sum(len(sequences[i].input_ids) for mb in micro for i in mb)
-            tokens += step_tokens
-            tps = step_tokens / max(time.perf_counter() - t0, 1e-9)
-            mem = peak_memory(device)
-            history.append((r.loss, r.skipped))
-            record: dict[str, Any] = {"step": step, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm,
-                                      "tokens_per_s": round(tps, 1), "peak_mem": mem}
-            if r.skipped:
-                skipped.append(step)
-                bad_run.append(r)
-                record.update(skipped=True, rows=sorted(r.bad_rows))
-                progress.warn(f"step {step}: non-finite loss or gradient (loss {r.loss}, grad norm {r.grad_norm}); "
-                              f"optimizer step skipped; dataset rows {_rows(r.bad_rows)}")
-            else:
-                bad_run = []
-            if r.skipped or step % cfg.logging_steps == 0 or step == len(plan):
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-            progress.update(step, len(plan), r.loss, tps, mem)
-            if len(bad_run) >= cfg.max_bad_steps:
-                rows = sorted({x for b in bad_run for x in b.bad_rows})
-                first, last = step - len(bad_run) + 1, step
-                raise TrainingDiverged(
-                    f"{len(bad_run)} consecutive steps ({first}-{last}) had a non-finite loss or gradient; the run "
-                    f"stopped. Dataset rows involved (0-based): {_rows(rows)}", list(range(first, last + 1)), rows)
-    return {"history": history, "skipped": skipped, "tokens": tokens, "wall_s": time.perf_counter() - start}
+              device: torch.device, dtype: torch.dtype, console, progress: Progress | None = None,
+              dp: DataParallel | None = None, save=None) -> dict[str, Any]:
+    """Run the steps of `plan` after progress.step, appending to metrics.jsonl (rank 0) and calling
+    `save()` every cfg.save_steps steps; raise TrainingDiverged after max_bad_steps bad steps in a row.
+
+    `progress` is updated in place; the result holds its history, skipped steps, tokens and wall time."""
+    progress = progress if progress is not None else Progress()
+    main = dp is None or dp.is_main
+    bad_run = [list(rows) for rows in progress.bad_run_rows]
+    start = time.perf_counter()
+    metrics_path = out / "metrics.jsonl"
+    if main:
+        kept = []
+        if progress.step and metrics_path.is_file():
+            kept = [line for line in metrics_path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line)["step"] <= progress.step]
+        write_atomic(metrics_path, "".join(line + "\n" for line in kept))
+    metrics = open(metrics_path, "a", encoding="utf-8") if main else None
+    try:
+        with _Progress(len(plan), console, cfg.logging_steps) as bar:
+            for step in range(progress.step + 1, len(plan) + 1):
+                t0 = time.perf_counter()
+                micro = plan[step - 1]
+                batches = _micro_batches(sequences, micro, pad_id, cfg.batch_size, dp)
+                r = train_step(model, batches, optimizer, scheduler, max_grad_norm=cfg.max_grad_norm,
+                               autocast_dtype=dtype, device=device, dp=dp)
+                step_tokens = sum(len(sequences[i].input_ids) for mb in micro for i in mb)
+                tps = step_tokens / max(time.perf_counter() - t0, 1e-9)
+                mem = peak_memory(device)
+                progress.step, progress.tokens = step, progress.tokens + step_tokens
+                progress.history.append((r.loss, r.skipped))
+                record: dict[str, Any] = {"step": step, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm,
+                                          "tokens_per_s": round(tps, 1), "peak_mem": mem}
+                if r.skipped:
+                    progress.skipped.append(step)
+                    bad_run.append(list(r.bad_rows))
+                    record.update(skipped=True, rows=sorted(r.bad_rows))
+                    bar.warn(f"step {step}: non-finite loss or gradient (loss {r.loss}, grad norm {r.grad_norm}); "
+                             f"optimizer step skipped; dataset rows {_rows(r.bad_rows)}")
+                else:
+                    bad_run = []
+                progress.bad_run_rows = bad_run
+                if metrics is not None and (r.skipped or step % cfg.logging_steps == 0 or step == len(plan)):
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                bar.update(step, len(plan), r.loss, tps, mem)
+                if len(bad_run) >= cfg.max_bad_steps:
+                    rows = sorted({x for b in bad_run for x in b})
+                    first, last = step - len(bad_run) + 1, step
+                    raise TrainingDiverged(
+                        f"{len(bad_run)} consecutive steps ({first}-{last}) had a non-finite loss or gradient; the "
+                        f"run stopped. Dataset rows involved (0-based): {_rows(rows)}", list(range(first, last + 1)),
+                        rows)
+                if main and save is not None and cfg.save_steps and step % cfg.save_steps == 0:
+                    save()
+    finally:
+        if metrics is not None:
+            metrics.close()
+    progress.wall_s = progress.wall_s + time.perf_counter() - start
+    return {"history": progress.history, "skipped": progress.skipped, "tokens": progress.tokens,
+            "wall_s": progress.wall_s}
+
+
+def _micro_batches(sequences: list[TrainSequence], step: list[list[int]], pad_id: int, batch_size: int,
+                   dp: DataParallel | None) -> list[Batch]:
+    if dp is None:
+        return [collate([sequences[i] for i in mb], pad_id) for mb in step]
+    mine = shard_step(step, dp.rank, dp.world_size, batch_size)
+    if mine:
+        return [collate([sequences[i] for i in mb], pad_id) for mb in mine]
+    # fewer sequences than ranks: this rank still joins the gradient all-reduce, with nothing to learn
+    first = sequences[step[0][0]]
+    idle = TrainSequence(first.input_ids, [IGNORE_INDEX] * len(first.input_ids), first.position_ids, ())
+    return [collate([idle], pad_id)]
 
 
 def _rows(rows: list[int], limit: int = 20) -> str:

@@ -76,7 +76,7 @@ def test_every_field_is_a_cli_option_of_trainer_run():
     params = {p.name: p for p in cli.trainer.commands["run"].params}
     fields = [f.name for f in dataclasses.fields(TrainConfig)]
     assert set(fields) <= set(params)
-    assert set(params) - set(fields) <= {"config_file", "help"} and "config_file" in params
+    assert set(params) - set(fields) <= {"config_file", "resume_dir", "help"} and "config_file" in params
     assert [s.name for s in option_specs()] == fields
     opts = {o for p in params.values() for o in (*p.opts, *p.secondary_opts)}
     for flag in ("--model", "--data", "--out", "--template", "--max-seq-len", "--batch-size", "--grad-accum",

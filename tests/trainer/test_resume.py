@@ -1,0 +1,144 @@
+"""Resume: a run killed with SIGTERM and resumed equals an uninterrupted run, bit for bit in float32 on CPU;
+a kill during a checkpoint write leaves the previous checkpoint whole; bad --resume input is one line, exit 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import tiny_runs
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+import cli
+from trainer.resume import CHECKPOINTS, checkpoint_dirs, latest_checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 60
+
+
+@pytest.fixture(scope="module")
+def llama2(tmp_path_factory) -> Path:
+    return tiny_runs.llama2_checkpoint(tmp_path_factory.mktemp("l2") / "model", initializer_range=0.2)
+
+
+@pytest.fixture(scope="module")
+def chat_data(tmp_path_factory) -> Path:
+    return tiny_runs.write_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", tiny_runs.chat_rows(24))
+
+
+def run_args(model: Path, data: Path, out: Path) -> list[str]:
+    # dropout > 0: the resumed run must also restore the random state to draw the same masks
+    return ["run", "--model", str(model), "--data", str(data), "--out", str(out), "--template", "llama-2",
+            "--max-steps", str(STEPS), "--batch-size", "2", "--grad-accum", "2", "--warmup-steps", "3",
+            "--lr", "0.01", "--lora-r", "4", "--lora-dropout", "0.1", "--load-in-16bit", "--device", "cpu",
+            "--dtype", "float32", "--save-steps", "4", "--seed", "5"]
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+
+
+def test_run_killed_with_sigterm_and_resumed_equals_an_uninterrupted_run(llama2, chat_data, tmp_path):
+    whole = tmp_path / "whole"
+    done = CliRunner().invoke(cli.trainer, run_args(llama2, chat_data, whole))
+    assert done.exit_code == 0, done.output
+    assert [s for s, _ in losses(whole)] == list(range(1, STEPS + 1))
+
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", *run_args(llama2, chat_data, cut)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 600
+    while latest_checkpoint(cut) is None and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGTERM, err.decode()[-2000:]
+    stopped_at = len(losses(cut))
+    assert stopped_at < STEPS and not (cut / "adapter").exists()
+
+    resumed = CliRunner().invoke(cli.trainer, ["run", "--resume", str(cut)])
+    assert resumed.exit_code == 0, resumed.output
+    assert losses(cut) == losses(whole)
+    a = load_file(cut / "adapter" / "adapter_model.safetensors")
+    b = load_file(whole / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and a
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    # only the last two checkpoints stay
+    assert [p.name for p in checkpoint_dirs(cut)] == [f"step-{STEPS - 4:06d}", f"step-{STEPS:06d}"]
+
+
+KILL_MID_WRITE = r"""
+import sys, time
+from pathlib import Path
+import torch
+from trainer.lora import LoRASettings
+from trainer.resume import Progress, save_checkpoint
+
+class SlowToPickle:
+    def __reduce__(self):
+        print("writing", flush=True)
+        time.sleep(600)
+        return (float, (0.0,))
+
+model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+opt = torch.optim.AdamW(model.parameters())
+sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+run = Path(sys.argv[1])
+save_checkpoint(run, model, opt, sched, Progress(step=2, history=[(1.0, False)] * 2), settings=LoRASettings(),
+                base_model="m")
+print("saved", flush=True)
+save_checkpoint(run, model, opt, sched, Progress(step=4, history=[(SlowToPickle(), False)]),
+                settings=LoRASettings(), base_model="m")
+"""
+
+
+def test_a_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_whole(tmp_path):
+    script = tmp_path / "kill_mid_write.py"
+    script.write_text(KILL_MID_WRITE)
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "run")], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "saved"
+    assert proc.stdout.readline().strip() == "writing"
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    root = tmp_path / "run" / CHECKPOINTS
+    assert any(p.name.startswith(".step-000004.tmp") for p in root.iterdir())  # the write was under way
+    assert [p.name for p in checkpoint_dirs(tmp_path / "run")] == ["step-000002"]
+    state = torch.load(root / "step-000002" / "trainer_state.pt", weights_only=True)
+    assert state["step"] == 2 and len(state["history"]) == 2
+    assert (root / "step-000002" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_resume_of_a_dir_that_is_not_a_run_is_one_line_and_exit_2(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    result = CliRunner().invoke(cli.trainer, ["run", "--resume", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "not a trainer run dir" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_resume_with_a_shape_changing_setting_or_model_is_one_line_and_exit_2(llama2, chat_data, tmp_path):
+    run = tmp_path / "run"
+    args = run_args(llama2, chat_data, run)
+    args[args.index("--max-steps") + 1] = "4"
+    assert CliRunner().invoke(cli.trainer, args).exit_code == 0
+    result = CliRunner().invoke(cli.trainer, ["run", "--resume", str(run), "--lora-r", "8"])
+    assert result.exit_code == 2 and "lora_r" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+    other = tiny_runs.llama2_checkpoint(tmp_path / "wider", hidden_size=96, intermediate_size=128)
+    config = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(config.replace(f"model: {llama2.resolve()}", f"model: {other.resolve()}"))
+    assert f"model: {other.resolve()}" in (run / "config.yaml").read_text()
+    result = CliRunner().invoke(cli.trainer, ["run", "--resume", str(run)])
+    assert result.exit_code == 2 and "shape" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert os.path.isdir(latest_checkpoint(run))
