@@ -94,6 +94,7 @@ def test_unset_cli_switches_do_not_override_the_file(tmp_path):
     p = write(tmp_path, "model: m\ndata: d\nout: o\npacking: true\nload_in_4bit: false\n")
     seen = dict(cli.trainer.commands["run"].make_context("run", ["--config", str(p), "--no-fix-untrained"]).params)
     assert seen["packing"] is None and seen["load_in_4bit"] is None and seen["fix_untrained"] is False
+    assert seen.pop("resume_dir") is None
     cfg = resolve_config(seen.pop("config_file"), **seen)
     assert cfg.packing is True and cfg.load_in_4bit is False and cfg.fix_untrained is False
     assert CliRunner().invoke(cli.trainer, ["run", "--config", str(p), "--lr", "x"]).exit_code == 2
