@@ -67,9 +67,12 @@ def shard_step(step: list[list[int]], rank: int, world_size: int, batch_size: in
     return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
-def wrap(model: nn.Module, dp: DataParallel, *, static_graph: bool) -> nn.Module:
-    """DDP over the trainable parameters; frozen weights are identical on every rank already (same seed)."""
+def wrap(model: nn.Module, dp: DataParallel) -> nn.Module:
+    """DDP over the trainable parameters; frozen weights are identical on every rank already (same seed).
+
+    static_graph stays off: with offloaded checkpointing (gradients made in a nested backward) it
+    left gradients unreduced in the gloo test, while the dynamic default matches one process."""
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [dp.device.index] if dp.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False, static_graph=static_graph)
+    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)

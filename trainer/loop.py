@@ -456,7 +456,7 @@ def _train(cfg: TrainConfig, console, resume: bool, dp: DataParallel | None) -> 
         console.print(f"resuming from {latest} (step {progress.step} of {len(plan)})")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    trained = wrap(model, dp, static_graph=cfg.gradient_checkpointing == "offload") if dp is not None else model
+    trained = wrap(model, dp) if dp is not None else model
     run_steps(trained, sequences, plan, optimizer, scheduler, cfg, out=out, pad_id=pad_id, device=device,
               dtype=dtype, console=console, progress=progress, dp=dp,
               save=lambda: save_checkpoint(out, model, optimizer, scheduler, progress, settings=settings,
