@@ -51,7 +51,7 @@ def healer(debug: bool) -> None:
 @healer.command()
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=Path("healer-demo"),
               show_default=True, help="Directory for everything the demo writes (an earlier demo there is replaced).")
-@click.option("--steps", type=click.IntRange(min=1), help="Training steps [default: 100 small, 150 tiny].")
+@click.option("--steps", type=click.IntRange(min=1), help="Training steps [default: 100 small, 300 tiny].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where to train.")
 @click.option("--size", type=click.Choice(["small", "tiny"]), default="small", show_default=True,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -105,7 +106,7 @@ def test_demo_prints_a_trainer_run_command_that_parses_to_its_config():
     argv = shlex.split(train_command(config))
     assert argv[:2] == ["trainer", "run"]
     ctx = cli.trainer_run.make_context("run", argv[2:])
-    params = {k: v for k, v in ctx.params.items() if k != "config_file"}
+    params = {k: v for k, v in ctx.params.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
     assert resolve_config(None, **params) == config
 
 
