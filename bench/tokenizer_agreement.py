@@ -5,7 +5,7 @@ conversion and of ours on the built-in corpus, llama.cpp's test strings and 10,0
 conversion time of both; verification time of ours over corpus + 10,000 fuzz strings (the
 issue's goal: under 5 s). CPU only; run from the repository root:
 
-    python bench/tokenizers.py [MODEL ...]
+    python bench/tokenizer_agreement.py [MODEL ...]
 """
 
 from __future__ import annotations

@@ -3,12 +3,13 @@
 One process per variant, the same random weights, the same random token batches:
 micro-batch 2 x 2048 tokens, grad-accum 4, LoRA r=32 alpha=32 on q,k,v,o,gate,up,down, NF4 base
 (double quantization), bf16 autocast, paged 8-bit AdamW, gradient checkpointing on. Variants:
-Triton kernels on (default on CUDA) and off (TRAINER_KERNELS=0: the plain PyTorch paths).
+Triton kernels on (default on CUDA) and off (TRAINER_KERNELS=0: the plain PyTorch paths), and the
+Hugging Face stack (transformers 4-bit + PEFT + SDPA + gradient checkpointing) on the same batches.
 Prints a table: tokens/s after warm-up, memory after load, peak allocated/reserved, first losses.
 
     python bench/train.py [--steps 6] [--shape llama3-8b|tiny] [--json out.json]
 
-The Hugging Face stack and Liger-Kernel variants of issue 7 are not in this script yet.
+The Liger-Kernel variant and the longest-sequence search of issue 7 are not in this script yet.
 """
 
 from __future__ import annotations
@@ -122,6 +123,64 @@ def run_variant(model_dir: Path, steps: int, batch: int, seq: int, accum: int) -
     }
 
 
+def run_hf_variant(model_dir: Path, steps: int, batch: int, seq: int, accum: int) -> dict:
+    """The Hugging Face stack as its docs show it: transformers 4-bit (bitsandbytes NF4, double quant),
+    PEFT LoRA, SDPA attention, gradient checkpointing, paged 8-bit AdamW; same batches as ours."""
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, dtype=torch.bfloat16,
+                                                 attn_implementation="sdpa", device_map={"": 0})
+    after_load = torch.cuda.memory_allocated() / 2**30
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    model = get_peft_model(model, LoraConfig(r=32, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                             "up_proj", "down_proj"]))
+    model.train()
+    opt = bnb.optim.PagedAdamW8bit([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    losses, times = [], []
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(steps):
+        batches = [torch.randint(0, vocab, (batch, seq), generator=g).to(dev) for _ in range(accum)]
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        total = 0.0
+        for ids in batches:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss / accum
+            loss.backward()
+            total += float(loss)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+        losses.append(total)
+    warm = times[2:] or times
+    return {
+        "tokens_per_s": batch * seq * accum * len(warm) / sum(warm),
+        "mem_after_load_gib": after_load,
+        "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+        "losses": [round(x, 4) for x in losses],
+        "step_s": [round(x, 3) for x in times],
+    }
+
+
+VARIANTS = {
+    "ours, Triton kernels": ({}, run_variant),
+    "ours, plain PyTorch": ({"TRAINER_KERNELS": "0"}, run_variant),
+    "HF transformers+PEFT": ({}, run_hf_variant),
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="llama3-8b", choices=list(SHAPES))
@@ -135,11 +194,12 @@ def main() -> None:
     args = ap.parse_args()
     model_dir = Path(args.cache) / f"train-{args.shape}"
     if args.variant:
-        print(json.dumps(run_variant(model_dir, args.steps, args.batch, args.seq, args.accum)))
+        fn = VARIANTS[args.variant][1]
+        print(json.dumps(fn(model_dir, args.steps, args.batch, args.seq, args.accum)))
         return
     generate(args.shape, model_dir)
     results = {}
-    for name, env in (("ours, Triton kernels", {}), ("ours, plain PyTorch", {"TRAINER_KERNELS": "0"})):
+    for name, (env, _) in VARIANTS.items():
         proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--variant", name],
                               env={**os.environ, **env}, capture_output=True, text=True)
         if proc.returncode != 0:
