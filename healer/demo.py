@@ -124,6 +124,9 @@ def run_demo(out: str | Path = "healer-demo", *, steps: int | None = None, devic
         raise HealerError(f"--steps must be at least 1, got {steps}")
     if device not in ("auto", "cpu", "cuda"):
         raise HealerError(f"device {device!r}: choose auto, cpu or cuda")
+    from trainer.loop import resolve_device
+
+    resolve_device(device)  # no CUDA for --device cuda: say so before minutes of work, not after
     preset = SIZES[size]
     steps = steps or preset.steps
     console = console or Console()
