@@ -21,7 +21,7 @@ import cli
 from trainer.resume import CHECKPOINTS, checkpoint_dirs, latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
-STEPS = 60
+STEPS = 24
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,7 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
 
 
+@pytest.mark.slow
 def test_run_killed_with_sigterm_and_resumed_equals_an_uninterrupted_run(llama2, chat_data, tmp_path):
     whole = tmp_path / "whole"
     done = CliRunner().invoke(cli.trainer, run_args(llama2, chat_data, whole))
