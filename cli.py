@@ -274,7 +274,7 @@ def trainer_run(config_file: Path | None, resume_dir: Path | None, **settings) -
     Exit status: 0 trained, 1 the NaN guard stopped the run, 2 bad input.
     """
     from trainer.config import resolve_config
-    from trainer.loop import TrainingDiverged, train
+    from trainer.loop import OutOfMemory, TrainingDiverged, train
 
     if resume_dir is not None:
         from trainer.resume import ResumeError, resume_config
@@ -286,7 +286,7 @@ def trainer_run(config_file: Path | None, resume_dir: Path | None, **settings) -
         config = resolve_config(config_file, **settings)
     try:
         result = train(config, resume=resume_dir is not None)
-    except TrainingDiverged as e:
+    except (TrainingDiverged, OutOfMemory) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(EXIT_FINDINGS)
     _console().print(result.summary(), highlight=False)

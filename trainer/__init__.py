@@ -1,6 +1,8 @@
 """trainer: a compact QLoRA trainer with one decoder for six model families.
 
-Library entry: `trainer.train(TrainConfig(model=..., data=..., out=...)) -> RunResult`.
+Library entry: `trainer.train(TrainConfig(model=..., data=..., out=...)) -> RunResult`; to continue an
+interrupted run, `trainer.train(trainer.resume_config(run_dir), resume=True)`. Under torchrun the same
+call trains data-parallel.
 Importing the package stays light (no torch) so the CLI starts fast.
 """
 
@@ -14,11 +16,19 @@ if TYPE_CHECKING:
     from trainer.loop import RunResult
 
 
-def train(config: TrainConfig, *, console=None) -> RunResult:
-    """Fine-tune config.model on config.data with LoRA / QLoRA; write the run dir config.out."""
+def train(config: TrainConfig, *, console=None, resume: bool = False) -> RunResult:
+    """Fine-tune config.model on config.data with LoRA / QLoRA; write the run dir config.out
+    (resume=True: continue it from its latest checkpoint)."""
     from trainer.loop import train as run
 
-    return run(config, console=console)
+    return run(config, console=console, resume=resume)
+
+
+def resume_config(run_dir, **overrides) -> TrainConfig:
+    """The saved config of the run at run_dir, for `train(..., resume=True)`; ResumeError if not a run."""
+    from trainer.resume import resume_config as saved
+
+    return saved(run_dir, **overrides)
 
 
 def __getattr__(name: str):
@@ -26,8 +36,12 @@ def __getattr__(name: str):
         import trainer.loop
 
         return getattr(trainer.loop, name)
+    if name == "ResumeError":
+        import trainer.resume
+
+        return trainer.resume.ResumeError
     raise AttributeError(name)
 
 
-__all__ = ["ConfigError", "ModelCheckError", "RunResult", "TrainConfig", "TrainingDiverged", "resolve_config",
-           "train"]
+__all__ = ["ConfigError", "ModelCheckError", "ResumeError", "RunResult", "TrainConfig", "TrainingDiverged",
+           "resolve_config", "resume_config", "train"]

@@ -1,9 +1,10 @@
 """The training run, explicit from top to bottom: checks, data, model, LoRA, the loop, the run dir.
 
-`train(config)` is the whole run; the pieces it calls are public so later work (resume,
-offloaded checkpointing, DDP) can reuse them: `train_step` (one optimizer step over its
-micro-batches, with the NaN guard's bookkeeping), `lr_lambda`, `build_optimizer`,
-`repair_untrained_rows`, `check_model`.
+`train(config)` is the whole run; the pieces it calls are public: `train_step` (one optimizer
+step over its micro-batches, with the NaN guard's bookkeeping; data-parallel under torchrun),
+`run_steps` (the loop, with checkpoints every save_steps), `lr_lambda`, `build_optimizer`,
+`repair_untrained_rows`, `check_model`. Resume lives in trainer.resume, gradient checkpointing
+modes in trainer.checkpointing, DDP in trainer.distributed.
 
 Loss normalization: every micro-batch loss is sum / (predicted tokens of the whole step), so
 an accumulated step equals one big batch whatever the padding or packing of its parts.
@@ -56,6 +57,10 @@ class TrainingDiverged(Exception):
     def __init__(self, message: str, steps: list[int], rows: list[int]):
         super().__init__(message)
         self.steps, self.rows = steps, rows
+
+
+class OutOfMemory(Exception):
+    """A step ran out of GPU memory; the message names the batch shape and the flags that would help."""
 
 
 class ModelCheckError(CheckpointError):
@@ -500,8 +505,11 @@ def run_steps(model: nn.Module, sequences: list[TrainSequence], plan: list[list[
                 t0 = time.perf_counter()
                 micro = plan[step - 1]
                 batches = _micro_batches(sequences, micro, pad_id, cfg.batch_size, dp)
-                r = train_step(model, batches, optimizer, scheduler, max_grad_norm=cfg.max_grad_norm,
-                               autocast_dtype=dtype, device=device, dp=dp)
+                try:
+                    r = train_step(model, batches, optimizer, scheduler, max_grad_norm=cfg.max_grad_norm,
+                                   autocast_dtype=dtype, device=device, dp=dp)
+                except torch.OutOfMemoryError:
+                    raise OutOfMemory(_oom_message(step, batches, cfg, out)) from None
                 step_tokens = sum(len(sequences[i].input_ids) for mb in micro for i in mb)
                 tps = step_tokens / max(time.perf_counter() - t0, 1e-9)
                 mem = peak_memory(device)
@@ -537,6 +545,24 @@ def run_steps(model: nn.Module, sequences: list[TrainSequence], plan: list[list[
     progress.wall_s = progress.wall_s + time.perf_counter() - start
     return {"history": progress.history, "skipped": progress.skipped, "tokens": progress.tokens,
             "wall_s": progress.wall_s}
+
+
+def _oom_message(step: int, batches: list[Batch], cfg: TrainConfig, out: Path) -> str:
+    from trainer.resume import latest_checkpoint
+
+    shapes = sorted({tuple(b.input_ids.shape) for b in batches}, reverse=True)
+    shown = ", ".join(f"{n} x {t}" for n, t in shapes)
+    helps = []
+    if cfg.gradient_checkpointing != "offload":
+        helps.append("--gradient-checkpointing offload")
+    if cfg.batch_size > 1:
+        helps.append(f"--batch-size {max(1, cfg.batch_size // 2)} --grad-accum {cfg.grad_accum * 2}")
+    helps.append(f"--max-seq-len {max(1, cfg.max_seq_len // 2)}")
+    latest = latest_checkpoint(out)
+    kept = (f"; the last checkpoint {latest} is intact (trainer run --resume {out} continues from it)"
+            if latest is not None else "")
+    return (f"out of GPU memory at step {step} on micro-batches of {shown} tokens (sequences x sequence length, "
+            f"max_seq_len {cfg.max_seq_len}); try {', or '.join(helps)}{kept}")
 
 
 def _micro_batches(sequences: list[TrainSequence], step: list[list[int]], pad_id: int, batch_size: int,

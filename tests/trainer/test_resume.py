@@ -143,3 +143,59 @@ def test_resume_with_a_shape_changing_setting_or_model_is_one_line_and_exit_2(ll
     assert result.exit_code == 2 and "shape" in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1
     assert os.path.isdir(latest_checkpoint(run))
+
+
+class RunsOutOfMemory(torch.nn.Module):
+    """The model, raising the CUDA allocator's error from the third forward on (as a long batch would)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls >= 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.inner(*args, **kwargs)
+
+
+def test_out_of_memory_names_the_batch_and_the_flags_and_keeps_the_last_checkpoint(tmp_path):
+    import builders
+
+    from trainer.config import TrainConfig
+    from trainer.data import IGNORE_INDEX, Example, as_sequences
+    from trainer.loop import OutOfMemory, run_steps
+    from trainer.lora import LoRASettings, apply_lora, trainable_parameters
+    from trainer.models import load_model
+    from trainer.resume import Progress, save_checkpoint
+
+    builders.save_tiny_model(tmp_path / "m", "llama", 128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = load_model(tmp_path / "m", dtype=torch.float32, device="cpu", load_in_4bit=False)
+    settings = apply_lora(model, LoRASettings(r=4, alpha=8))
+    seqs = as_sequences([Example(list(range(3, 3 + n)), [IGNORE_INDEX] + list(range(4, 3 + n)), i)
+                         for i, n in enumerate((9, 13, 11))])
+    opt = torch.optim.AdamW(trainable_parameters(model), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    out = tmp_path / "run"
+    out.mkdir()
+    cfg = TrainConfig(model="m", data="d", out=str(out), batch_size=2, grad_accum=1, save_steps=2, max_seq_len=64)
+    progress = Progress()
+    plan = [[[0, 1]], [[2]], [[1, 2]], [[0]]]
+    with pytest.raises(OutOfMemory) as e:
+        run_steps(RunsOutOfMemory(model), seqs, plan, opt, sched, cfg, out=out, pad_id=0,
+                  device=torch.device("cpu"), dtype=torch.float32, console=_quiet_console(), progress=progress,
+                  save=lambda: save_checkpoint(out, model, opt, sched, progress, settings=settings, base_model="m"))
+    message = str(e.value)
+    assert "step 3" in message and "2 x 13 tokens" in message and "max_seq_len 64" in message
+    assert "--gradient-checkpointing offload" in message and "--batch-size 1 --grad-accum 2" in message
+    assert "step-000002" in message and f"--resume {out}" in message
+    assert [p.name for p in checkpoint_dirs(out)] == ["step-000002"]
+    assert torch.load(out / CHECKPOINTS / "step-000002" / "trainer_state.pt", weights_only=True)["step"] == 2
+
+
+def _quiet_console():
+    import io
+
+    from rich.console import Console
+
+    return Console(file=io.StringIO(), force_terminal=False)
