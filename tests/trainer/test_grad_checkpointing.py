@@ -22,7 +22,8 @@ def tiny(tmp_path_factory) -> Path:
     return out
 
 
-def loss_and_grads(path: Path, mode: str, *, dropout: float, modules_to_save: list[str] = ()):
+def loss_and_grads(path: Path, mode: str, *, dropout: float, modules_to_save: list[str] = (),
+                   autocast: torch.dtype | None = None):
     model = load_model(path, dtype=torch.float32, device="cpu", load_in_4bit=False)
     torch.manual_seed(0)
     apply_lora(model, LoRASettings(r=4, alpha=8, dropout=dropout, modules_to_save=list(modules_to_save)))
@@ -38,7 +39,8 @@ def loss_and_grads(path: Path, mode: str, *, dropout: float, modules_to_save: li
     # two documents in the second row: the per-layer masks must reach the recomputed layers too
     pos = torch.stack([torch.arange(17), torch.cat([torch.arange(9), torch.arange(8)])])
     torch.manual_seed(123)  # dropout masks: the same draw in every mode
-    out = model(ids, labels=labels, position_ids=pos)
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        out = model(ids, labels=labels, position_ids=pos)
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     return out.loss.detach(), grads, model
@@ -54,6 +56,23 @@ def test_checkpointing_modes_give_the_same_loss_and_lora_gradients(tiny, dropout
         assert grads.keys() == ref_grads.keys()
         for name in grads:
             torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-7, msg=f"{mode}: {name}")
+
+
+def test_recomputed_layers_run_under_the_forward_autocast_dtype(tiny):
+    # a recompute in float32 would differ from the bfloat16 forward by bf16 rounding (about 1e-2)
+    ref_loss, ref_grads, _ = loss_and_grads(tiny, "off", dropout=0.0, autocast=torch.bfloat16)
+    for mode in ("on", "offload"):
+        loss, grads, _ = loss_and_grads(tiny, mode, dropout=0.0, autocast=torch.bfloat16)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+        for name in grads:
+            torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=f"{mode}: {name}")
+
+
+def test_unknown_checkpointing_mode_is_a_config_error_naming_the_modes():
+    from trainer.config import ConfigError, resolve_config
+
+    with pytest.raises(ConfigError, match="off, on, offload"):
+        resolve_config(None, model="m", data="d", out="o", gradient_checkpointing="sometimes")
 
 
 def test_offload_mode_gives_the_embedding_its_gradient_when_it_is_trained(tiny):
