@@ -113,15 +113,27 @@ def make_adapter(path: Path, base: Path, layers: int) -> None:
     tmp.rename(path)
 
 
-def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
-    """(wall seconds, peak RSS GB) of one subprocess."""
+# The child reports its own high-water mark: ru_maxrss from wait4 would include this (parent)
+# process's size, which Linux carries into the child's maxrss through fork + exec.
+PEAK_RSS = ("\nimport atexit\n"
+            "def _peak():\n"
+            "    kb = next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]\n"
+            "    open(PEAK_FILE, 'w').write(kb)\n"
+            "atexit.register(_peak)\n")
+
+
+def timed(code: str, argv: list[str], env: dict | None = None) -> tuple[float, float]:
+    """(wall seconds, peak RSS GB) of `code` run with `argv` in a fresh Python process."""
+    peak_file = Path(f"/tmp/bench-export-peak-{os.getpid()}")
+    script = f"PEAK_FILE = {str(peak_file)!r}" + PEAK_RSS + code
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
+    done = subprocess.run([sys.executable, "-c", script, *argv], env=env)
     wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}")
-    return wall, usage.ru_maxrss / 1024**2
+    if done.returncode != 0:
+        raise SystemExit(f"failed: {code} {' '.join(argv)}")
+    peak_kb = int(peak_file.read_text())
+    peak_file.unlink()
+    return wall, peak_kb / 1024**2
 
 
 def size_gb(path: Path) -> float:
@@ -145,18 +157,18 @@ def main() -> None:
         make_adapter(adapter, base, args.layers)
     args.out.mkdir(parents=True, exist_ok=True)
     merged, q8 = args.out / "merged-bf16", args.out / "model-q8_0.gguf"
-    py = sys.executable
     rows = []
-    call = "import export, sys; export.{}(sys.argv[1], sys.argv[2], {}, force=True)"
-    wall, rss = timed([py, "-c", call.format("merge", "dtype='bfloat16'"), str(adapter), str(merged)])
+    call = "\nimport export, sys\nexport.{}(sys.argv[1], sys.argv[2], {}, force=True)\n"
+    wall, rss = timed(call.format("merge", "dtype='bfloat16'"), [str(adapter), str(merged)])
     rows.append(("merge -> bf16 safetensors (export.merge)", wall, rss, size_gb(merged)))
-    wall, rss = timed([py, "-c", call.format("to_gguf", "'q8_0'"), str(adapter), str(q8)])
+    wall, rss = timed(call.format("to_gguf", "'q8_0'"), [str(adapter), str(q8)])
     rows.append(("q8_0 GGUF from run (export.to_gguf)", wall, rss, size_gb(q8)))
     if args.convert_script:
-        env = dict(os.environ, PYTHONPATH=str(args.convert_script.parent / "gguf-py"))
+        env = dict(os.environ, PYTHONPATH=f"{args.convert_script.parent}:{args.convert_script.parent / 'gguf-py'}")
         ref = args.out / "llama-cpp-q8_0.gguf"
-        cwall, crss = timed([py, str(args.convert_script), str(merged), "--outtype", "q8_0", "--outfile", str(ref)],
-                            env)
+        convert = "\nimport runpy, sys\nsys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n"
+        cwall, crss = timed(convert, [str(args.convert_script), str(merged), "--outtype", "q8_0",
+                                      "--outfile", str(ref)], env)
         rows.append(("llama.cpp convert_hf_to_gguf.py bf16 dir -> q8_0", cwall, crss, size_gb(ref)))
         rows.append(("  = merge + convert (llama.cpp route)", rows[0][1] + cwall, max(rows[0][2], crss), None))
     print(f"\nLlama-3-8B widths, {args.layers} layers, base {size_gb(base):.1f} GB bf16, LoRA r={RANK} on all "
