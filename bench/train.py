@@ -76,8 +76,9 @@ def generate(shape: str, out: Path) -> Path:
     return out
 
 
-def run_variant(model_dir: Path, steps: int, batch: int, seq: int, accum: int) -> dict:
+def run_variant(model_dir: Path, steps: int, batch: int, seq: int, accum: int, gc: str = "on") -> dict:
     """Train `steps` optimizer steps in this process; returns the measurements."""
+    from trainer.checkpointing import set_gradient_checkpointing
     from trainer.data import Batch
     from trainer.loop import train_step
     from trainer.lora import LoRASettings, apply_lora, trainable_parameters
@@ -89,7 +90,7 @@ def run_variant(model_dir: Path, steps: int, batch: int, seq: int, accum: int) -
     after_load = torch.cuda.memory_allocated() / 2**30
     apply_lora(model, LoRASettings(r=32, alpha=32.0, target_modules=[
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
-    model.model.gradient_checkpointing = True
+    set_gradient_checkpointing(model, gc)
     model.train()
     import bitsandbytes as bnb
 
@@ -123,7 +124,7 @@ def run_variant(model_dir: Path, steps: int, batch: int, seq: int, accum: int) -
     }
 
 
-def run_hf_variant(model_dir: Path, steps: int, batch: int, seq: int, accum: int) -> dict:
+def run_hf_variant(model_dir: Path, steps: int, batch: int, seq: int, accum: int, gc: str = "on") -> dict:
     """The Hugging Face stack as its docs show it: transformers 4-bit (bitsandbytes NF4, double quant),
     PEFT LoRA, SDPA attention, gradient checkpointing, paged 8-bit AdamW; same batches as ours."""
     import bitsandbytes as bnb
@@ -190,16 +191,21 @@ def main() -> None:
     ap.add_argument("--accum", type=int, default=4)
     ap.add_argument("--cache", default=os.environ.get("BENCH_CACHE", str(ROOT / "bench" / "cache")))
     ap.add_argument("--json")
+    ap.add_argument("--gc", default="on", choices=["off", "on", "offload"],
+                    help="our gradient checkpointing mode (the HF stack always uses its own)")
+    ap.add_argument("--only", help="run only the variants whose name contains this text")
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     args = ap.parse_args()
     model_dir = Path(args.cache) / f"train-{args.shape}"
     if args.variant:
         fn = VARIANTS[args.variant][1]
-        print(json.dumps(fn(model_dir, args.steps, args.batch, args.seq, args.accum)))
+        print(json.dumps(fn(model_dir, args.steps, args.batch, args.seq, args.accum, args.gc)))
         return
     generate(args.shape, model_dir)
     results = {}
     for name, (env, _) in VARIANTS.items():
+        if args.only and args.only not in name:
+            continue
         proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--variant", name],
                               env={**os.environ, **env}, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -209,7 +215,7 @@ def main() -> None:
         results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"\n{args.shape}, {dev}, micro-batch {args.batch} x {args.seq}, grad-accum {args.accum}, QLoRA r=32, "
-          f"{args.steps} steps (tokens/s over steps 3..)")
+          f"gradient checkpointing {args.gc}, {args.steps} steps (tokens/s over steps 3..)")
     print(f"{'variant':<24}{'tokens/s':>10}{'after load':>12}{'peak alloc':>12}{'peak reserved':>15}  first losses")
     for name, r in results.items():
         if "error" in r:
