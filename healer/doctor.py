@@ -75,7 +75,9 @@ def check_vocab_sizes(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
         sizes["lm_head rows"] = ckpt.tensor_shape(ckpt.lm_head_name)[0]
     if ckpt.has_tokenizer:
         sizes["tokenizer length"] = inventory(ckpt).max_id + 1
-    fix = f"healer fix {ckpt.path} -o {ckpt.path.name}-fixed"
+    from healer.tokenizers.checks import fix_command
+
+    fix = fix_command(ckpt)
     rows = [v for k, v in sizes.items() if k != "tokenizer length"]
     findings = []
     if len(set(rows)) > 1:

@@ -7,6 +7,7 @@ import re
 from healer.checkpoint import Checkpoint
 from healer.doctor import Check, Context
 from healer.report import Finding
+from healer.tokenizers.checks import fix_command
 from healer.tokenizers.inventory import inventory
 
 REPLY = "Paris is the capital of France."
@@ -68,7 +69,7 @@ def check_template(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
         except TemplateRenderError as e:
             return [Finding(
                 "template.render_error", "error", f"The chat template does not render: {e}",
-                fix=f"healer fix {ckpt.path} -o {ckpt.path.name}-fixed --template NAME",
+                fix=fix_command(ckpt, " --template NAME"),
                 details={"error": str(e)},
             )]
     tok = ckpt.hf_tokenizer()
@@ -83,7 +84,7 @@ def check_template(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
             "template.tokens_not_single", "error",
             f"{len(not_single)} chat marker(s) used by the template are not single tokens, e.g. {m!r} -> {ids}: "
             "the model never saw them as one symbol.",
-            fix=f"healer fix {ckpt.path} -o {ckpt.path.name}-fixed --chatml",
+            fix=fix_command(ckpt, " --chatml"),
             details={"markers": {m: ids for m, ids in not_single.items()},
                      "template": entry.name if entry else None},
         ))
@@ -130,7 +131,7 @@ def _eos_mismatch(ckpt: Checkpoint, tok, eot: str) -> list[Finding]:
         "template.eos_mismatch", "warning",
         f"The template ends assistant turns with {eot!r} (id {eot_id}), which is neither eos_token ({eos!r}) "
         f"nor in generation_config eos_token_id {sorted(i for i in gen_ids if i is not None)}: generation never stops.",
-        fix=f"healer fix {ckpt.path} -o {ckpt.path.name}-fixed",
+        fix=fix_command(ckpt),
         details={"end_of_turn": eot, "end_of_turn_id": eot_id, "eos_token": eos,
                  "generation_eos_token_id": sorted(i for i in gen_ids if i is not None)},
     )]
@@ -145,7 +146,7 @@ def _missing(ckpt: Checkpoint) -> list[Finding]:
         "template.missing", "warning" if looks_chat else "info",
         "No chat template" + (f", although the vocabulary has turn tokens {turn}" if turn else "")
         + (": chat fine-tuning needs one." if looks_chat else " (a base model; chat fine-tuning needs one)."),
-        fix=f"healer fix {ckpt.path} -o {ckpt.path.name}-fixed --template NAME",
+        fix=fix_command(ckpt, " --template NAME"),
         details={"turn_tokens": turn},
     )]
 

@@ -15,7 +15,9 @@ MAX_LISTED = 20
 
 
 def fix_command(ckpt: Checkpoint, extra: str = "") -> str:
-    return f"healer fix {ckpt.path} -o {ckpt.path.name}-fixed{extra}"
+    """The command that repairs `ckpt`, writing beside it (the input is never modified)."""
+    out = ckpt.path.parent / f"{ckpt.path.name}-fixed"
+    return f"healer fix {ckpt.path} -o {out}{extra}"
 
 
 def check_missing_fast(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
