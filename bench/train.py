@@ -80,13 +80,16 @@ def run_variant(model_dir: Path, steps: int, batch: int, seq: int, accum: int, g
     """Train `steps` optimizer steps in this process; returns the measurements."""
     from trainer.checkpointing import set_gradient_checkpointing
     from trainer.data import Batch
+    from trainer.distributed import from_environment, shutdown, wrap
     from trainer.loop import train_step
     from trainer.lora import LoRASettings, apply_lora, trainable_parameters
     from trainer.models import load_model
 
-    dev = torch.device("cuda")
+    dp = from_environment("cuda")  # under torchrun: one rank per GPU, each with its own micro-batches
+    dev = dp.device if dp else torch.device("cuda")
+    world, rank = (dp.world_size, dp.rank) if dp else (1, 0)
     torch.manual_seed(0)
-    model = load_model(model_dir, dtype=torch.bfloat16, device="cuda", load_in_4bit=True)
+    model = load_model(model_dir, dtype=torch.bfloat16, device=str(dev), load_in_4bit=True)
     after_load = torch.cuda.memory_allocated() / 2**30
     apply_lora(model, LoRASettings(r=32, alpha=32.0, target_modules=[
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
@@ -95,10 +98,12 @@ def run_variant(model_dir: Path, steps: int, batch: int, seq: int, accum: int, g
     import bitsandbytes as bnb
 
     params = trainable_parameters(model)
+    if dp:
+        model = wrap(model, dp)
     opt = bnb.optim.PagedAdamW8bit(params, lr=2e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    vocab = model.spec.vocab_size
-    g = torch.Generator().manual_seed(1)
+    vocab = (model.module if dp else model).spec.vocab_size
+    g = torch.Generator().manual_seed(1 + rank)
     losses, times = [], []
     torch.cuda.reset_peak_memory_stats()
     for _ in range(steps):
@@ -109,13 +114,15 @@ def run_variant(model_dir: Path, steps: int, batch: int, seq: int, accum: int, g
             micro.append(Batch(ids.to(dev), ids.clone().to(dev), pos.to(dev), [], batch * (seq - 1)))
         torch.cuda.synchronize()
         t = time.perf_counter()
-        r = train_step(model, micro, opt, sched, max_grad_norm=1.0, autocast_dtype=torch.bfloat16, device=dev)
+        r = train_step(model, micro, opt, sched, max_grad_norm=1.0, autocast_dtype=torch.bfloat16, device=dev, dp=dp)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
         losses.append(r.loss)
     warm = times[2:] or times
+    shutdown(dp)
     return {
-        "tokens_per_s": batch * seq * accum * len(warm) / sum(warm),
+        "tokens_per_s": world * batch * seq * accum * len(warm) / sum(warm),
+        "world_size": world,
         "mem_after_load_gib": after_load,
         "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
@@ -194,19 +201,25 @@ def main() -> None:
     ap.add_argument("--gc", default="on", choices=["off", "on", "offload"],
                     help="our gradient checkpointing mode (the HF stack always uses its own)")
     ap.add_argument("--only", help="run only the variants whose name contains this text")
+    ap.add_argument("--gpus", type=int, default=1, help="ours only: data-parallel ranks (torchrun + DDP)")
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     args = ap.parse_args()
     model_dir = Path(args.cache) / f"train-{args.shape}"
     if args.variant:
         fn = VARIANTS[args.variant][1]
-        print(json.dumps(fn(model_dir, args.steps, args.batch, args.seq, args.accum, args.gc)))
+        result = fn(model_dir, args.steps, args.batch, args.seq, args.accum, args.gc)
+        if os.environ.get("RANK", "0") == "0":
+            print(json.dumps(result))
         return
     generate(args.shape, model_dir)
     results = {}
     for name, (env, _) in VARIANTS.items():
         if args.only and args.only not in name:
             continue
-        proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--variant", name],
+        launch = [sys.executable, __file__]
+        if args.gpus > 1:  # data parallel through torchrun: global batch = gpus x micro-batch x accum
+            launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.gpus}", __file__]
+        proc = subprocess.run([*launch, *sys.argv[1:], "--variant", name],
                               env={**os.environ, **env}, capture_output=True, text=True)
         if proc.returncode != 0:
             results[name] = {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
