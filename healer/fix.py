@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from healer.checkpoint import TOKENIZER_FILES, Checkpoint
+from healer.checkpoint import Checkpoint
 from healer.doctor import diagnose, read_corpus
 from healer.errors import HealerError, OutputError
 from healer.report import Finding, Report
@@ -353,14 +353,20 @@ def fix_eos_mismatch(draft: Draft, findings: list[Finding], opts: Options) -> No
     found = [f for f in findings if f.check == "template.eos_mismatch"]
     if not found:
         return
-    eot_id = found[0].details["end_of_turn_id"]
+    details = found[0].details
+    stop_also_at(draft, "template.eos_mismatch", details["end_of_turn"], details["end_of_turn_id"])
+
+
+def stop_also_at(draft: Draft, check: str, token: str, token_id: int) -> None:
+    """Add `token_id` to generation_config.json eos_token_id, keeping the ids already there."""
     gc = draft.json("generation_config.json") or {}
     old = gc.get("eos_token_id", draft.ckpt.config.get("eos_token_id"))
     ids = list(old) if isinstance(old, list) else ([old] if old is not None else [])
-    gc["eos_token_id"] = [*ids, eot_id]
+    if token_id in ids:
+        return
+    gc["eos_token_id"] = [*ids, token_id]
     draft.write_json("generation_config.json", gc)
-    draft.change("template.eos_mismatch", "generation_config.json",
-                 f"eos_token_id also stops at {found[0].details['end_of_turn']!r}", old, gc["eos_token_id"])
+    draft.change(check, "generation_config.json", f"eos_token_id also stops at {token!r}", old, gc["eos_token_id"])
 
 
 def fix_template(draft: Draft, findings: list[Finding], opts: Options) -> None:
@@ -421,15 +427,7 @@ def fix_chatml(draft: Draft, findings: list[Finding], opts: Options) -> None:
     draft.set_chat_template(entry.source)
     draft.change(check, "chat_template", "ChatML chat template installed", "present" if old_template else None,
                  "chatml")
-    gc = draft.json("generation_config.json") or {}
-    old = gc.get("eos_token_id", ckpt.config.get("eos_token_id"))
-    ids = list(old) if isinstance(old, list) else ([old] if old is not None else [])
-    end = by_content["<|im_end|>"]
-    if end not in ids:
-        gc["eos_token_id"] = [*ids, end]
-        draft.write_json("generation_config.json", gc)
-        draft.change(check, "generation_config.json", "eos_token_id also stops at '<|im_end|>'", old,
-                     gc["eos_token_id"])
+    stop_also_at(draft, check, "<|im_end|>", by_content["<|im_end|>"])
     tc = draft.tokenizer_config
     extra = [t for t in tc.get("additional_special_tokens") or [] if t not in CHATML_TOKENS]
     tc["additional_special_tokens"] = [*extra, *CHATML_TOKENS]
@@ -757,7 +755,7 @@ def _staging(out: Path) -> Iterator[tuple[Path, Path]]:
 
 def _write(draft: Draft, dest: Path) -> None:
     """Write the draft: replaced files, untouched files copied, weights linked or rewritten."""
-    from healer.embeddings.shards import write_weights
+    from healer.embeddings.shards import link_or_copy, write_weights
 
     src = draft.ckpt.path
     weights = {p.name for p in set(draft.ckpt.weight_map.values())} | set(WEIGHT_INDEXES)
@@ -776,14 +774,7 @@ def _write(draft: Draft, dest: Path) -> None:
             assert not draft.tensors, "tensor edits need safetensors weights"
             for name in weights:
                 if (src / name).exists():
-                    _link_or_copy(src / name, dest / name)
+                    link_or_copy(src / name, dest / name)
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-__all__ = ["Change", "FixError", "FixReport", "TOKENIZER_FILES", "repair"]
+__all__ = ["Change", "FixError", "FixReport", "repair"]

@@ -281,3 +281,15 @@ def test_colliding_added_token_is_rewritten_to_the_vocabulary(tmp_path):
 
 def checks_at(report: healer.Report, severity: str) -> set[str]:
     return {f.check for f in report.findings if f.severity == severity}
+
+
+def test_eos_mismatch_adds_the_end_of_turn_token_to_generation_eos(tmp_path):
+    model = builders.fast_checkpoint(
+        tmp_path / "l3", testdata.fast_tokenizer_json("llama-bpe"), bos_token="<|begin_of_text|>",
+        eos_token="<|end_of_text|>", pad_token="<|reserved_special_token_0|>", add_bos=True,
+        chat_template=testdata.template("meta-llama-Llama-3.1-8B-Instruct"))
+    assert "template.eos_mismatch" in healer.diagnose(model).checks()
+    repair(model, tmp_path / "out")
+    gen = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [128001, 128009]
+    assert "template.eos_mismatch" not in healer.diagnose(tmp_path / "out").checks()

@@ -85,7 +85,8 @@ def _rewrite_shard(src_path: Path, dst_path: Path, updates: Mapping[str, torch.T
     return new_header
 
 
-def _link_or_copy(src: Path, dst: Path) -> str:
+def link_or_copy(src: Path, dst: Path) -> str:
+    """Hard-link src to dst, or copy it (atomically) where the filesystem cannot link; says which."""
     try:
         os.link(src, dst)
         return "linked"
@@ -137,7 +138,7 @@ def write_weights(ckpt: Checkpoint, updates: Mapping[str, torch.Tensor], out_dir
             written[shard.name] = "rewritten"
         else:
             header = safetensors_header(shard)
-            written[shard.name] = _link_or_copy(shard, dst)
+            written[shard.name] = link_or_copy(shard, dst)
         n_bytes, n_params = _sizes(header)
         total_bytes += n_bytes
         total_params += n_params
