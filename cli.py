@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -210,33 +211,8 @@ def fix(model_dir: Path, out: Path, chatml: bool, template: str | None, corpus: 
     if as_json:
         click.echo(report.to_json())
     else:
-        _render_fix(report, dry_run)
+        report.render(_console(), dry_run=dry_run)
     sys.exit(EXIT_FINDINGS if report.unfixable else EXIT_OK)
-
-
-def _render_fix(report, dry_run: bool) -> None:
-    from rich.markup import escape
-    from rich.table import Table
-
-    console = _console()
-    table = Table(title=("planned changes" if dry_run else "changes"), expand=True)
-    table.add_column("check", no_wrap=True)
-    table.add_column("file/tensor", no_wrap=True)
-    table.add_column("change", ratio=1, overflow="fold")
-    for c in report.changes:
-        table.add_row(c.check, c.target, escape(c.description))
-    if report.changes:
-        console.print(table)
-    else:
-        console.print("Nothing to change.")
-    for f in report.unfixable:
-        console.print(f"[bold red]not fixed[/] {f.check}: {escape(f.message)}")
-    if dry_run:
-        console.print("[dim]--dry-run: nothing written[/]")
-    elif report.written:
-        after = report.after.summary() if report.after else {}
-        console.print(f"Wrote [bold]{escape(str(report.out))}[/] ({after.get('error', 0)} error(s), "
-                      f"{after.get('warning', 0)} warning(s) left); details in healer_report.json")
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -310,10 +286,14 @@ def trainer_export(source: Path, out: Path, fmt: str, quant: str, dtype: str, ba
 
     if fmt == "hf" and quant != "f16":
         raise click.UsageError("--quant applies to --format gguf; use --dtype for hf output")
-    if fmt == "gguf":
-        written = export.to_gguf(source, out, quant, base=base, force=force)
-    else:
-        written = export.merge(source, out, base=base, dtype=dtype, force=force)
+    with warnings.catch_warnings(record=True, action="always", category=export.TokenizationWarning) as caught:
+        if fmt == "gguf":
+            written = export.to_gguf(source, out, quant, base=base, force=force)
+        else:
+            written = export.merge(source, out, base=base, dtype=dtype, force=force)
+    for w in caught:
+        if issubclass(w.category, export.TokenizationWarning):
+            click.echo(f"warning: {w.message}", err=True)
     _console().print(f"Wrote {written}", highlight=False)
 
 

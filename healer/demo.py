@@ -167,7 +167,7 @@ def _run_steps(s: _Steps, console, paths: dict[str, Path], preset: DemoSize, ste
 
     with s.step("fix", "Repair it", f"$ healer fix {_q(paths['flawed'])} -o {_q(paths['fixed'])} --chatml"):
         fixed = repair(paths["flawed"], paths["fixed"], chatml=True)
-        render_changes(fixed, console)
+        fixed.render(console, title="healer fix: changes")
 
     with s.step("doctor_after", "Diagnose the repaired checkpoint", f"$ healer doctor {_q(paths['fixed'])}"):
         after = healer.diagnose(paths["fixed"])
@@ -274,23 +274,6 @@ def gguf_tensor_count(path: str | Path) -> int:
     import gguf
 
     return len(gguf.GGUFReader(path).tensors)
-
-
-def render_changes(report, console) -> None:
-    """The table of what fix changed (check, file or tensor, change)."""
-    from rich.markup import escape
-    from rich.table import Table
-
-    table = Table(title="healer fix: changes", expand=True)
-    table.add_column("check", no_wrap=True)
-    table.add_column("file/tensor", no_wrap=True)
-    table.add_column("change", ratio=1, overflow="fold")
-    for c in report.changes:
-        table.add_row(c.check, c.target, escape(c.description))
-    console.print(table)
-    after = report.after.summary()
-    console.print(f"Wrote [bold]{escape(str(report.out))}[/] ({after['error']} error(s), {after['warning']} "
-                  "warning(s) left); details in healer_report.json", highlight=False)
 
 
 def render_answers(console, question: str, expected: str, before: str, after: str,

@@ -93,6 +93,30 @@ class FixReport:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, ensure_ascii=False, default=str)
 
+    def render(self, console, *, dry_run: bool = False, title: str | None = None) -> None:
+        """Print the table of changes (check, file or tensor, change), what was not fixed, and where it wrote."""
+        from rich.markup import escape
+        from rich.table import Table
+
+        table = Table(title=title or ("planned changes" if dry_run else "changes"), expand=True)
+        table.add_column("check", no_wrap=True)
+        table.add_column("file/tensor", no_wrap=True)
+        table.add_column("change", ratio=1, overflow="fold")
+        for c in self.changes:
+            table.add_row(c.check, c.target, escape(c.description))
+        if self.changes:
+            console.print(table)
+        else:
+            console.print("Nothing to change.")
+        for f in self.unfixable:
+            console.print(f"[bold red]not fixed[/] {f.check}: {escape(f.message)}")
+        if dry_run:
+            console.print("[dim]--dry-run: nothing written[/]")
+        elif self.written:
+            after = self.after.summary() if self.after else {}
+            console.print(f"Wrote [bold]{escape(str(self.out))}[/] ({after.get('error', 0)} error(s), "
+                          f"{after.get('warning', 0)} warning(s) left); details in {REPORT_NAME}", highlight=False)
+
 
 class Draft:
     """The output being planned: replaced files (bytes) and tensors, over an input Checkpoint."""
@@ -187,9 +211,11 @@ def fix_fast_tokenizer(draft: Draft, findings: list[Finding], opts: Options) -> 
              for i, t in (tc.get("added_tokens_decoder") or {}).items()}
     sp_size = len(draft.sp_proto().pieces)
     added = {i: t for i, t in added.items() if i >= sp_size or t in CHATML_TOKENS}
+    # ChatML puts text right after its tokens: prefix it as llama.cpp will (see convert.py)
     result = convert_verified(
         draft.read("tokenizer.model"), list(builtin_corpus()) + list(opts.corpus), added,
         add_bos=wants_bos(ckpt, tc), add_eos=bool(tc.get("add_eos_token", False)),
+        prefix_after_specials=any(t in CHATML_TOKENS for t in added.values()),
     )
     check = wanted[0].check if wanted else "template.chatml"
     if not result.ok:
