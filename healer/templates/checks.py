@@ -7,6 +7,7 @@ import re
 from healer.checkpoint import Checkpoint
 from healer.doctor import Check, Context
 from healer.report import Finding
+from healer.templates.render import TemplateError, render_source
 from healer.tokenizers.checks import fix_command
 from healer.tokenizers.inventory import inventory
 
@@ -28,18 +29,15 @@ class TemplateRenderError(Exception):
 
 
 def render(template: str, messages: list[dict], ckpt: Checkpoint, add_generation_prompt: bool = False) -> str:
-    """Render like transformers' apply_chat_template(tokenize=False) does."""
-    from transformers.utils.chat_template_utils import render_jinja_template
-
+    """Render like transformers' apply_chat_template(tokenize=False) does, with the checkpoint's special tokens."""
     specials = {f"{n}_token": ckpt.special_token(n) for n in ("bos", "eos", "pad", "unk")}
     try:
-        rendered, _ = render_jinja_template(
-            conversations=[messages], chat_template=template, add_generation_prompt=add_generation_prompt,
-            **specials,
-        )
-    except Exception as e:  # jinja syntax/undefined errors and the template's own raise_exception
-        raise TemplateRenderError(f"{type(e).__name__}: {e}") from e
-    return rendered[0]
+        return render_source(template, messages, add_generation_prompt=add_generation_prompt, name="chat_template",
+                             **specials)
+    except Exception as e:  # any failure of the model's own template is a finding about it, not a doctor crash
+        # name the Jinja error itself (TemplateSyntaxError, the template's raise_exception), as transformers does
+        cause = e.__cause__ if isinstance(e, TemplateError) and e.__cause__ is not None else e
+        raise TemplateRenderError(f"{type(cause).__name__}: {cause}") from e
 
 
 def render_sample(ckpt: Checkpoint) -> str | None:
