@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from trainer.config import DEFAULT_TARGET_MODULES, ConfigError
+from trainer.models.ops import kernels_enabled
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -58,7 +59,14 @@ def lora_delta(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scal
 
 
 class LoRALinear(nn.Module):
-    """A frozen base linear plus a trainable low-rank update; attribute names follow PEFT's."""
+    """A frozen base linear plus a trainable low-rank update; attribute names follow PEFT's.
+
+    Without dropout, forward runs trainer.kernels.lora_fused.lora_linear (hand-written backward, the
+    dequantized NF4 weight is not saved) where ops.kernels_enabled says so (CUDA, TRAINER_KERNELS != 0);
+    `use_kernel` True or False overrides that choice.
+    """
+
+    use_kernel: bool | None = None
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
                  use_rslora: bool = False):
@@ -80,13 +88,37 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
+    def uses_kernel(self, x: torch.Tensor) -> bool:
+        """Whether forward(x) takes the fused path."""
+        # With dropout the LoRA branch sees dropout(x): its backward would need the mask or the dropped x
+        # saved, a [tokens x in] tensor per projection, which is the memory the fused path exists to save.
+        if not isinstance(self.lora_dropout, nn.Identity):
+            return False
+        return kernels_enabled(x) if self.use_kernel is None else self.use_kernel
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.uses_kernel(x):  # imported here: the kernels module imports Triton (reads TRITON_INTERPRET)
+            from trainer.kernels.lora_fused import lora_linear
+
+            return lora_linear(x, self.base_layer, self.lora_A.weight, self.lora_B.weight, self.scaling)
         result = self.base_layer(x)
         delta = lora_delta(x, self.lora_A.weight, self.lora_B.weight, self.scaling, self.lora_dropout)
         return result + delta.to(result.dtype)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}"
+
+
+def mlp_uses_kernel(x: torch.Tensor, *projections: nn.Module | None) -> bool:
+    """Whether an MLP with these projections (gate, up, down; None for a missing one) should run as one
+    trainer.kernels.lora_fused.lora_mlp call on input x: every LoRALinear among them takes its fused path
+    and every other one is a frozen base linear (with none adapted, ops.kernels_enabled decides)."""
+    present = [m for m in projections if m is not None]
+    adapted = [m for m in present if isinstance(m, LoRALinear)]
+    if any(not _is_linear(m) or any(p.requires_grad for p in m.parameters())
+           for m in present if not isinstance(m, LoRALinear)):
+        return False
+    return all(m.uses_kernel(x) for m in adapted) if adapted else kernels_enabled(x)
 
 
 def _is_linear(module: nn.Module) -> bool:

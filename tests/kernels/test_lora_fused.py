@@ -1,0 +1,362 @@
+"""LoRA-fused projections and MLP (trainer/kernels/lora_fused.py) against float64 math and against the
+plain path they replace (LoRALinear's base(x) + lora_delta, the decoder's MLP composition).
+
+16-bit and NF4 bases (bitsandbytes dequantizes on CPU in this install), float32 and bf16 autocast,
+odd sizes. The bf16 checks are norm-wise: each output and gradient must be within a bf16 rounding or
+two of the float64 value computed from the same bf16-rounded operands, and no further from it than
+the plain path is (both round intermediates; the fused path rounds fewer of them).
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: CI runs the kernels on CPU
+
+from pathlib import Path  # noqa: E402
+
+import builders  # noqa: E402
+import pytest  # noqa: E402
+from kernel_checks import assert_close, device, relative_error  # noqa: E402
+from torch import nn  # noqa: E402
+
+from trainer.checkpointing import set_gradient_checkpointing  # noqa: E402
+from trainer.data import IGNORE_INDEX  # noqa: E402
+from trainer.kernels.lora_fused import (  # noqa: E402
+    clear_workspaces,
+    dense_weight,
+    gated_backward_in_place,
+    lora_linear,
+    lora_mlp,
+)
+from trainer.lora import LoRALinear, LoRASettings, apply_lora, lora_modules, mlp_uses_kernel  # noqa: E402
+from trainer.models import load_model, ops  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+
+BF16_BOUND = 2.0**-7  # norm-wise relative error allowed against float64 in bf16 (one rounding is 2**-9)
+
+# How the model's weights and the forward are set up: (weights dtype, autocast dtype or None)
+MODES = {"fp32": (torch.float32, None), "fp32+autocast": (torch.float32, torch.bfloat16),
+         "bf16+autocast": (torch.bfloat16, torch.bfloat16)}
+
+
+def nf4_linear(linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
+    import bitsandbytes as bnb
+
+    q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                          compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True)
+    q.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                 compress_statistics=True)
+    if linear.bias is not None:
+        q.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+    return q.to(linear.weight.device)
+
+
+def base_linear(n_in: int, n_out: int, kind: str, dtype: torch.dtype, bias: bool = False) -> nn.Module:
+    lin = nn.Linear(n_in, n_out, bias=bias, device=device())
+    with torch.no_grad():
+        lin.weight.normal_(0, n_in**-0.5)
+        if bias:
+            lin.bias.normal_(0, 0.1)
+    lin = lin.to(dtype).requires_grad_(False)
+    return lin if kind == "linear" else nf4_linear(lin, dtype)
+
+
+def adapted(base: nn.Module, r: int = 8, alpha: float = 12.0) -> LoRALinear:
+    """LoRALinear with B nonzero (a fresh B = 0 would hide every LoRA error in the output)."""
+    m = LoRALinear(base, r, alpha)
+    with torch.no_grad():
+        m.lora_B.weight.normal_(0, r**-0.5)
+    return m
+
+
+def weight64(base: nn.Module, rounded_to: torch.dtype | None) -> torch.Tensor:
+    """The base weight as the product sees it (dequantized by bitsandbytes, rounded to the compute dtype)."""
+    import bitsandbytes.functional as bnbf
+
+    w = base.weight
+    if getattr(w, "quant_state", None) is not None:
+        w = bnbf.dequantize_4bit(w, w.quant_state)
+    return (w if rounded_to is None else w.to(rounded_to)).double()
+
+
+def _r(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """t rounded to dtype (as autocast rounds an operand), then float64 with grad."""
+    t = t.detach()
+    return (t if dtype is None else t.to(dtype)).double().requires_grad_()
+
+
+def linear64(x: torch.Tensor, m: LoRALinear, rounded_to: torch.dtype | None) -> torch.Tensor:
+    """base(x) + s x A^T B^T in float64 from the operands rounded as the products see them."""
+    b = m.base_layer.bias
+    y = x @ weight64(m.base_layer, rounded_to).t() + (0 if b is None else _r(b, rounded_to).detach())
+    return y + (x @ m.A64.t()) @ m.B64.t() * m.scaling
+
+
+def check(actual: list[torch.Tensor], plain: list[torch.Tensor], ref: list[torch.Tensor], names: list[str],
+          autocast: torch.dtype | None) -> None:
+    for a, p, e, name in zip(actual, plain, ref, names):
+        assert a.dtype == p.dtype, (name, a.dtype, p.dtype)
+        if autocast is None:
+            assert_close(a, e, torch.float32, name, rtol=1e-4)  # float32 sums of up to 160 terms
+            continue
+        err, plain_err = relative_error(a, e), relative_error(p, e)
+        assert err <= BF16_BOUND, (name, err)
+        assert err <= 1.25 * plain_err + 1e-4, (name, err, plain_err)
+
+
+def run(fn, inputs: list[torch.Tensor], dy: torch.Tensor, autocast: torch.dtype | None) -> list[torch.Tensor]:
+    with torch.autocast(device().type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        y = fn()
+    return [y.detach(), *torch.autograd.grad(y, inputs, dy.to(y.dtype))]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", ["linear", "nf4"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("lead", [(37,), (2, 7)], ids=["37", "2x7"])
+def test_lora_linear_matches_float64_and_the_plain_path(lead, bias, kind, mode):
+    torch.manual_seed(hash((lead, bias, kind, mode)) % 2**31)
+    dtype, autocast = MODES[mode]
+    m = adapted(base_linear(96, 160, kind, dtype, bias))
+    x = torch.randn(*lead, 96, device=device()).to(dtype).requires_grad_()
+    dy = torch.randn(*lead, 160, device=device())
+    params = [x, m.lora_A.weight, m.lora_B.weight]
+
+    plain = run(lambda: m(x), params, dy, autocast)
+    assert not m.uses_kernel(x)  # CPU and use_kernel unset: LoRALinear kept the plain path above
+    fused = run(lambda: lora_linear(x, m.base_layer, m.lora_A.weight, m.lora_B.weight, m.scaling), params, dy,
+                autocast)
+
+    x64 = _r(x, autocast)
+    m.A64, m.B64 = _r(m.lora_A.weight, autocast), _r(m.lora_B.weight, autocast)
+    y64 = linear64(x64, m, autocast)
+    ref = [y64.detach(), *torch.autograd.grad(y64, [x64, m.A64, m.B64], dy.double())]
+    check(fused, plain, ref, ["y", "dx", "dA", "dB"], autocast)
+
+
+def test_lora_linear_on_a_bf16_base_without_autocast_keeps_the_lora_product_in_float32():
+    torch.manual_seed(3)
+    m = adapted(base_linear(96, 160, "linear", torch.bfloat16))
+    x = torch.randn(37, 96, device=device(), dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(37, 160, device=device())
+    params = [x, m.lora_A.weight, m.lora_B.weight]
+    plain = run(lambda: m(x), params, dy, None)
+    fused = run(lambda: lora_linear(x, m.base_layer, m.lora_A.weight, m.lora_B.weight, m.scaling), params, dy, None)
+    assert [t.dtype for t in fused] == [torch.bfloat16, torch.bfloat16, torch.float32, torch.float32]
+    # dA, dB: float32 products of bf16-exact operands (x, dy rounded), as in the plain path
+    for name, a, p in zip(["y", "dx", "dA", "dB"], fused, plain):
+        assert a.dtype == p.dtype
+        assert relative_error(a, p) <= (2.0**-8 if a.dtype == torch.bfloat16 else 1e-6), name
+
+
+def test_lora_linear_saves_neither_the_dense_weight_nor_the_output():
+    torch.manual_seed(4)
+    m = adapted(base_linear(96, 160, "nf4", torch.float32))
+    x = torch.randn(37, 96, device=device(), requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        lora_linear(x, m.base_layer, m.lora_A.weight, m.lora_B.weight, m.scaling)
+    shapes = sorted(tuple(t.shape) for t in saved)
+    assert shapes == sorted([(37, 96), (8, 96), (160, 8), (37, 8)]), shapes  # x, A, B, x A^T
+
+
+def test_dense_weights_of_all_nf4_layers_share_one_workspace():
+    clear_workspaces()
+    small = base_linear(96, 64, "nf4", torch.float32)
+    large = base_linear(96, 160, "nf4", torch.float32)
+    w_large = dense_weight(large, torch.float32)
+    ptr = w_large.data_ptr()
+    w_small = dense_weight(small, torch.float32)
+    assert w_small.data_ptr() == ptr
+    w_large = dense_weight(large, torch.float32)
+    assert w_large.data_ptr() == ptr
+    import bitsandbytes.functional as bnbf
+
+    torch.testing.assert_close(w_large, bnbf.dequantize_4bit(large.weight, large.weight.quant_state), rtol=0, atol=0)
+
+
+def test_lora_linear_routes_to_the_fused_function_only_without_dropout():
+    x = torch.randn(3, 96, device=device())
+    m = adapted(base_linear(96, 64, "linear", torch.float32))
+    m.use_kernel = True
+    assert m.uses_kernel(x) and type(m(x).grad_fn).__name__ == "LoRALinearFunctionBackward"
+    m.use_kernel = None
+    assert m.uses_kernel(x) == ops.kernels_enabled(x)
+    dropped = LoRALinear(base_linear(96, 64, "linear", torch.float32), 8, 16, dropout=0.1)
+    dropped.use_kernel = True
+    assert not dropped.uses_kernel(x)
+
+
+def mlp_modules(kind: str, dtype: torch.dtype, fused_gate_up: bool, adapt_up: bool, hidden: int = 96,
+                inter: int = 160) -> tuple[nn.Module, nn.Module | None, nn.Module]:
+    if fused_gate_up:
+        return adapted(base_linear(hidden, 2 * inter, kind, dtype)), None, adapted(base_linear(inter, hidden, kind,
+                                                                                                dtype))
+    up = base_linear(hidden, inter, kind, dtype)
+    return (adapted(base_linear(hidden, inter, kind, dtype)), adapted(up) if adapt_up else up,
+            adapted(base_linear(inter, hidden, kind, dtype)))
+
+
+def plain_mlp(x, gate, up, down, activation):
+    g, u = gate(x).chunk(2, dim=-1) if up is None else (gate(x), up(x))
+    return down(ops.gated_activation(g, u, activation))
+
+
+def mlp64(x64, gate, up, down, activation, autocast):
+    def proj(t, m):
+        if not isinstance(m, LoRALinear):
+            return t @ weight64(m, autocast).t()
+        return linear64(t, m, autocast)
+
+    g, u = proj(x64, gate).chunk(2, dim=-1) if up is None else (proj(x64, gate), proj(x64, up))
+    return proj(ops.gated_activation(g, u, activation), down)
+
+
+MLP_BASES = {  # (base kind, Phi-3 fused gate_up, up adapted)
+    "linear": ("linear", False, True), "nf4": ("nf4", False, True),
+    "up-not-adapted": ("linear", False, False), "phi3-gate-up": ("linear", True, True),
+}
+MLP_CASES = [  # (activation, base, mode, recompute): every base and mode with SwiGLU, each activation once
+    *[("silu", base, "fp32", True) for base in MLP_BASES],
+    ("silu", "linear", "fp32+autocast", True), ("silu", "linear", "bf16+autocast", True),
+    ("silu", "nf4", "bf16+autocast", True), ("silu", "phi3-gate-up", "bf16+autocast", True),
+    ("silu", "linear", "fp32", False), ("silu", "nf4", "bf16+autocast", False),
+    ("gelu_tanh", "linear", "fp32", True), ("gelu_tanh", "linear", "bf16+autocast", True),
+    ("gelu", "linear", "fp32", True),
+]
+
+
+@pytest.mark.parametrize("activation,case,mode,recompute", MLP_CASES, ids=lambda v: str(v).lower())
+def test_lora_mlp_matches_float64_and_the_plain_path(activation, case, mode, recompute):
+    torch.manual_seed(hash((activation, case, mode, recompute)) % 2**31)
+    kind, fused_gate_up, adapt_up = MLP_BASES[case]
+    dtype, autocast = MODES[mode]
+    gate, up, down = mlp_modules(kind, dtype, fused_gate_up, adapt_up)
+    x = torch.randn(37, 96, device=device()).to(dtype).requires_grad_()
+    dy = torch.randn(37, 96, device=device())
+    loras = [m for m in (gate, up, down) if isinstance(m, LoRALinear)]
+    params = [x] + [p for m in loras for p in (m.lora_A.weight, m.lora_B.weight)]
+
+    plain = run(lambda: plain_mlp(x, gate, up, down, activation), params, dy, autocast)
+    fused = run(lambda: lora_mlp(x, gate, up, down, activation, recompute=recompute), params, dy, autocast)
+
+    x64 = _r(x, autocast)
+    for m in loras:
+        m.A64, m.B64 = _r(m.lora_A.weight, autocast), _r(m.lora_B.weight, autocast)
+    y64 = mlp64(x64, gate, up, down, activation, autocast)
+    ref = [y64.detach(), *torch.autograd.grad(y64, [x64] + [t for m in loras for t in (m.A64, m.B64)], dy.double())]
+    names = ["y", "dx"] + [f"{n}.{ab}" for m, n in zip(loras, ["first", "second", "third"]) for ab in "AB"]
+    check(fused, plain, ref, names, autocast)
+
+
+def test_lora_mlp_keeps_no_intermediate_activation_for_backward():
+    torch.manual_seed(6)
+    gate, up, down = mlp_modules("nf4", torch.float32, False, True, inter=160)
+    x = torch.randn(37, 96, device=device(), requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        lora_mlp(x, gate, up, down, "silu")
+    # x, then per projection A, B and its input times A^T ([37 x 8]); no [37 x 160] gate, up or h
+    expected = [(37, 96)] + [(8, 96), (160, 8), (37, 8)] * 2 + [(8, 160), (96, 8), (37, 8)]
+    assert sorted(tuple(t.shape) for t in saved) == sorted(expected)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh", "gelu"])
+@pytest.mark.parametrize("halves", [False, True], ids=["separate", "halves"])
+def test_gated_backward_in_place_matches_float64(halves, activation):
+    torch.manual_seed(7)
+    dev = device()
+    if halves:  # Phi-3: gate and up are the halves of one projection output
+        gate, up = (torch.randn(37, 2 * 130, device=dev) * 3).to(torch.bfloat16).chunk(2, dim=-1)
+    else:
+        gate = (torch.randn(37, 130, device=dev) * 3).to(torch.bfloat16)
+        up = torch.randn(37, 130, device=dev).to(torch.bfloat16)
+    dh = torch.randn(37, 130, device=dev).to(torch.bfloat16)
+    g64, u64 = gate.double().requires_grad_(), up.double().requires_grad_()
+    h64 = ops.gated_activation(g64, u64, activation)
+    dg64, du64 = torch.autograd.grad(h64, (g64, u64), dh.double())
+    gated_backward_in_place(gate, up, dh, activation)
+    assert_close(gate, dg64, torch.bfloat16, "dgate")
+    assert_close(up, du64, torch.bfloat16, "dup")
+    assert_close(dh, h64, torch.bfloat16, "h")
+
+
+# --- through the decoder, with gradient checkpointing --------------------------------------------------
+
+
+class FusedMLP(nn.Module):
+    """The decoder's MLP running as one lora_mlp call; same children, so the same parameter names."""
+
+    def __init__(self, mlp: nn.Module):
+        super().__init__()
+        self.activation, self.fused = mlp.activation, mlp.fused
+        for name, child in mlp.named_children():
+            self.add_module(name, child)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = (self.gate_up_proj, None) if self.fused else (self.gate_proj, self.up_proj)
+        assert mlp_uses_kernel(x, gate, up, self.down_proj)
+        return lora_mlp(x, gate, up, self.down_proj, self.activation)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    out = {}
+    for family in ("llama", "phi3", "gemma"):
+        out[family] = tmp_path_factory.mktemp(family) / "model"
+        builders.save_tiny_model(out[family], family, 128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return out
+
+
+def decoder_loss_and_grads(path: Path, *, fused: bool, checkpointing: str, load_in_4bit: bool = False,
+                           autocast: torch.dtype | None = None):
+    model = load_model(path, dtype=torch.float32, device=device(), load_in_4bit=load_in_4bit)
+    torch.manual_seed(0)
+    apply_lora(model, LoRASettings(r=4, alpha=8))
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.weight.normal_(0, 0.05)
+            m.use_kernel = fused
+    if fused:
+        for layer in model.model.layers:
+            layer.mlp = FusedMLP(layer.mlp)
+    set_gradient_checkpointing(model, checkpointing)
+    model.train()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 128, (2, 17), generator=g).to(device())
+    labels = ids.clone()
+    labels[:, :5] = IGNORE_INDEX
+    with torch.autocast(device().type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        out = model(ids, labels=labels)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("family,load_in_4bit,autocast,checkpointing", [
+    ("llama", False, None, "on"), ("llama", False, None, "offload"), ("llama", True, None, "on"),
+    ("llama", False, torch.bfloat16, "on"), ("phi3", False, None, "offload"), ("gemma", False, None, "on")],
+    ids=["llama-on", "llama-offload", "llama-nf4-on", "llama-bf16-on", "phi3-offload", "gemma-on"])
+def test_decoder_lora_gradients_with_fused_kernels_equal_the_plain_path(tiny_models, family, load_in_4bit,
+                                                                        autocast, checkpointing):
+    """Every projection fused (attention through lora_linear, MLP through lora_mlp) and the layers
+    recomputed in backward, against the plain path without checkpointing."""
+    path = tiny_models[family]
+    ref_loss, ref_grads = decoder_loss_and_grads(path, fused=False, checkpointing="off",
+                                                 load_in_4bit=load_in_4bit, autocast=autocast)
+    assert len(ref_grads) == 2 * 2 * (4 if family == "phi3" else 7)  # layers x (A, B) x adapted linears
+    loss, grads = decoder_loss_and_grads(path, fused=True, checkpointing=checkpointing,
+                                         load_in_4bit=load_in_4bit, autocast=autocast)
+    assert grads.keys() == ref_grads.keys()
+    if autocast is None:
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+        for name in grads:
+            torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+        return
+    # bf16: the two paths round different intermediates; compare each gradient as a whole
+    torch.testing.assert_close(loss, ref_loss, rtol=2.0**-7, atol=0)
+    for name in grads:
+        assert relative_error(grads[name], ref_grads[name]) < 2.0**-6, (name, relative_error(grads[name],
+                                                                                             ref_grads[name]))

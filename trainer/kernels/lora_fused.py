@@ -1,0 +1,359 @@
+"""LoRA-fused projections with hand-written backward passes: one projection, and the gated MLP.
+
+One projection, y = x W^T + b + s (x A^T) B^T, over a frozen 16-bit nn.Linear or a bitsandbytes NF4
+Linear4bit (W then lives in 4 bits and is dequantized when needed):
+
+    forward    W = dequantize(W4) into a workspace; y = x W^T + b; y += s (x A^T) B^T  (addmm, in place)
+    backward   W = dequantize(W4) again;  dX = dY W + s (dY B) A;  dA = s (dY B)^T x;  dB = s dY^T (x A^T)
+
+Saved for backward: x, A, B and xa = x A^T. Not W: the dequantized matrix goes into one workspace per
+(device, dtype), sized for the largest matrix and shared by every layer (the layers run one after
+another on one stream, so a matrix is dead before the next layer dequantizes into the same memory);
+the plain bitsandbytes path allocates and frees a fresh one per call. xa is [tokens x r] (256 KB per
+projection at 4096 tokens and r=32 in bf16); recomputing it would re-read x ([tokens x in], 32 MB at
+hidden 4096), so it is saved. x itself is the caller's tensor (q, k and v save the same one), where
+the plain path saves a separate low-precision copy of x per LoRA branch. All products are cuBLAS
+matmuls; the LoRA terms are folded into the base output (and into dX) with addmm.
+
+The gated MLP, down(act(gate(x)) * up(x)) with each projection as above, is one Function whose
+forward keeps only x, the LoRA factors and the three small xa's. The backward recomputes gate(x) and
+up(x) (two matmuls) instead of saving them, and its Triton kernel overwrites gate with dgate, up with
+dup and dh with h in place. At 2 x 2048 tokens, Llama-3-8B shape (intermediate 14336, bf16), one
+[tokens x intermediate] tensor is 117 MB; the plain path keeps gate, up, act(gate) * up and the
+LoRA branches' bf16 copies of x and h, about 450 MB per layer until that layer's backward (14 GB
+over 32 layers without gradient checkpointing); this Function keeps the 32 MB input, which the
+residual stream holds anyway. With gradient checkpointing on, the layer is recomputed anyway and
+`recompute=False` trades 234 MB of one layer's backward for the two matmuls.
+
+dtypes follow the plain path (trainer.lora.LoRALinear over nn.Linear or Linear4bit) exactly: under
+torch.autocast every product runs in the autocast dtype (the float32 LoRA weights are cast to it, as
+autocast casts them for the plain matmuls) and A, B get float32 gradients; without autocast the
+base product runs in the base dtype and the LoRA product in float32. An nn.Linear base returns the
+product's dtype; a Linear4bit returns its input's dtype, as bitsandbytes does.
+
+LoRA dropout is not handled here: with dropout the LoRA branch sees dropout(x), so dA needs the mask
+or the dropped x (another [tokens x in] tensor per projection, the memory this saves); LoRALinear
+keeps the plain path when dropout > 0.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import nn
+
+from trainer.kernels.gated_act import ACTIVATIONS, _act_and_grad, _grid, gated_activation
+
+# Triton reads TRITON_INTERPRET when the kernels below are decorated: the in-place kernel runs on CPU
+# tensors only if that was set then.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+_WORKSPACES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _workspace(shape: torch.Size | tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A [shape] view of the shared (device, dtype) buffer, grown to the largest request seen."""
+    numel = math.prod(shape)
+    key = (device, dtype)
+    buf = _WORKSPACES.get(key)
+    if buf is None or buf.numel() < numel:
+        _WORKSPACES.pop(key, None)  # drop the smaller buffer first so its memory can be reused
+        buf = _WORKSPACES[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel].view(shape)
+
+
+def clear_workspaces() -> None:
+    """Free the dequantization buffers (they are re-created on the next call)."""
+    _WORKSPACES.clear()
+
+
+def dense_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """base's weight [out, in] in `dtype`: the parameter itself when it already is, else a workspace view
+    that stays valid only until the next dense_weight call on that device and dtype."""
+    w = base.weight
+    qs = getattr(w, "quant_state", None)
+    if qs is None:
+        return w if w.dtype == dtype else _workspace(w.shape, dtype, w.device).copy_(w)
+    absmax = qs.absmax
+    if qs.nested:
+        import bitsandbytes.functional as bnbf
+
+        absmax = bnbf.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
+    out = _workspace(qs.shape, dtype, w.device)
+    args = (w, absmax.float(), qs.blocksize, qs.quant_type, list(qs.shape), dtype)
+    if w.is_cuda:
+        torch.ops.bitsandbytes.dequantize_4bit.out(*args, out=out)
+    else:  # bitsandbytes has no CPU kernel writing into a given tensor
+        out.copy_(torch.ops.bitsandbytes.dequantize_4bit.default(*args))
+    return out
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """dtypes of one projection: base product, LoRA products, output; and the input's."""
+
+    base: torch.dtype
+    lora: torch.dtype
+    out: torch.dtype
+    x: torch.dtype
+
+
+def _plan(x_dtype: torch.dtype, device_type: str, base: nn.Module, lora_A: torch.Tensor | None) -> _Plan:
+    """The dtypes the plain path would use for this projection under the caller's autocast state."""
+    cast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    lora = cast or (lora_A.dtype if lora_A is not None else x_dtype)
+    if getattr(base.weight, "quant_state", None) is not None:
+        # Linear4bit casts x to its compute dtype, multiplies (autocast applies inside), and returns
+        # the result in x's dtype.
+        compute = getattr(base, "compute_dtype", None) or x_dtype
+        return _Plan(cast or compute, lora, x_dtype, x_dtype)
+    if cast is None:
+        assert x_dtype == base.weight.dtype, (x_dtype, base.weight.dtype)
+    dtype = cast or base.weight.dtype
+    return _Plan(dtype, lora, dtype, x_dtype)
+
+
+def _add_product(target: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+    """target += scale * a @ b in place; one rounding when the dtypes agree."""
+    if target.dtype == a.dtype:
+        target.addmm_(a, b, alpha=scale)
+    else:  # no autocast, 16-bit base, float32 LoRA: the product stays float32 until the add
+        target.add_(torch.mm(a, b), alpha=scale)
+
+
+def _project(x2: torch.Tensor, base: nn.Module, A: torch.Tensor | None, B: torch.Tensor | None, scale: float,
+             plan: _Plan) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(x2 W^T + b + s x2 A^T B^T in plan.out, x2 A^T in plan.lora or None without LoRA) for x2 [N, in]."""
+    bias = None if base.bias is None else base.bias.to(plan.base)
+    y = F.linear(x2.to(plan.base), dense_weight(base, plan.base), bias).to(plan.out)
+    if A is None:
+        return y, None
+    xa = torch.mm(x2.to(plan.lora), A.to(plan.lora).t())
+    _add_product(y, xa, B.to(plan.lora).t(), scale)
+    return y, xa
+
+
+def _input_grad(dy2: torch.Tensor, base: nn.Module, A: torch.Tensor | None, dyB: torch.Tensor | None,
+                scale: float, plan: _Plan, out: torch.Tensor | None = None) -> torch.Tensor:
+    """dY W + s (dY B) A in plan.x (added to `out` when given); dyB = dY B from _lora_dy."""
+    w = dense_weight(base, plan.base)
+    dy_base = dy2.to(plan.base)
+    if out is not None and out.dtype == plan.base:
+        out.addmm_(dy_base, w)
+        dx = out
+    else:
+        dx = torch.mm(dy_base, w).to(plan.x)
+        if out is not None:
+            dx = out.add_(dx)
+    if A is not None:
+        _add_product(dx, dyB, A.to(plan.lora), scale)
+    return dx
+
+
+def _lora_dy(dy2: torch.Tensor, B: torch.Tensor | None, plan: _Plan) -> torch.Tensor | None:
+    """dY B [N, r] in the LoRA dtype (unscaled)."""
+    return None if B is None else torch.mm(dy2.to(plan.lora), B.to(plan.lora))
+
+
+def _grad_A(dyB: torch.Tensor, x2: torch.Tensor, A: torch.Tensor, scale: float, plan: _Plan) -> torch.Tensor:
+    """s (dY B)^T x, in A's dtype (scaled after the product: one rounding in the LoRA dtype)."""
+    return torch.mm(dyB.t(), x2.to(plan.lora)).to(A.dtype).mul_(scale)
+
+
+def _grad_B(dy2: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, scale: float, plan: _Plan) -> torch.Tensor:
+    """s dY^T (x A^T), in B's dtype."""
+    return torch.mm(dy2.to(plan.lora).t(), xa).to(B.dtype).mul_(scale)
+
+
+def _no_autocast(device_type: str) -> torch.autocast:
+    # Every dtype is chosen explicitly (see _plan); autocast inside would re-cast the products.
+    return torch.autocast(device_type, enabled=False)
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """y = base(x) + s x A^T B^T with the backward written out; see lora_linear."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, base: nn.Module, scale: float,
+                plan: _Plan) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        with _no_autocast(x.device.type):
+            y, xa = _project(x2, base, lora_A, lora_B, scale, plan)
+        ctx.save_for_backward(x, lora_A, lora_B, xa)
+        ctx.base, ctx.scale, ctx.plan = base, scale, plan
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, A, B, xa = ctx.saved_tensors
+        base, scale, plan = ctx.base, ctx.scale, ctx.plan
+        need_x, need_A, need_B = ctx.needs_input_grad[:3]
+        x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+        dx = dA = dB = None
+        with _no_autocast(x.device.type):
+            dyB = _lora_dy(dy2, B, plan) if need_x or need_A else None
+            if need_x:
+                dx = _input_grad(dy2, base, A, dyB, scale, plan).view(x.shape)
+            if need_A:
+                dA = _grad_A(dyB, x2, A, scale, plan)
+            if need_B:
+                dB = _grad_B(dy2, xa, B, scale, plan)
+        return dx, dA, dB, None, None, None
+
+
+def lora_linear(x: torch.Tensor, base: nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                scaling: float) -> torch.Tensor:
+    """base(x) + scaling * x A^T B^T for a frozen nn.Linear or NF4 Linear4bit base (no dropout).
+
+    Same values (up to rounding order) and dtypes as trainer.lora.LoRALinear's plain path, with or
+    without autocast; the dequantized base weight is never kept between calls.
+    """
+    assert not any(p.requires_grad for p in base.parameters()), "the base layer must be frozen"
+    return LoRALinearFunction.apply(x, lora_A, lora_B, base, scaling, _plan(x.dtype, x.device.type, base, lora_A))
+
+
+@triton.jit
+def _gated_bwd_in_place(gate_ptr, up_ptr, dh_ptr, gate_row_stride, up_row_stride, dh_row_stride, n_rows, n_cols,
+                        ACT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """gate <- dh * up * act'(gate), up <- dh * act(gate), dh <- act(gate) * up (the forward's h)."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)[:, None]
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)[None, :]
+    mask = (rows < n_rows) & (cols < n_cols)
+    g_ptrs = gate_ptr + rows * gate_row_stride + cols
+    u_ptrs = up_ptr + rows * up_row_stride + cols
+    d_ptrs = dh_ptr + rows * dh_row_stride + cols
+    g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptrs, mask=mask, other=0.0).to(tl.float32)
+    d = tl.load(d_ptrs, mask=mask, other=0.0).to(tl.float32)
+    a, da = _act_and_grad(g, ACT)
+    tl.store(g_ptrs, (d * u * da).to(gate_ptr.dtype.element_ty), mask=mask)
+    tl.store(u_ptrs, (d * a).to(up_ptr.dtype.element_ty), mask=mask)
+    tl.store(d_ptrs, (a * u).to(dh_ptr.dtype.element_ty), mask=mask)
+
+
+def gated_backward_in_place(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor, activation: str) -> None:
+    """For h = act(gate) * up: overwrite gate with dL/dgate, up with dL/dup and dh (= dL/dh) with h.
+
+    All three are [..., n] with unit column stride (gate and up may be the two halves of one fused
+    projection output); no memory is allocated, which is the point: the MLP backward holds three
+    [tokens x intermediate] tensors at its peak instead of six.
+    """
+    assert gate.shape == up.shape == dh.shape, (gate.shape, up.shape, dh.shape)
+    assert gate.is_cuda or _INTERPRET, "the Triton kernel needs a GPU (or TRITON_INTERPRET=1 at import)"
+    n_cols = gate.shape[-1]
+    g2, u2, d2 = (t.view(-1, n_cols) for t in (gate, up, dh))  # view, never a copy: the writes must land
+    assert g2.stride(1) == u2.stride(1) == d2.stride(1) == 1
+    n_rows = g2.shape[0]
+    if n_rows and n_cols:
+        grid, rows, block = _grid(n_rows, n_cols)
+        _gated_bwd_in_place[grid](g2, u2, d2, g2.stride(0), u2.stride(0), d2.stride(0), n_rows, n_cols,
+                                  ACT=ACTIVATIONS[activation], ROWS=rows, BLOCK=block, num_warps=8)
+
+
+Projection = tuple[nn.Module, torch.Tensor | None, torch.Tensor | None, float]  # base, A, B, scaling
+
+
+def _projection(module: nn.Module) -> Projection:
+    from trainer.lora import LoRALinear
+
+    if isinstance(module, LoRALinear):
+        assert isinstance(module.lora_dropout, nn.Identity), "LoRA dropout: use the plain path"
+        return module.base_layer, module.lora_A.weight, module.lora_B.weight, module.scaling
+    return module, None, None, 0.0
+
+
+class LoRAMLPFunction(torch.autograd.Function):
+    """down(act(gate(x)) * up(x)), each projection optionally LoRA-adapted; see lora_mlp.
+
+    `bases`, `scales` and `plans` list the input projections (gate and up, or Phi-3's fused gate_up),
+    then down; `factors` holds each one's A and B (None, None for a projection without LoRA).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, activation: str, recompute: bool, bases: tuple[nn.Module, ...],
+                scales: tuple[float, ...], plans: tuple[_Plan, ...], *factors: torch.Tensor | None) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        n_in = len(bases) - 1
+        with _no_autocast(x.device.type):
+            outs, xas = [], []
+            for i in range(n_in):
+                y, xa = _project(x2, bases[i], factors[2 * i], factors[2 * i + 1], scales[i], plans[i])
+                outs.append(y)
+                xas.append(xa)
+            gate, up = outs if n_in == 2 else outs[0].chunk(2, dim=-1)
+            h = gated_activation(gate, up, activation)
+            if recompute:
+                del outs, gate, up  # free them before the down product
+            y, ha = _project(h, bases[-1], factors[-2], factors[-1], scales[-1], plans[-1])
+        ctx.save_for_backward(x, ha, *factors, *xas, *([] if recompute else outs))
+        ctx.activation, ctx.bases, ctx.scales, ctx.plans, ctx.recompute = activation, bases, scales, plans, recompute
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        bases, scales, plans = ctx.bases, ctx.scales, ctx.plans
+        n_in, n_factors = len(bases) - 1, 2 * len(bases)
+        x, ha, *rest = ctx.saved_tensors
+        factors, xas, kept = rest[:n_factors], rest[n_factors:n_factors + n_in], rest[n_factors + n_in:]
+        x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+        need_x, need_factor = ctx.needs_input_grad[0], ctx.needs_input_grad[6:]
+        grads: list[torch.Tensor | None] = [None] * n_factors
+        dx = None
+        with _no_autocast(x.device.type):
+            # down first: dh needs only dY, and gate/up are recomputed after dY's products are done
+            A, B = factors[-2:]
+            dyB = _lora_dy(dy2, B, plans[-1])
+            if B is not None and need_factor[-1]:
+                grads[-1] = _grad_B(dy2, ha, B, scales[-1], plans[-1])
+            dh = _input_grad(dy2, bases[-1], A, dyB, scales[-1], plans[-1])
+            if ctx.recompute:
+                outs = [_project(x2, bases[i], factors[2 * i], factors[2 * i + 1], scales[i], plans[i])[0]
+                        for i in range(n_in)]
+            else:
+                outs = list(kept)
+            gate, up = outs if n_in == 2 else outs[0].chunk(2, dim=-1)
+            gated_backward_in_place(gate, up, dh, ctx.activation)  # gate, up, dh now hold dgate, dup, h
+            if A is not None and need_factor[-2]:
+                grads[-2] = _grad_A(dyB, dh, A, scales[-1], plans[-1])
+            del dh, gate, up
+            for i, dout in enumerate(outs):  # dgate and dup (or Phi-3's [dgate | dup])
+                A, B = factors[2 * i], factors[2 * i + 1]
+                dyB = _lora_dy(dout, B, plans[i])
+                if need_x:
+                    dx = _input_grad(dout, bases[i], A, dyB, scales[i], plans[i], out=dx)
+                if A is not None and need_factor[2 * i]:
+                    grads[2 * i] = _grad_A(dyB, x2, A, scales[i], plans[i])
+                if B is not None and need_factor[2 * i + 1]:
+                    grads[2 * i + 1] = _grad_B(dout, xas[i], B, scales[i], plans[i])
+        dx = None if dx is None else dx.view(x.shape)
+        return (dx, None, None, None, None, None, *grads)
+
+
+def lora_mlp(x: torch.Tensor, gate_proj: nn.Module, up_proj: nn.Module | None, down_proj: nn.Module,
+             activation: str, *, recompute: bool = True) -> torch.Tensor:
+    """down_proj(act(gate_proj(x)) * up_proj(x)) as one Function (SwiGLU: silu; GeGLU: gelu_tanh, gelu).
+
+    Each projection is a LoRALinear without dropout or a frozen base linear (nn.Linear or Linear4bit);
+    up_proj None means gate_proj is Phi-3's fused gate_up_proj ([gate | up] along the last dim). With
+    `recompute` the backward recomputes gate(x) and up(x) instead of keeping them from the forward.
+    Needs CUDA (or TRITON_INTERPRET=1) for the in-place activation backward.
+    """
+    assert activation in ACTIVATIONS, activation
+    assert x.is_cuda or _INTERPRET, "the Triton kernels need a GPU (or TRITON_INTERPRET=1 at import)"
+    modules = (gate_proj, down_proj) if up_proj is None else (gate_proj, up_proj, down_proj)
+    projections = [_projection(m) for m in modules]
+    for base, *_ in projections:
+        assert not any(p.requires_grad for p in base.parameters()), "base layers must be frozen"
+    device_type = x.device.type
+    plans = [_plan(x.dtype, device_type, base, A) for base, A, _, _ in projections[:-1]]
+    h_dtype = plans[0].out if up_proj is None else torch.promote_types(plans[0].out, plans[1].out)
+    plans.append(_plan(h_dtype, device_type, projections[-1][0], projections[-1][1]))
+    return LoRAMLPFunction.apply(x, activation, recompute, tuple(p[0] for p in projections),
+                                 tuple(p[3] for p in projections), tuple(plans),
+                                 *(t for p in projections for t in p[1:3]))
