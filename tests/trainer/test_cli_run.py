@@ -17,16 +17,7 @@ import cli
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def llama2(tmp_path_factory) -> Path:
-    # initializer_range 0.2: with the default 0.02 a random tiny model's logits are too small for its loss
-    # to move far from ln(32000) whatever LoRA learns (the final RMSNorm caps the hidden state's norm)
-    return tiny_runs.llama2_checkpoint(tmp_path_factory.mktemp("l2") / "model", initializer_range=0.2)
-
-
-@pytest.fixture(scope="module")
-def chat_data(tmp_path_factory) -> Path:
-    return tiny_runs.write_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", tiny_runs.chat_rows(64))
+CHAT_ROWS = 64  # chat_data (conftest.py)
 
 
 @pytest.mark.slow

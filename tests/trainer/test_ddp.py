@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import tiny_runs
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
@@ -20,15 +19,9 @@ from trainer.distributed import shard_step
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def llama2(tmp_path_factory) -> Path:
-    return tiny_runs.llama2_checkpoint(tmp_path_factory.mktemp("l2") / "model", initializer_range=0.2)
-
-
-@pytest.fixture(scope="module")
-def chat_data(tmp_path_factory) -> Path:
-    # 25 rows, 6 per step: the last step holds one sequence, so the second rank has nothing to learn from
-    return tiny_runs.write_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", tiny_runs.chat_rows(25))
+# chat_data (conftest.py): 25 rows, 6 per step: the last step holds one sequence, so the second rank has
+# nothing to learn from
+CHAT_ROWS = 25
 
 
 def run_args(model: Path, data: Path, out: Path, mode: str) -> list[str]:

@@ -24,14 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 STEPS = 24
 
 
-@pytest.fixture(scope="module")
-def llama2(tmp_path_factory) -> Path:
-    return tiny_runs.llama2_checkpoint(tmp_path_factory.mktemp("l2") / "model", initializer_range=0.2)
-
-
-@pytest.fixture(scope="module")
-def chat_data(tmp_path_factory) -> Path:
-    return tiny_runs.write_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", tiny_runs.chat_rows(24))
+CHAT_ROWS = 24  # chat_data (conftest.py)
 
 
 def run_args(model: Path, data: Path, out: Path) -> list[str]:
