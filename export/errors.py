@@ -13,3 +13,7 @@ class AdapterMismatchError(ExportError):
 
 class UnsupportedError(ExportError):
     """Something export does not handle: an architecture, a quant type, an adapter feature."""
+
+
+class TokenizationWarning(UserWarning):
+    """The GGUF will tokenize some text differently in llama.cpp than the model's tokenizer did in training."""

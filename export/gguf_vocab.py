@@ -13,6 +13,7 @@ not from config files, so the GGUF tokenizes the way the model was trained.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 import gguf
 
 from export.bpe_pre_tokenizers import CHECK_TEXT, PRE_TOKENIZERS
-from export.errors import UnsupportedError
+from export.errors import TokenizationWarning, UnsupportedError
 from healer.checkpoint import Checkpoint, read_json
 from healer.errors import CheckpointError
 
@@ -135,6 +136,33 @@ def _sentencepiece_vocab(directory: Path, vocab_size: int) -> Vocab:
                  add_space_prefix=proto.normalizer_spec.add_dummy_prefix)
 
 
+def _warn_on_text_after_specials(tok, directory: Path) -> None:
+    """Warn when the tokenizer does not prefix text after a special token the way llama.cpp will.
+
+    llama.cpp prefixes "▁" to every piece of text that follows a special token in a sentencepiece
+    vocabulary (there is no GGUF flag to limit it to the start of the text), so it encodes
+    `s + "user"` as [s] + encode("user"). transformers' non-legacy tokenizers prefix only the start.
+    """
+    plain = tok.encode("user", add_special_tokens=False)
+    for content, tid in _special_probes(tok):
+        train = tok.encode(content + "user", add_special_tokens=False)
+        if train != [tid] + plain:
+            warnings.warn(
+                f"{directory}: llama.cpp will tokenize text after special tokens differently from training: "
+                f"{content + 'user'!r} is {train} with this tokenizer and {[tid] + plain} in llama.cpp, which "
+                "prefixes '▁' to text after every special token; for ChatML, `healer fix --chatml` on the base "
+                "model builds a tokenizer that follows llama.cpp's rule", TokenizationWarning, stacklevel=3)
+            return
+
+
+def _special_probes(tok, limit: int = 8) -> list[tuple[str, int]]:
+    """Special added tokens that match as a whole (no space stripping), end-of-turn ones first."""
+    found = [(t.content, i) for i, t in sorted(tok.added_tokens_decoder.items())
+             if t.special and not (t.lstrip or t.rstrip or t.single_word) and t.content != tok.bos_token]
+    found.sort(key=lambda ct: ct[0] not in EOT_TOKENS)
+    return found[:limit]
+
+
 def _merges(tokenizer_json: dict) -> list[str]:
     merges = tokenizer_json.get("model", {}).get("merges") or []
     if merges and isinstance(merges[0], list):
@@ -226,6 +254,8 @@ def build_vocab(directory: Path, config: dict) -> Vocab:
     tok = hf_tokenizer(directory)
     if (directory / "tokenizer.model").is_file():
         vocab = _sentencepiece_vocab(directory, vocab_size)
+        if vocab.add_space_prefix:
+            _warn_on_text_after_specials(tok, directory)
     else:
         tokenizer_json = _read(directory, "tokenizer.json")
         if tokenizer_json is None:

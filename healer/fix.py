@@ -196,10 +196,14 @@ Fix = Callable[[Draft, list[Finding], Options], None]
 # ----------------------------------------------------------------------------- the fixes
 
 
+FAST_CLASS = "PreTrainedTokenizerFast"
+
+
 def fix_fast_tokenizer(draft: Draft, findings: list[Finding], opts: Options) -> None:
     """Build tokenizer.json from tokenizer.model and keep it only if it agrees with sentencepiece."""
     ckpt = draft.ckpt
-    wanted = [f for f in findings if f.check in ("tokenizer.missing_fast", "tokenizer.fast_mismatch")]
+    wanted = [f for f in findings
+              if f.check in ("tokenizer.missing_fast", "tokenizer.fast_mismatch", "tokenizer.loader_mismatch")]
     sp_edited = "tokenizer.model" in draft.files
     if not ckpt.has_sentencepiece or not (wanted or sp_edited):
         return
@@ -209,8 +213,9 @@ def fix_fast_tokenizer(draft: Draft, findings: list[Finding], opts: Options) -> 
     tc = draft.tokenizer_config
     added = {int(i): t["content"] if isinstance(t, dict) else t
              for i, t in (tc.get("added_tokens_decoder") or {}).items()}
-    sp_size = len(draft.sp_proto().pieces)
-    added = {i: t for i, t in added.items() if i >= sp_size or t in CHATML_TOKENS}
+    pieces = draft.sp_proto().pieces
+    added = {i: t for i, t in added.items() if i >= len(pieces) or t in CHATML_TOKENS}
+    added.update({i: p.piece for i, p in enumerate(pieces) if p.piece in CHATML_TOKENS})
     # ChatML puts text right after its tokens: prefix it as llama.cpp will (see convert.py)
     result = convert_verified(
         draft.read("tokenizer.model"), list(builtin_corpus()) + list(opts.corpus), added,
@@ -234,6 +239,14 @@ def fix_fast_tokenizer(draft: Draft, findings: list[Finding], opts: Options) -> 
     if "add_bos_token" not in tc and wants_bos(ckpt, tc):
         tc["add_bos_token"] = True
         draft.write_json("tokenizer_config.json", tc)
+    if tc.get("tokenizer_class") != FAST_CLASS:
+        # transformers 5's LlamaTokenizer & co. swap tokenizer.json's normalizer and pre-tokenizer
+        # for their own (tokenizer.loader_mismatch); the generic class loads the file as written
+        before = tc.get("tokenizer_class")
+        tc["tokenizer_class"] = FAST_CLASS
+        draft.write_json("tokenizer_config.json", tc)
+        draft.change(check, "tokenizer_config.json", f"tokenizer_class = {FAST_CLASS}, so transformers loads the "
+                     "verified tokenizer.json as written", before, FAST_CLASS)
 
 
 def wants_bos(ckpt: Checkpoint, tc: dict[str, Any]) -> bool:

@@ -55,6 +55,39 @@ def check_fast_mismatch(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
     )]
 
 
+def check_loader_mismatch(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
+    """tokenizer.json agrees with sentencepiece, but what AutoTokenizer builds from the dir does not.
+
+    transformers 5's LlamaTokenizer (and its relatives) replace tokenizer.json's normalizer and
+    pre-tokenizer with their own Metaspace(prepend_scheme="first"), which drops a "▁" from text
+    starting with spaces: the verified file never reaches the user.
+    """
+    if not (ckpt.has_sentencepiece and ckpt.has_fast):
+        return []
+    from healer.tokenizers.compare import compare_encodings
+
+    strings = list(builtin_corpus()) + list(ctx.corpus)
+    if compare_encodings(ckpt.sentencepiece(), ckpt.fast_tokenizer(), strings).mismatches:
+        return []  # tokenizer.fast_mismatch reports it
+    hf = ckpt.hf_tokenizer()
+    sp = ckpt.sentencepiece()
+    got = hf(strings, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    differing = [(t, a, b) for t, a, b in zip(strings, sp.encode(strings), got) if a != b]
+    if not differing:
+        return []
+    text, want, have = differing[0]
+    cls = type(hf).__name__
+    return [Finding(
+        "tokenizer.loader_mismatch", "error",
+        f"tokenizer.json agrees with tokenizer.model, but transformers loads this dir as {cls}, which "
+        f"rebuilds the pipeline and encodes {len(differing)} of {len(strings)} strings differently, e.g. "
+        f"{text!r}: sentencepiece {want[:8]} vs transformers {have[:8]}.",
+        fix=fix_command(ckpt),
+        details={"tokenizer_class": cls, "differing": len(differing), "compared": len(strings),
+                 "first": [{"text": t, "sentencepiece": a, "transformers": b} for t, a, b in differing[:5]]},
+    )]
+
+
 def check_id_out_of_range(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
     rows = ckpt.embedding_rows
     if rows is None or not ckpt.has_tokenizer:
@@ -191,5 +224,5 @@ def check_pad(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
 
 
 CHECKS: list[Check] = [
-    check_missing_fast, check_fast_mismatch, check_id_out_of_range, check_dangling_added_token, check_bos, check_pad,
+    check_missing_fast, check_fast_mismatch, check_loader_mismatch, check_id_out_of_range, check_dangling_added_token, check_bos, check_pad,
 ]

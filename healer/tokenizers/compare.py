@@ -8,11 +8,21 @@ match special-token text as single ids and every string holding one would differ
 
 Decoding is compared as a round trip: sentencepiece's decode(encode(s)) against the fast
 tokenizer's decode(encode(s)) with skip_special_tokens=False.
+
+Text around special tokens (`compare_around_specials`) can be held to llama.cpp's rule: the text
+is cut at the special tokens and each piece between them is encoded by sentencepiece on its
+own, dummy prefix included. llama.cpp does this with a GGUF sentencepiece vocabulary (it
+prefixes a space to text after every special token), as do Meta's Llama 2 tokenizer.json (a
+`Prepend("▁")` normalizer runs on each piece) and mistral-common (it encodes each message
+apart). transformers 5 builds `Metaspace(prepend_scheme="first")` instead, which prefixes only
+the start of the whole text: a model trained on its "<|im_start|>user" ([im_start, "user"]) is
+served [im_start, "▁user"] by llama.cpp.
 """
 
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -88,6 +98,52 @@ def compare_encodings(sp: spm.SentencePieceProcessor, fast: Tokenizer, strings: 
     ]
     decode_mismatches = [DecodeMismatch(t, a, b) for t, a, b in zip(texts, sp_text, fast_text) if a != b]
     return Comparison(len(texts), mismatches, decode_mismatches)
+
+
+def encode_by_segments(sp: spm.SentencePieceProcessor, texts: Sequence[str], specials: dict[str, int]
+                       ) -> list[list[int]]:
+    """sentencepiece's ids for `texts` with `specials` (content -> id) cut out and each piece
+    between them encoded on its own (longest special first, leftmost match)."""
+    if not specials:
+        return sp.encode(list(texts))
+    pattern = re.compile("(" + "|".join(re.escape(s) for s in sorted(specials, key=lambda s: (-len(s), s))) + ")")
+    out = []
+    for text in texts:
+        ids: list[int] = []
+        for part in pattern.split(text):
+            if part in specials:
+                ids.append(specials[part])
+            elif part:
+                ids += sp.encode(part)
+        out.append(ids)
+    return out
+
+
+def special_context_strings(specials: Iterable[str]) -> list[str]:
+    """Strings putting text right after, before and between special tokens (a chat template's places)."""
+    out = []
+    for s in specials:
+        out += [f"{s}user\n", f"{s}\n", f"{s} x", f"{s}  two", f"x{s}y", f"{s}{s}z", f"Hello{s}", f"{s}\tend",
+                f"{s}assistant\nHi!{s}\n"]
+    return out
+
+
+def compare_around_specials(sp: spm.SentencePieceProcessor, fast: Tokenizer, specials: dict[str, int],
+                            strings: Iterable[str]) -> Comparison:
+    """Encode `strings` holding special tokens (content -> id) with the fast tokenizer (specials
+    matched) and against `encode_by_segments`; decoding is not compared (specials have no surface)."""
+    texts = list(strings)
+    if not texts:
+        return Comparison(0)
+    want = encode_by_segments(sp, texts, specials)
+    previous = fast.encode_special_tokens
+    fast.encode_special_tokens = False
+    try:
+        got = [e.ids for e in fast.encode_batch(texts, add_special_tokens=False)]
+    finally:
+        fast.encode_special_tokens = previous
+    return Comparison(len(texts), [Mismatch(t, a, b, first_difference(a, b))
+                                   for t, a, b in zip(texts, want, got) if a != b])
 
 
 WHITESPACE = [" ", "  ", "\t", "\n", "\r\n", "\r", "\u3000", "\u00a0", "\u2003", "\u200b", "\u2581", "\x0b", "\x0c"]

@@ -22,9 +22,16 @@ How the `spm` pipeline reproduces sentencepiece, component by component:
 - dummy prefix: `Metaspace(replacement=" ", prepend_scheme="first")` then
   `Metaspace(replacement="▁", prepend_scheme="never")`. After escaping, the text holds no
   plain space, so the first Metaspace's "does it already start with the replacement" test is
-  always false and it prepends a space to the first segment only (never after a special token,
-  which keeps transformers' non-legacy behaviour around specials); the second turns that
-  space into "▁". Empty text gets no prefix, as in sentencepiece.
+  always false and it prepends a space to the first piece of text only (never after a special
+  token: transformers' non-legacy behaviour, which the official Mistral templates rely on, e.g.
+  "[INST] Hi" gives mistral-common's ids); the second turns that space into "▁". Empty text gets
+  no prefix, as in sentencepiece. With `prefix_after_specials`, `prepend_scheme="always"`
+  prefixes every piece of text between special tokens instead, which is what llama.cpp does
+  with a sentencepiece GGUF vocabulary (see compare.py): `fix --chatml` asks for it, since
+  the ChatML template puts text right after its tokens and only this rule lets a model trained
+  with the tokenizer be served the same ids by llama.cpp. Verification then compares the text
+  around special tokens too (`compare_around_specials`). Models whose dummy prefix has to sit in
+  the normalizer (below) prefix every piece either way.
 - BPE: sentencepiece merges the adjacent pair whose concatenation is a piece with the highest
   score, leftmost first. The merges list holds every split of every NORMAL piece into two
   pieces, ranked by the merged piece's score. CONTROL / UNKNOWN / BYTE pieces are never merge
@@ -72,7 +79,13 @@ from sentencepiece import sentencepiece_model_pb2 as pb
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from healer.errors import CheckpointError
-from healer.tokenizers.compare import Comparison, Mismatch, compare_encodings
+from healer.tokenizers.compare import (
+    Comparison,
+    Mismatch,
+    compare_around_specials,
+    compare_encodings,
+    special_context_strings,
+)
 
 Piece = pb.ModelProto.SentencePiece
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = (
@@ -141,6 +154,7 @@ def convert_verified(
     tokenizer_class: str = "LlamaTokenizer",
     probes: bool = True,
     candidates: Sequence[str] = CANDIDATES,
+    prefix_after_specials: bool = False,
 ) -> ConversionResult:
     """Build tokenizer.json candidates; keep the first that agrees with sentencepiece on every string.
 
@@ -148,7 +162,8 @@ def convert_verified(
     sentencepiece vocabulary must follow it without gaps. CONTROL and UNKNOWN pieces are always
     added as special tokens. `probes` adds strings derived from the model (its special and
     user-defined piece texts, alone and in context) to `strings`. `candidates` picks and orders
-    the candidates by name (a subset of CANDIDATES).
+    the candidates by name (a subset of CANDIDATES). `prefix_after_specials` builds and verifies
+    the dummy prefix on every piece of text between special tokens (llama.cpp's rule).
     """
     data, proto = load_model(model)
     sp = spm.SentencePieceProcessor(model_proto=data)
@@ -156,10 +171,12 @@ def convert_verified(
     if probes:
         texts += probe_strings(proto)
     tokens = added_token_list(proto, added_tokens or {})
+    specials = specials_to_verify(proto, tokens, added_tokens or {}) if prefix_after_specials else {}
+    special_texts = special_context_strings(specials)
     builders = {
         "transformers": lambda: transformers_conversion(data, tokenizer_class),
-        "spm": lambda: spm_pipeline(proto),
-        "spm+nfc": lambda: spm_pipeline(proto, compose_first=True),
+        "spm": lambda: spm_pipeline(proto, every_piece=prefix_after_specials),
+        "spm+nfc": lambda: spm_pipeline(proto, compose_first=True, every_piece=prefix_after_specials),
     }
     assert set(candidates) <= set(builders), candidates
     attempts: list[Attempt] = []
@@ -175,12 +192,29 @@ def convert_verified(
             continue
         finish(tok, proto, tokens, add_bos, add_eos)
         text = tok.to_str()
-        comparison = compare_encodings(sp, Tokenizer.from_str(text), texts)
+        fast = Tokenizer.from_str(text)
+        comparison = merged(compare_encodings(sp, fast, texts),
+                            compare_around_specials(sp, fast, specials, special_texts))
         attempts.append(Attempt(name, comparison))
         if comparison.agrees:
             return ConversionResult(text, name, comparison, attempts)
     last = next((a.comparison for a in reversed(attempts) if a.comparison is not None), None)
     return ConversionResult(None, None, last, attempts)
+
+
+def specials_to_verify(proto: pb.ModelProto, tokens: list[tuple[int, AddedToken]],
+                       requested: Mapping[int, AddedToken | str], limit: int = 64) -> dict[str, int]:
+    """Special tokens to check the text around (content -> id): every requested one and the
+    first `limit` others. Tokens that strip neighbouring spaces (lstrip/rstrip) are left out:
+    sentencepiece has no such rule to compare with."""
+    plain = [(i, t) for i, t in tokens if t.special and not (t.lstrip or t.rstrip or t.single_word)]
+    picked = [(i, t) for i, t in plain if i in requested] + [(i, t) for i, t in plain if i not in requested][:limit]
+    return {t.content: i for i, t in picked}
+
+
+def merged(a: Comparison, b: Comparison) -> Comparison:
+    """One comparison over the strings of both."""
+    return Comparison(a.n + b.n, a.mismatches + b.mismatches, a.decode_mismatches + b.decode_mismatches)
 
 
 def added_token_list(proto: pb.ModelProto, extra: Mapping[int, AddedToken | str]) -> list[tuple[int, AddedToken]]:
@@ -272,14 +306,15 @@ def transformers_conversion(data: bytes, tokenizer_class: str) -> Tokenizer:
     return Tokenizer.from_str(backend.to_str())
 
 
-def spm_pipeline(proto: pb.ModelProto, compose_first: bool = False) -> Tokenizer:
+def spm_pipeline(proto: pb.ModelProto, compose_first: bool = False, every_piece: bool = False) -> Tokenizer:
     """Candidates 2 and 3: a tokenizers pipeline reproducing the model's own normalizer and trainer specs.
 
     `compose_first` puts NFC before the charsmap (candidate 3, only for models with one).
     tokenizers' Precompiled looks a whole grapheme up, and when only a prefix of it is in the
     charsmap it replaces the whole grapheme by that prefix's mapping: NFD "e\u0302\u0301"
     becomes "ê" where sentencepiece's longest-prefix rewriting gives "ế". Composing first
-    hands Precompiled the precomposed character.
+    hands Precompiled the precomposed character. `every_piece` puts the dummy prefix on every piece
+    of text between special tokens, not only the first (see the module docstring).
     """
     ts, ns = proto.trainer_spec, proto.normalizer_spec
     user_defined = [p.piece for p in proto.pieces if p.type == USER_DEFINED]
@@ -300,7 +335,8 @@ def spm_pipeline(proto: pb.ModelProto, compose_first: bool = False) -> Tokenizer
         norm.insert(1 if prepends_in_normalizer(ns) else 0, normalizers.NFC())
     if norm:
         tok.normalizer = normalizers.Sequence(norm)
-    pre = pre_tokenizer_steps(proto, user_defined, merges if ts.model_type == pb.TrainerSpec.BPE else [])
+    pre = pre_tokenizer_steps(proto, user_defined, merges if ts.model_type == pb.TrainerSpec.BPE else [],
+                              every_piece)
     if pre:
         tok.pre_tokenizer = pre_tokenizers.Sequence(pre)
     tok.decoder = decoder(proto)
@@ -308,11 +344,11 @@ def spm_pipeline(proto: pb.ModelProto, compose_first: bool = False) -> Tokenizer
 
 
 def prepends_in_normalizer(ns: pb.NormalizerSpec) -> bool:
-    """Whether the dummy prefix has to be added by the normalizer instead of the pre-tokenizer.
+    """Whether the dummy prefix is added by the normalizer instead of the pre-tokenizer.
 
-    Metaspace(prepend_scheme="first") prepends only to text whose first character maps to
-    offset 0 of the input; a charsmap or whitespace removal that drops leading characters
-    ("\x0c", "\u200b", spaces) moves that offset and the prefix would be lost.
+    With a charsmap or whitespace removal, sentencepiece adds the dummy before them and lets
+    them collapse it with leading spaces; a `Prepend(" ")` normalizer at the same place does the
+    same (normalizers run on each piece of text between special tokens, like the pre-tokenizer).
     """
     return ns.add_dummy_prefix and bool(ns.precompiled_charsmap or ns.remove_extra_whitespaces)
 
@@ -339,7 +375,7 @@ def normalizer_steps(ns: pb.NormalizerSpec) -> list[normalizers.Normalizer]:
 
 
 def pre_tokenizer_steps(
-    proto: pb.ModelProto, user_defined: list[str], merges: list[tuple[str, str]]
+    proto: pb.ModelProto, user_defined: list[str], merges: list[tuple[str, str]], every_piece: bool = False
 ) -> list[pre_tokenizers.PreTokenizer]:
     ts, ns = proto.trainer_spec, proto.normalizer_spec
     steps: list[pre_tokenizers.PreTokenizer] = []
@@ -350,7 +386,8 @@ def pre_tokenizer_steps(
             raise Inexpressible("add_dummy_prefix without escape_whitespaces: Metaspace skips text starting with ' '")
     if ns.add_dummy_prefix and not prepends_in_normalizer(ns):
         steps += [
-            pre_tokenizers.Metaspace(replacement=" ", prepend_scheme="first", split=False),
+            pre_tokenizers.Metaspace(replacement=" ", prepend_scheme="always" if every_piece else "first",
+                                     split=False),
             pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="never", split=False),
         ]
     if user_defined:

@@ -62,3 +62,33 @@ def run_dir_with_adapter_subdir(adapter_dir: Path, run_dir: Path) -> Path:
     shutil.copytree(adapter_dir, run_dir / "adapter")
     (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
     return run_dir
+
+
+def chatml_llama(path: Path, **config) -> Path:
+    """A Llama 2 vocabulary with <|im_start|>/<|im_end|> added as special tokens by transformers
+    (whose sentencepiece tokenizers prefix only the start of the text, not text after a special token)."""
+    import builders
+    import testdata
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    builders.sentencepiece_checkpoint(path, testdata.sentencepiece_model("llama-spm"), family="llama", **config)
+    tok = AutoTokenizer.from_pretrained(str(path))
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.save_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path))
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    model.save_pretrained(str(path))
+    return path
+
+
+def healed_chatml_llama(path: Path, **config) -> Path:
+    """A Llama 2 model given ChatML tokens by `healer fix --chatml` (its tokenizer follows llama.cpp's rule)."""
+    import builders
+    import testdata
+
+    from healer.fix import repair
+
+    source = path.with_name(path.name + "-in")
+    builders.sentencepiece_checkpoint(source, testdata.sentencepiece_model("llama-spm"), family="llama", **config)
+    repair(source, path, chatml=True)
+    return path

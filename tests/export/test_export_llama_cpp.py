@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import testdata
 import torch
-from export_helpers import logits, make_adapter, peft_model
+from export_helpers import chatml_llama, healed_chatml_llama, logits, make_adapter, peft_model
 
 import export
 
@@ -68,20 +68,6 @@ def llama3(path: Path) -> Path:
                                     eos_token="<|end_of_text|>", **INIT)
 
 
-def chatml_llama(path: Path) -> Path:
-    """A Llama 2 vocabulary with <|im_start|>/<|im_end|> added as special tokens and rows to match."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    spm(path, "llama")
-    tok = AutoTokenizer.from_pretrained(str(path))
-    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    tok.save_pretrained(str(path))
-    model = AutoModelForCausalLM.from_pretrained(str(path))
-    model.resize_token_embeddings(len(tok), mean_resizing=False)
-    model.save_pretrained(str(path))
-    return path
-
-
 CASES = {
     "llama": lambda p: spm(p, "llama"),
     # Mistral ships tokenizer.json; without it transformers 5 builds one that drops the "▁" prefix
@@ -91,7 +77,7 @@ CASES = {
     "phi3": phi3,
     "qwen2": qwen2,
     "llama3-bpe": llama3,
-    "llama-chatml": chatml_llama,
+    "llama-chatml-healed": lambda p: healed_chatml_llama(p, **INIT),
 }
 
 
@@ -115,19 +101,11 @@ def test_llama_cpp_tokenizes_like_hf_and_its_f16_logits_match_peft(tmp_path, cas
     adapter = make_adapter(base, tmp_path / "adapter")
     path = export.to_gguf(adapter, tmp_path / "model.gguf", "f16")
     tok = AutoTokenizer.from_pretrained(str(base))
-    text = CHATML_PROMPT if case == "llama-chatml" else PROMPT
+    text = CHATML_PROMPT if "chatml" in case else PROMPT
     ids = tok(text).input_ids
     tokens, got = llama_cpp_run(path, ids, text)
 
-    if case == "llama-chatml":
-        # llama.cpp prefixes "▁" to text after a special token in sentencepiece vocabularies
-        # (test_llama_cpp_spm_adds_a_space_after_special_tokens); the special tokens themselves
-        # must still come out as single ids, in HF's order
-        specials = {tok.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>")}
-        assert [t for t in tokens if t in specials] == [t for t in ids if t in specials]
-        assert sum(t in specials for t in ids) == CHATML_PROMPT.count("<|im_")
-    else:
-        assert tokens == ids
+    assert tokens == ids
     if tok.bos_token_id is not None and ids[0] == tok.bos_token_id:
         assert tokens.count(tok.bos_token_id) == 1
     if case == "llama3-bpe":
@@ -143,13 +121,17 @@ def test_llama_cpp_tokenizes_like_hf_and_its_f16_logits_match_peft(tmp_path, cas
     assert torch.equal(got.argmax(-1)[decided], want.argmax(-1)[decided])
 
 
-@pytest.mark.xfail(strict=True, reason="llama.cpp's SPM tokenizer adds the space prefix after every special token; "
-                   "transformers (Metaspace prepend_scheme='first') only at the start of the text")
-def test_llama_cpp_spm_adds_a_space_after_special_tokens(tmp_path):
+def test_llama_cpp_prefixes_text_after_special_tokens_which_transformers_does_not(tmp_path):
+    """Why export warns for such tokenizers (test_export_tokenization.py): transformers' non-legacy
+    sentencepiece tokenizer gives [<|im_start|>, "user"], llama.cpp [<|im_start|>, "▁user"]."""
     from transformers import AutoTokenizer
 
-    base = chatml_llama(tmp_path / "base")
-    path = export.to_gguf(base, tmp_path / "model.gguf", "f16")
+    base = chatml_llama(tmp_path / "base", **INIT)
+    with pytest.warns(export.TokenizationWarning):
+        path = export.to_gguf(base, tmp_path / "model.gguf", "f16")
     tok = AutoTokenizer.from_pretrained(str(base))
-    tokens, _ = llama_cpp_run(path, tok(CHATML_PROMPT).input_ids, CHATML_PROMPT)
-    assert tokens == tok(CHATML_PROMPT).input_ids
+    ids = tok(CHATML_PROMPT).input_ids
+    tokens, _ = llama_cpp_run(path, ids, CHATML_PROMPT)
+    im_start = tok.convert_tokens_to_ids("<|im_start|>")
+    assert ids[1:3] == [im_start, tok.convert_tokens_to_ids("user")]
+    assert tokens[1:3] == [im_start, tok.convert_tokens_to_ids("\u2581user")]

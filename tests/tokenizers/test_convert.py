@@ -155,3 +155,47 @@ def test_post_processor_follows_add_bos_and_add_eos(add_bos, add_eos):
 
     assert tok.encode("Hello world").ids == framed("Hello world")
     assert tok.encode("Hello", "world").ids == framed("Hello") + framed("world")
+
+
+CHATML = {32000: "<|im_start|>", 32001: "<|im_end|>"}
+CHATML_TEXT = "<|im_start|>user\nHow are you?<|im_end|>\n<|im_start|>assistant\n I am  fine<|im_end|>"
+
+
+def test_prefix_after_specials_encodes_each_piece_between_specials_like_sentencepiece_alone():
+    import sentencepiece as spm
+
+    model = spm_models.model_bytes("llama-2")
+    result = convert_verified(model, builtin_corpus(), CHATML, prefix_after_specials=True)
+    assert result.ok and result.candidate == "spm"
+    # transformers' conversion prefixes only the start of the text: verification must reject it
+    assert result.attempts[0].name == "transformers" and result.attempts[0].comparison.mismatches
+    sp = spm.SentencePieceProcessor(model_proto=model)
+    want = [32000] + sp.encode("user\nHow are you?") + [32001] + sp.encode("\n") + [32000] + \
+        sp.encode("assistant\n I am  fine") + [32001]
+    got = Tokenizer.from_str(result.tokenizer_json).encode(CHATML_TEXT, add_special_tokens=False)
+    assert got.ids == want
+    assert got.tokens[:2] == ["<|im_start|>", "\u2581user"]
+
+
+def test_by_default_text_after_a_special_token_gets_no_prefix():
+    result = convert_verified(spm_models.model_bytes("llama-2"), builtin_corpus(), CHATML)
+    got = Tokenizer.from_str(result.tokenizer_json).encode(CHATML_TEXT, add_special_tokens=False)
+    assert got.tokens[:3] == ["<|im_start|>", "user", "<0x0A>"]
+
+
+def test_prefix_after_specials_gives_mistral_commons_ids_for_messages_between_control_tokens():
+    from mistral_common.protocol.instruct.messages import AssistantMessage, UserMessage
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.protocol.instruct.validator import ValidationMode
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    model = spm_models.REAL["mistral-v3"]()
+    result = convert_verified(model.read_bytes(), builtin_corpus(), prefix_after_specials=True)
+    assert result.ok
+    reference = MistralTokenizer.from_file(str(model), mode=ValidationMode.agnostic)
+    messages = [UserMessage(content="Hi there"), AssistantMessage(content="Hello! How can I help?"),
+                UserMessage(content="Name three colours.")]
+    want = reference.encode_chat_completion(ChatCompletionRequest(messages=messages)).tokens
+    # mistral-common encodes each message on its own; joined without the spaces its pieces show
+    text = "<s>[INST]Hi there[/INST]Hello! How can I help?</s>[INST]Name three colours.[/INST]"
+    assert Tokenizer.from_str(result.tokenizer_json).encode(text, add_special_tokens=False).ids == want
