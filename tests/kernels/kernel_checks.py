@@ -11,6 +11,7 @@ fp16 subnormals.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -44,3 +45,50 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||actual - expected|| / ||expected|| in float64."""
     a, e = actual.double(), expected.double()
     return ((a - e).norm() / e.norm().clamp(min=1e-300)).item()
+
+
+def kernels_on() -> str:
+    """The TRAINER_KERNELS value that routes trainer.models.ops to the kernels on device()."""
+    return "1" if torch.cuda.is_available() else "interpret"
+
+
+def tiny_decoder(out: Path, family: str, *, lora_dropout: float = 0.0, **config_overrides):
+    """A tiny `family` CausalLM (hidden 64, 2 layers, vocab 128) in float32 on device() with LoRA (r=4) on
+    every linear, weights spread like tests/trainer/model_fixtures.py so that every switch shows."""
+    import builders
+
+    from trainer.lora import LoRASettings, apply_lora, lora_modules
+    from trainer.models import load_model
+
+    builders.save_tiny_model(out, family, 128, bos_token_id=1, eos_token_id=2, pad_token_id=0, **config_overrides)
+    model = load_model(out, dtype=torch.float32, device=device(), load_in_4bit=False)
+    gemma_norm = family in ("gemma", "gemma2")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.randn_like(p) * 0.3 + (0.0 if gemma_norm else 1.0))
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn_like(p))
+            elif p.ndim == 2:
+                p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5)
+    apply_lora(model, LoRASettings(r=4, alpha=8, dropout=lora_dropout))
+    with torch.no_grad():  # a fresh adapter has B = 0, which would hide A's gradients
+        for m in lora_modules(model).values():
+            m.lora_B.weight.normal_(0, 0.3)
+    return model.train()
+
+
+def loss_and_trainable_grads(model: torch.nn.Module, seed: int = 1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One forward + backward on a packed batch (2 x 19, the second row holding two documents)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 128, (2, 19), generator=g)
+    labels = ids.clone()
+    labels[:, :4] = -100
+    pos = torch.stack([torch.arange(19), torch.cat([torch.arange(11), torch.arange(8)])])
+    ids, labels, pos = ids.to(device()), labels.to(device()), pos.to(device())
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(123)  # LoRA dropout draws the same masks in every run
+    loss = model(ids, labels=labels, position_ids=pos).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}

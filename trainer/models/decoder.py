@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from trainer.models.ops import (
+    add_rms_norm,
     apply_rope,
     attention,
     attention_mask,
@@ -48,6 +49,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps, self.offset)
+
+    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + residual, this norm of it) in one pass: the residual stream and the normed input of the next block."""
+        return add_rms_norm(x, residual, self.weight, self.eps, self.offset)
 
 
 class RotaryEmbedding(nn.Module):
@@ -97,10 +102,12 @@ class Attention(nn.Module):
                                               s.num_kv_heads * s.head_dim], dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        # Rotated while still the projections' own [B, T, H * D] tensors, so the kernel can work in place
+        # (Phi-3's split q, k are views of qkv and are rotated out of place: see kernels/rope.py).
+        q, k = apply_rope(q, k, cos, sin, s.head_dim)
         q = q.view(b, t, s.num_heads, s.head_dim).transpose(1, 2)
         k = k.view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)
         v = v.view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, k, cos, sin)
         out = attention(q, k, v, masks[self.sliding_window], scale=s.attn_scale, softcap=s.attn_softcap)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, s.num_heads * s.head_dim))
 
@@ -148,11 +155,14 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 masks: dict[int | None, torch.Tensor | None]) -> torch.Tensor:
         h = self.self_attn(self.input_layernorm(x), cos, sin, masks)
+        # The residual add is fused with the norm that follows it inside the layer. The layer's last add
+        # is not fused with the next layer's input norm: checkpointing (trainer/checkpointing.py) keeps
+        # whole layers, and their boundary falls between the two.
         if self.sandwich:
-            x = x + self.post_attention_layernorm(h)
-            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x))
+            x, h = self.pre_feedforward_layernorm.forward_add(x, self.post_attention_layernorm(h))
+            return x + self.post_feedforward_layernorm(self.mlp(h))
+        x, h = self.post_attention_layernorm.forward_add(x, h)
+        return x + self.mlp(h)
 
 
 class Decoder(nn.Module):

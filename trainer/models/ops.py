@@ -16,8 +16,16 @@ IGNORE_INDEX = -100
 
 
 def kernels_enabled(t: torch.Tensor) -> bool:
-    """Triton kernels replace the plain paths on CUDA (TRAINER_KERNELS=0 turns them off to compare)."""
-    return t.is_cuda and os.environ.get("TRAINER_KERNELS", "1") != "0"
+    """Triton kernels replace the plain paths on CUDA (TRAINER_KERNELS=0 turns them off to compare).
+
+    TRAINER_KERNELS=interpret runs them on any device, the CPU included, for tests under
+    TRITON_INTERPRET=1 (which must be set before triton is first imported).
+    """
+    mode = os.environ.get("TRAINER_KERNELS", "1")
+    if mode == "interpret" and not t.is_cuda:
+        assert os.environ.get("TRITON_INTERPRET") == "1", "TRAINER_KERNELS=interpret on CPU needs TRITON_INTERPRET=1"
+        return True
+    return t.is_cuda and mode != "0"
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
@@ -33,6 +41,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
     return (y * (offset + weight.float())).to(x.dtype)
 
 
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                 offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, rms_norm(s)) with s = x + residual: the residual stream and the next norm's output."""
+    if kernels_enabled(x):
+        from trainer.kernels import add_rms_norm as kernel
+
+        return kernel(x, residual, weight, eps, offset)
+    s = x + residual
+    return s, rms_norm(s, weight, eps, offset)
+
+
 def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor,
                 scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [B, T, 2 * len(inv_freq)] in float32 from integer positions [B, T]."""
@@ -44,23 +63,29 @@ def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor,
     return angles.cos() * scaling, angles.sin() * scaling
 
 
-def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
-               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q [B, H, T, D] and k [B, KV, T, D] (the first cos.shape[-1] dims; rotate-half pairing)."""
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate the projection outputs q [B, T, H * head_dim] and k [B, T, KV * head_dim] (the first
+    cos.shape[-1] dims of each head; rotate-half pairing); cos/sin [B|1, T, rotated dims].
+
+    The kernel rotates q and k in place where it can: use the returned tensors, not the arguments.
+    """
     if kernels_enabled(q):
         from trainer.kernels import apply_rope as kernel
 
-        return kernel(q, k, cos, sin)
-    cos, sin = cos[:, None], sin[:, None]
-    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        return kernel(q, k, cos, sin, head_dim)
+    cos, sin = cos[:, :, None], sin[:, :, None]  # broadcast over heads
+    return _rotate(q, cos, sin, head_dim), _rotate(k, cos, sin, head_dim)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
+    heads = x.unflatten(-1, (-1, head_dim))
     r = cos.shape[-1]
-    xr = x[..., :r].float()
+    xr = heads[..., :r].float()
     x1, x2 = xr.chunk(2, dim=-1)
     out = (xr * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
-    return out if r == x.shape[-1] else torch.cat((out, x[..., r:]), dim=-1)
+    out = out if r == head_dim else torch.cat((out, heads[..., r:]), dim=-1)
+    return out.flatten(-2)
 
 
 def gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
