@@ -13,10 +13,13 @@ from pathlib import Path
 
 import builders
 import pytest
+import sentencepiece as spm
 import testdata
 
 import healer
 from healer.checkpoint import Checkpoint
+from healer.tokenizers.convert import convert_verified
+from healer.tokenizers.corpus import builtin_corpus
 
 LLAMA3_TEMPLATE = "meta-llama-Llama-3.1-8B-Instruct"
 
@@ -65,9 +68,10 @@ def llama3_instruct(tmp_path_factory) -> Path:
     return out
 
 
-def test_healthy_sentencepiece_checkpoint_has_no_errors_or_warnings(llama2):
+def test_slow_only_sentencepiece_checkpoint_has_one_error_the_loaders_conversion(llama2):
     report = diagnose(llama2)
-    assert checks(report, "error") == set()
+    # transformers builds the fast tokenizer on the fly, and its conversion differs from sentencepiece
+    assert checks(report, "error") == {"tokenizer.missing_fast"}
     assert checks(report, "warning") == set()
     assert checks(report) == {"tokenizer.missing_fast", "tokenizer.pad_missing", "template.missing"}
 
@@ -94,10 +98,34 @@ def test_mistral_v1_tokenizer_json_from_transformers_is_a_fast_mismatch(tmp_path
         assert mism[" "]["sentencepiece"] == [259] and mism[" "]["fast"] == [28705]
 
 
-def test_missing_fast_is_info_for_slow_only(llama2):
+def test_missing_fast_is_an_error_when_transformers_converts_unlike_sentencepiece(llama2):
+    from transformers import AutoTokenizer
+
     (finding,) = diagnose(llama2).by_check("tokenizer.missing_fast")
-    assert finding.severity == "info"
+    assert finding.severity == "error"
     assert finding.fix.startswith("healer fix ")
+    sp = spm.SentencePieceProcessor(model_file=str(llama2 / "tokenizer.model"))
+    hf = AutoTokenizer.from_pretrained(str(llama2))
+    assert 0 < finding.details["differing"] < finding.details["compared"]
+    for d in finding.details["first"]:
+        assert d["sentencepiece"] == sp.encode(d["text"]) != d["transformers"]
+        assert d["transformers"] == hf(d["text"], add_special_tokens=False, split_special_tokens=True).input_ids
+
+
+def test_loader_mismatch_when_tokenizer_class_rebuilds_a_verified_tokenizer_json(tmp_path):
+    sp_model = testdata.sentencepiece_model("llama-spm")
+    verified = tmp_path / "verified" / "tokenizer.json"
+    verified.parent.mkdir()
+    verified.write_text(convert_verified(sp_model, builtin_corpus()).tokenizer_json)
+    ckpt = builders.sentencepiece_checkpoint(tmp_path / "m", sp_model, tokenizer_json=verified)
+    edit_json(ckpt / "tokenizer_config.json", tokenizer_class="LlamaTokenizer")
+    report = diagnose(ckpt)
+    assert "tokenizer.fast_mismatch" not in report.checks()
+    (finding,) = report.by_check("tokenizer.loader_mismatch")
+    assert finding.severity == "error" and finding.details["tokenizer_class"] == "LlamaTokenizer"
+    assert {"text": " ", "sentencepiece": [259], "transformers": [29871]} in finding.details["first"]
+    edit_json(ckpt / "tokenizer_config.json", tokenizer_class="PreTrainedTokenizerFast")
+    assert "tokenizer.loader_mismatch" not in diagnose(ckpt).checks()
 
 
 def test_bos_missing_when_llama3_tokenizer_never_adds_bos(llama3_instruct, tmp_path):

@@ -21,15 +21,39 @@ def fix_command(ckpt: Checkpoint, extra: str = "") -> str:
 
 
 def check_missing_fast(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
+    """Only tokenizer.model: info when transformers' on-the-fly conversion encodes like
+    sentencepiece, an error when it does not (measured on the corpus)."""
     if not ckpt.has_sentencepiece or ckpt.has_fast:
         return []
+    differing, strings, first = loader_disagreements(ckpt, ctx)
+    if not differing:
+        return [Finding(
+            "tokenizer.missing_fast", "info",
+            "Only a sentencepiece tokenizer.model is present; loaders convert it on the fly, "
+            "and that conversion is not always faithful.",
+            fix=fix_command(ckpt),
+            details={"files": ["tokenizer.model"]},
+        )]
+    text, want, have = first[0]
     return [Finding(
-        "tokenizer.missing_fast", "info",
-        "Only a sentencepiece tokenizer.model is present; loaders convert it on the fly, "
-        "and that conversion is not always faithful.",
+        "tokenizer.missing_fast", "error",
+        f"Only a sentencepiece tokenizer.model is present, and the tokenizer transformers builds from it "
+        f"encodes {differing} of {len(strings)} strings differently, e.g. {text!r}: sentencepiece {want[:8]} "
+        f"vs transformers {have[:8]}.",
         fix=fix_command(ckpt),
-        details={"files": ["tokenizer.model"]},
+        details={"files": ["tokenizer.model"], "differing": differing, "compared": len(strings),
+                 "first": [{"text": t, "sentencepiece": a, "transformers": b} for t, a, b in first]},
     )]
+
+
+def loader_disagreements(ckpt: Checkpoint, ctx: Context) -> tuple[int, list[str], list[tuple[str, list, list]]]:
+    """How many corpus strings the transformers tokenizer of the dir encodes unlike sentencepiece,
+    the strings, and the first five (text, sentencepiece ids, transformers ids)."""
+    strings = list(builtin_corpus()) + list(ctx.corpus)
+    sp = ckpt.sentencepiece()
+    got = ckpt.hf_tokenizer()(strings, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    differing = [(t, a, b) for t, a, b in zip(strings, sp.encode(strings), got) if a != b]
+    return len(differing), strings, differing[:5]
 
 
 def check_fast_mismatch(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
@@ -69,22 +93,19 @@ def check_loader_mismatch(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
     strings = list(builtin_corpus()) + list(ctx.corpus)
     if compare_encodings(ckpt.sentencepiece(), ckpt.fast_tokenizer(), strings).mismatches:
         return []  # tokenizer.fast_mismatch reports it
-    hf = ckpt.hf_tokenizer()
-    sp = ckpt.sentencepiece()
-    got = hf(strings, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-    differing = [(t, a, b) for t, a, b in zip(strings, sp.encode(strings), got) if a != b]
+    differing, strings, first = loader_disagreements(ckpt, ctx)
     if not differing:
         return []
-    text, want, have = differing[0]
-    cls = type(hf).__name__
+    text, want, have = first[0]
+    cls = type(ckpt.hf_tokenizer()).__name__
     return [Finding(
         "tokenizer.loader_mismatch", "error",
         f"tokenizer.json agrees with tokenizer.model, but transformers loads this dir as {cls}, which "
-        f"rebuilds the pipeline and encodes {len(differing)} of {len(strings)} strings differently, e.g. "
+        f"rebuilds the pipeline and encodes {differing} of {len(strings)} strings differently, e.g. "
         f"{text!r}: sentencepiece {want[:8]} vs transformers {have[:8]}.",
         fix=fix_command(ckpt),
-        details={"tokenizer_class": cls, "differing": len(differing), "compared": len(strings),
-                 "first": [{"text": t, "sentencepiece": a, "transformers": b} for t, a, b in differing[:5]]},
+        details={"tokenizer_class": cls, "differing": differing, "compared": len(strings),
+                 "first": [{"text": t, "sentencepiece": a, "transformers": b} for t, a, b in first]},
     )]
 
 
