@@ -5,7 +5,8 @@ Llama-3-8B, Mistral-7B and Gemma-7B sizes.
     python bench/kernels.py [--shapes llama3-8b,mistral-7b,gemma-7b] [--tokens 4096] [--no-compile]
                             [--json results.json]
 
-Needs a CUDA GPU. Prints the measured ceilings (device-to-device copy, bf16 matmul), then one row per
+Needs a CUDA GPU. `plain` is the trainer.models.ops function with TRAINER_KERNELS=0 (set below: on CUDA
+ops would route to the kernel), `triton` calls trainer.kernels directly. Prints the measured ceilings (device-to-device copy, bf16 matmul), then one row per
 (kernel, shape, implementation): median times, the fewest bytes the op must move (each input read
 once, each output written once) and the bandwidth that implies, or for the fused cross-entropy the
 matmul FLOP rate and the peak memory above the inputs. Timings are medians of triton.testing.do_bench
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -30,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from trainer import kernels  # noqa: E402
 from trainer.models import ops  # noqa: E402
 
+os.environ["TRAINER_KERNELS"] = "0"  # ops.* (and torch.compile of them) take the plain paths; read per call
+
 SHAPES = {
     "llama3-8b": dict(hidden=4096, inter=14336, heads=32, kv=8, head_dim=128, vocab=128256, act="silu",
                       offset=0.0, theta=500000.0),
@@ -38,6 +42,7 @@ SHAPES = {
     "gemma-7b": dict(hidden=3072, inter=24576, heads=16, kv=16, head_dim=256, vocab=256000, act="gelu_tanh",
                      offset=1.0, theta=10000.0),
 }
+KERNELS = ("rms_norm", "add_rms_norm", "act", "rope", "ce")
 DTYPE = torch.bfloat16
 L2_BYTES = 64 * 2**20  # rotate input sets when one set is smaller than a few times this
 
@@ -96,21 +101,44 @@ def ceilings() -> dict[str, float]:
     return {"copy_GBps": 2 * 2**30 / copy_ms / 1e6, "bf16_mm_TFLOPs": 2 * 8192**3 / mm_ms / 1e9}
 
 
-def _timed(call: Callable, sets: list[list[torch.Tensor]],
+@dataclass
+class InPlace:
+    """An in-place op timed as its two launches, without autograd: forward(*inputs) overwrites the inputs,
+    backward(*grads) the gradients. (Autograd refuses in-place on the leaves a benchmark reuses, and a
+    fresh non-leaf per call would add a copy to the time measured.)"""
+
+    forward: Callable
+    backward: Callable
+
+
+def _timed(call: Callable | InPlace, sets: list[list[torch.Tensor]],
            queued: bool) -> tuple[float, float, float, float, torch.Tensor]:
     """Median fwd and fwd+bwd ms (GPU time alone when queued), eager fwd+bwd ms, peak MB of one fwd+bwd
     above the inputs, and the first forward output."""
-    outs0 = call(*sets[0])
+    if isinstance(call, InPlace):
+        sets = [[t.detach() for t in inputs] for inputs in sets]
+        first = [t.clone() for t in sets[0]]
+        outs0 = call.forward(*first)
+        assert outs0[0].data_ptr() == first[0].data_ptr(), "the in-place op wrote a new tensor"
+    else:
+        outs0 = call(*sets[0])
     outs0 = outs0 if isinstance(outs0, tuple) else (outs0,)
     grads = [torch.randn_like(o) if o.dim() else torch.ones_like(o) for o in outs0]
     fwd_cycle, bwd_cycle = itertools.cycle(sets), itertools.cycle(sets)
 
     def fwd() -> None:
         with torch.no_grad():
-            call(*next(fwd_cycle))
+            if isinstance(call, InPlace):
+                call.forward(*next(fwd_cycle))
+            else:
+                call(*next(fwd_cycle))
 
     def fwd_bwd() -> None:
         inputs = next(bwd_cycle)
+        if isinstance(call, InPlace):
+            call.forward(*inputs)
+            call.backward(*grads)
+            return
         outs = call(*inputs)
         outs = outs if isinstance(outs, tuple) else (outs,)
         torch.autograd.grad(outs, [t for t in inputs if t.requires_grad], grads)
@@ -148,15 +176,17 @@ def _run(kernel: str, shape: str, impls: dict[str, Callable], make_inputs: Calla
     torch.cuda.empty_cache()
 
 
-def _impls(plain: Callable, triton_fn: Callable, compile_too: bool) -> dict[str, Callable]:
+def _impls(plain: Callable, triton_fn: Callable, compile_too: bool,
+           **more: Callable | InPlace) -> dict[str, Callable | InPlace]:
     impls = {"plain": plain}
     if compile_too:
         impls["compile"] = torch.compile(plain, dynamic=False)
     impls["triton"] = triton_fn
+    impls.update(more)
     return impls
 
 
-def bench_shape(name: str, tokens: int, compile_too: bool, rows: list[Row]) -> None:
+def bench_shape(name: str, tokens: int, compile_too: bool, rows: list[Row], only: set[str]) -> None:
     s = SHAPES[name]
     dev, b = "cuda", 2  # batch 2 x (tokens / 2), the issue's 2 x 2048
     t = tokens // b
@@ -171,9 +201,33 @@ def bench_shape(name: str, tokens: int, compile_too: bool, rows: list[Row]) -> N
         return [x, w]
 
     off = s["offset"]
-    _run("rms_norm", name, _impls(lambda x, w: ops.rms_norm(x, w, 1e-6, off),
-                                  lambda x, w: kernels.rms_norm(x, w, 1e-6, off), compile_too),
-         norm_inputs, 2 * tokens * d * esize, rows, True, bytes_fwd_bwd=5 * tokens * d * esize + tokens * 4 * 2)
+    if "rms_norm" in only:
+        _run("rms_norm", name, _impls(lambda x, w: ops.rms_norm(x, w, 1e-6, off),
+                                      lambda x, w: kernels.rms_norm(x, w, 1e-6, off), compile_too),
+             norm_inputs, 2 * tokens * d * esize, rows, True, bytes_fwd_bwd=5 * tokens * d * esize + tokens * 4 * 2)
+
+    # Residual add + RMSNorm: fwd reads x, r, writes s, y; bwd reads dy, ds, s, writes one gradient for both
+    # x and r (+ rstd, w, dw). `unfused` is the add in PyTorch followed by the RMSNorm kernel: the
+    # decoder on CUDA before the fused kernel.
+    def add_norm_inputs() -> list[torch.Tensor]:
+        return [torch.randn(b, t, d, device=dev, dtype=DTYPE, requires_grad=True)] + norm_inputs()
+
+    # Outputs (y, s): the first is the one `rel err` compares, and s equals plain's bit for bit.
+    def add_norm_plain(x, r, w):
+        s_, y = ops.add_rms_norm(x, r, w, 1e-6, off)
+        return y, s_
+
+    def add_norm_fused(x, r, w):
+        s_, y = kernels.add_rms_norm(x, r, w, 1e-6, off)
+        return y, s_
+
+    def add_then_norm_kernel(x, r, w):
+        s_ = x + r
+        return kernels.rms_norm(s_, w, 1e-6, off), s_
+
+    if "add_rms_norm" in only:
+        _run("add_rms_norm", name, _impls(add_norm_plain, add_norm_fused, compile_too, unfused=add_then_norm_kernel),
+             add_norm_inputs, 3 * tokens * d * esize, rows, True, bytes_fwd_bwd=8 * tokens * d * esize + tokens * 4 * 2)
 
     # Gated activation over [B, T, intermediate]: fwd reads gate, up, writes out; bwd reads dout, gate, up,
     # writes dgate, dup.
@@ -182,28 +236,38 @@ def bench_shape(name: str, tokens: int, compile_too: bool, rows: list[Row]) -> N
     def act_inputs() -> list[torch.Tensor]:
         return [torch.randn(b, t, inter, device=dev, dtype=DTYPE, requires_grad=True) for _ in range(2)]
 
-    _run(f"{act}", name, _impls(lambda g, u: ops.gated_activation(g, u, act),
-                                lambda g, u: kernels.gated_activation(g, u, act), compile_too),
-         act_inputs, 2 * tokens * inter * esize, rows, True, bytes_fwd_bwd=8 * tokens * inter * esize)
+    if "act" in only:
+        _run(f"{act}", name, _impls(lambda g, u: ops.gated_activation(g, u, act),
+                                    lambda g, u: kernels.gated_activation(g, u, act), compile_too),
+             act_inputs, 2 * tokens * inter * esize, rows, True, bytes_fwd_bwd=8 * tokens * inter * esize)
 
-    # RoPE on q [B, H, T, D] and k [B, KV, T, D] in the decoder's layout (views of [B, T, H, D]).
+    # RoPE on the projection outputs q [B, T, H * D] and k [B, T, KV * D]. The leaves given here make
+    # `triton` rotate out of place; `in-place` times the decoder's in-place launches (its backward launch
+    # is the forward kernel with -sin: the rotation by -theta, the same work when the table's halves are
+    # equal, as rope_tables makes them).
     h, kv, hd = s["heads"], s["kv"], s["head_dim"]
     inv_freq = 1.0 / s["theta"] ** (torch.arange(0, hd, 2, device=dev, dtype=torch.float32) / hd)
     cos, sin = ops.rope_tables(torch.arange(t, device=dev).expand(b, t), inv_freq)
+    neg_sin = -sin
 
     def rope_inputs() -> list[torch.Tensor]:
-        q = torch.randn(b, t, h, hd, device=dev, dtype=DTYPE).transpose(1, 2).requires_grad_()
-        k = torch.randn(b, t, kv, hd, device=dev, dtype=DTYPE).transpose(1, 2).requires_grad_()
+        q = torch.randn(b, t, h * hd, device=dev, dtype=DTYPE, requires_grad=True)
+        k = torch.randn(b, t, kv * hd, device=dev, dtype=DTYPE, requires_grad=True)
         return [q, k]
 
+    in_place = InPlace(lambda q, k: kernels.apply_rope(q, k, cos, sin, hd),
+                       lambda dq, dk: kernels.apply_rope(dq, dk, cos, neg_sin, hd))
     qk_bytes = tokens * (h + kv) * hd * esize
-    _run("rope", name, _impls(lambda q, k: ops.apply_rope(q, k, cos, sin),
-                              lambda q, k: kernels.apply_rope(q, k, cos, sin), compile_too),
-         rope_inputs, qk_bytes, rows, True, bytes_fwd_bwd=4 * qk_bytes + 2 * 2 * tokens * hd * 4)
+    if "rope" in only:
+        _run("rope", name, _impls(lambda q, k: ops.apply_rope(q, k, cos, sin, hd),
+                                  lambda q, k: kernels.apply_rope(q, k, cos, sin, hd), compile_too,
+                                  **{"in-place": in_place}),
+             rope_inputs, qk_bytes, rows, True, bytes_fwd_bwd=4 * qk_bytes + 2 * 2 * tokens * hd * 4)
 
     # Fused linear cross-entropy, lm_head frozen (QLoRA): logits, dh = dlogits @ W: 2 products of 2NVH.
     vocab = s["vocab"]
-    for softcap in ([None, 30.0] if name == "gemma-7b" else [None]):
+    softcaps = [None, 30.0] if name == "gemma-7b" else [None]
+    for softcap in softcaps if "ce" in only else []:
         for train_head in ([False, True] if name == "llama3-8b" else [False]):
             def ce_inputs(train_head: bool = train_head) -> list[torch.Tensor]:
                 hid = torch.randn(b, t, d, device=dev, dtype=DTYPE, requires_grad=True)
@@ -234,12 +298,15 @@ def render(rows: list[Row], ceil: dict[str, float]) -> str:
            "fwd/fwd+bwd: GPU time alone for the memory-bound ops (*: 40 calls queued behind a sleep kernel, no",
            "launch gaps), event-timed eager runs for the cross-entropy (it syncs once per call); eager: one",
            "fwd+bwd at a time from Python, launch overhead included.",
-           "", "| kernel | shape | impl | fwd ms | fwd+bwd ms | vs plain | achieved (fwd+bwd) | eager fwd+bwd ms "
-           "| peak MB | rel err |",
-           "| --- | --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
+           "", "| kernel | shape | impl | fwd ms | fwd+bwd ms | vs plain | vs compile | achieved (fwd+bwd) "
+           "| eager fwd+bwd ms | peak MB | rel err |",
+           "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
     plain = {(r.kernel, r.shape): r for r in rows if r.impl == "plain"}
+    compiled = {(r.kernel, r.shape): r for r in rows if r.impl == "compile"}
     for r in rows:
         speedup = plain[(r.kernel, r.shape)].fwd_bwd_ms / r.fwd_bwd_ms
+        c = compiled.get((r.kernel, r.shape))
+        vs_compile = f"{c.fwd_bwd_ms / r.fwd_bwd_ms:.2f}x" if c else "-"
         if r.bytes_fwd_bwd:
             gbps = r.bytes_fwd_bwd / r.fwd_bwd_ms / 1e6
             achieved = f"{gbps:.0f} GB/s ({100 * gbps / ceil['copy_GBps']:.0f}% of copy)"
@@ -249,7 +316,7 @@ def render(rows: list[Row], ceil: dict[str, float]) -> str:
         err = f"{r.rel_err:.1e}"
         star = "*" if r.queued else ""
         out.append(f"| {r.kernel}{star} | {r.shape} | {r.impl} | {r.fwd_ms:.3f} | {r.fwd_bwd_ms:.3f} | {speedup:.2f}x "
-                   f"| {achieved} | {r.eager_fwd_bwd_ms:.3f} | {r.peak_mb:.0f} | {err} |")
+                   f"| {vs_compile} | {achieved} | {r.eager_fwd_bwd_ms:.3f} | {r.peak_mb:.0f} | {err} |")
     return "\n".join(out)
 
 
@@ -258,15 +325,19 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--only", default=",".join(KERNELS), help="comma-separated subset of " + ", ".join(KERNELS))
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    unknown = set(args.only.split(",")) - set(KERNELS)
+    if unknown:
+        parser.error(f"--only: unknown {', '.join(sorted(unknown))} (choose from {', '.join(KERNELS)})")
     assert torch.cuda.is_available(), "bench/kernels.py needs a CUDA GPU"
     torch.manual_seed(0)
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     ceil = ceilings()
     rows: list[Row] = []
     for name in args.shapes.split(","):
-        bench_shape(name, args.tokens, not args.no_compile, rows)
+        bench_shape(name, args.tokens, not args.no_compile, rows, set(args.only.split(",")))
     table = render(rows, ceil)
     print(table)
     if args.json:
