@@ -55,12 +55,14 @@ def nf4_linear(linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
 
 
 def base_linear(n_in: int, n_out: int, kind: str, dtype: torch.dtype, bias: bool = False) -> nn.Module:
-    lin = nn.Linear(n_in, n_out, bias=bias, device=device())
+    """A frozen nn.Linear, or a Linear4bit quantized from it (as trainer.models.load_model does)."""
+    with torch.device(device()):
+        lin = nn.Linear(n_in, n_out, bias=bias, dtype=dtype)
     with torch.no_grad():
         lin.weight.normal_(0, n_in**-0.5)
         if bias:
             lin.bias.normal_(0, 0.1)
-    lin = lin.to(dtype).requires_grad_(False)
+    lin.requires_grad_(False)
     return lin if kind == "linear" else nf4_linear(lin, dtype)
 
 
@@ -125,8 +127,8 @@ def test_lora_linear_matches_float64_and_the_plain_path(lead, bias, kind, mode):
     dy = torch.randn(*lead, 160, device=device())
     params = [x, m.lora_A.weight, m.lora_B.weight]
 
+    m.use_kernel = False
     plain = run(lambda: m(x), params, dy, autocast)
-    assert not m.uses_kernel(x)  # CPU and use_kernel unset: LoRALinear kept the plain path above
     fused = run(lambda: lora_linear(x, m.base_layer, m.lora_A.weight, m.lora_B.weight, m.scaling), params, dy,
                 autocast)
 
@@ -191,13 +193,12 @@ def test_lora_linear_routes_to_the_fused_function_only_without_dropout():
 
 
 def mlp_modules(kind: str, dtype: torch.dtype, fused_gate_up: bool, adapt_up: bool, hidden: int = 96,
-                inter: int = 160) -> tuple[nn.Module, nn.Module | None, nn.Module]:
+                inter: int = 160, r: int = 8) -> tuple[nn.Module, nn.Module | None, nn.Module]:
+    down = adapted(base_linear(inter, hidden, kind, dtype), r)
     if fused_gate_up:
-        return adapted(base_linear(hidden, 2 * inter, kind, dtype)), None, adapted(base_linear(inter, hidden, kind,
-                                                                                                dtype))
+        return adapted(base_linear(hidden, 2 * inter, kind, dtype), r), None, down
     up = base_linear(hidden, inter, kind, dtype)
-    return (adapted(base_linear(hidden, inter, kind, dtype)), adapted(up) if adapt_up else up,
-            adapted(base_linear(inter, hidden, kind, dtype)))
+    return adapted(base_linear(hidden, inter, kind, dtype), r), adapted(up, r) if adapt_up else up, down
 
 
 def plain_mlp(x, gate, up, down, activation):
@@ -282,6 +283,50 @@ def test_gated_backward_in_place_matches_float64(halves, activation):
     assert_close(gate, dg64, torch.bfloat16, "dgate")
     assert_close(up, du64, torch.bfloat16, "dup")
     assert_close(dh, h64, torch.bfloat16, "h")
+
+
+# --- full size (GPU): Llama-3-8B and Gemma-7B shapes, 2 x 2048 tokens, NF4 base, bf16 autocast, r = 32 -----
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_in,n_out", [(4096, 14336), (14336, 4096), (4096, 1024)], ids=str)
+def test_lora_linear_full_size(n_in, n_out):
+    torch.manual_seed(n_in + n_out)
+    m = adapted(base_linear(n_in, n_out, "nf4", torch.bfloat16), r=32, alpha=16)
+    x = torch.randn(2, 2048, n_in, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(2, 2048, n_out, device="cuda")
+    params = [x, m.lora_A.weight, m.lora_B.weight]
+    assert m.uses_kernel(x)  # on CUDA by default
+    fused = run(lambda: m(x), params, dy, torch.bfloat16)
+    m.use_kernel = False
+    plain = run(lambda: m(x), params, dy, torch.bfloat16)
+    x64 = _r(x, None)
+    m.A64, m.B64 = _r(m.lora_A.weight, torch.bfloat16), _r(m.lora_B.weight, torch.bfloat16)
+    y64 = linear64(x64, m, torch.bfloat16)
+    ref = [y64.detach(), *torch.autograd.grad(y64, [x64, m.A64, m.B64], dy.double())]
+    check(fused, plain, ref, ["y", "dx", "dA", "dB"], torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hidden,inter,activation", [(4096, 14336, "silu"), (3072, 24576, "gelu_tanh")], ids=str)
+def test_lora_mlp_full_size(hidden, inter, activation):
+    torch.manual_seed(inter)
+    gate, up, down = mlp_modules("nf4", torch.bfloat16, False, True, hidden=hidden, inter=inter, r=32)
+    x = torch.randn(2, 2048, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(2, 2048, hidden, device="cuda")
+    loras = [gate, up, down]
+    params = [x] + [p for m in loras for p in (m.lora_A.weight, m.lora_B.weight)]
+    assert mlp_uses_kernel(x, gate, up, down)
+    fused = run(lambda: lora_mlp(x, gate, up, down, activation), params, dy, torch.bfloat16)
+    for m in loras:
+        m.use_kernel = False
+    plain = run(lambda: plain_mlp(x, gate, up, down, activation), params, dy, torch.bfloat16)
+    x64 = _r(x, None)
+    for m in loras:
+        m.A64, m.B64 = _r(m.lora_A.weight, torch.bfloat16), _r(m.lora_B.weight, torch.bfloat16)
+    y64 = mlp64(x64, gate, up, down, activation, torch.bfloat16)
+    ref = [y64.detach(), *torch.autograd.grad(y64, [x64] + [t for m in loras for t in (m.A64, m.B64)], dy.double())]
+    check(fused, plain, ref, ["y", "dx", "gate.A", "gate.B", "up.A", "up.B", "down.A", "down.B"], torch.bfloat16)
 
 
 # --- through the decoder, with gradient checkpointing --------------------------------------------------
