@@ -226,8 +226,9 @@ def bench_shape(name: str, tokens: int, compile_too: bool, rows: list[Row], only
         return kernels.rms_norm(s_, w, 1e-6, off), s_
 
     if "add_rms_norm" in only:
-        _run("add_rms_norm", name, _impls(add_norm_plain, add_norm_fused, compile_too, unfused=add_then_norm_kernel),
-             add_norm_inputs, 3 * tokens * d * esize, rows, True, bytes_fwd_bwd=8 * tokens * d * esize + tokens * 4 * 2)
+        _run("add_rms_norm", name,
+             _impls(add_norm_plain, add_norm_fused, compile_too, unfused=add_then_norm_kernel), add_norm_inputs,
+             3 * tokens * d * esize, rows, True, bytes_fwd_bwd=8 * tokens * d * esize + tokens * 4 * 2)
 
     # Gated activation over [B, T, intermediate]: fwd reads gate, up, writes out; bwd reads dout, gate, up,
     # writes dgate, dup.

@@ -114,9 +114,9 @@ def _backward(dy2: torch.Tensor, ds2: torch.Tensor | None, x2: torch.Tensor, wei
     dw_partial = torch.zeros((max(programs, 1), n_cols), dtype=torch.float32, device=x2.device)
     if n_rows:
         ds_arg = dy2 if ds2 is None else ds2  # placeholder when ADD_DS is False
-        _rms_norm_bwd[(programs,)](dy2, ds_arg, x2, weight, rstd, dx, dw_partial, dy2.stride(0), ds_arg.stride(0),
-                                   x2.stride(0), dx.stride(0), n_rows, n_cols, offset, ROWS=rows, BLOCK=block,
-                                   ADD_DS=ds2 is not None, num_warps=warps)
+        _rms_norm_bwd[(programs,)](dy2, ds_arg, x2, weight, rstd, dx, dw_partial, dy2.stride(0),
+                                   ds_arg.stride(0), x2.stride(0), dx.stride(0), n_rows, n_cols, offset,
+                                   ROWS=rows, BLOCK=block, ADD_DS=ds2 is not None, num_warps=warps)
     return dx, dw_partial
 
 

@@ -51,7 +51,7 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps, self.offset)
 
     def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x + residual, this norm of it) in one pass: the residual stream and the normed input of the next block."""
+        """(x + residual, its norm) in one pass: the residual stream and the next block's normed input."""
         return add_rms_norm(x, residual, self.weight, self.eps, self.offset)
 
 

@@ -23,7 +23,8 @@ def kernels_enabled(t: torch.Tensor) -> bool:
     """
     mode = os.environ.get("TRAINER_KERNELS", "1")
     if mode == "interpret" and not t.is_cuda:
-        assert os.environ.get("TRITON_INTERPRET") == "1", "TRAINER_KERNELS=interpret on CPU needs TRITON_INTERPRET=1"
+        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+        assert interpreted, "TRAINER_KERNELS=interpret on CPU needs TRITON_INTERPRET=1"
         return True
     return t.is_cuda and mode != "0"
 
