@@ -19,11 +19,12 @@ The gated MLP, down(act(gate(x)) * up(x)) with each projection as above, is one 
 forward keeps only x, the LoRA factors and the three small xa's. The backward recomputes gate(x) and
 up(x) (two matmuls) instead of saving them, and its Triton kernel overwrites gate with dgate, up with
 dup and dh with h in place. At 2 x 2048 tokens, Llama-3-8B shape (intermediate 14336, bf16), one
-[tokens x intermediate] tensor is 117 MB; the plain path keeps gate, up, act(gate) * up and the
-LoRA branches' bf16 copies of x and h, about 450 MB per layer until that layer's backward (14 GB
-over 32 layers without gradient checkpointing); this Function keeps the 32 MB input, which the
-residual stream holds anyway. With gradient checkpointing on, the layer is recomputed anyway and
-`recompute=False` trades 234 MB of one layer's backward for the two matmuls.
+[tokens x intermediate] tensor is 117 MB; the plain path keeps gate and up (for the activation's
+backward), a bf16 copy of h = act(gate) * up (down's LoRA branch) and two bf16 copies of x (gate's
+and up's LoRA branches): 3 x 117 + 2 x 32 = about 415 MB per layer until that layer's backward, 13 GB
+over 32 layers without gradient checkpointing. This Function keeps x (32 MB) and the small factors.
+With gradient checkpointing the layer's forward runs again right before its backward, so there
+`recompute=False` (keep gate and up: 234 MB for one layer at a time) saves the two extra matmuls.
 
 dtypes follow the plain path (trainer.lora.LoRALinear over nn.Linear or Linear4bit) exactly: under
 torch.autocast every product runs in the autocast dtype (the float32 LoRA weights are cast to it, as
