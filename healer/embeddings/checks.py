@@ -1,4 +1,4 @@
-"""Doctor checks on embeddings and weights: untrained rows, NaN/Inf values.
+"""Doctor checks on embeddings and weights: untrained rows (stop tokens among them), NaN/Inf values.
 
 Only the input embedding and lm_head are read (row chunks through plain file reads), once
 per checkpoint: both embedding checks share one scan. `weights.nonfinite` streams every
@@ -17,7 +17,7 @@ from healer.checkpoint import Checkpoint
 from healer.doctor import Check, Context
 from healer.embeddings.repair import EmbeddingNames, checkpoint_untrained_rows
 from healer.embeddings.rows import EPS, StoredMatrix, row_absmax, row_chunks, stored_matrix
-from healer.embeddings.usage import Vocab, describe, load_vocab, protected_ids, token_use
+from healer.embeddings.usage import Vocab, describe, load_vocab, protected_ids, special_token_ids, token_use
 from healer.errors import CheckpointError
 from healer.report import Finding
 
@@ -89,6 +89,61 @@ def check_untrained(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
     )]
 
 
+STOP_ROLES = ("eos", "config.eos_token_id", "generation_config.eos_token_id")
+END_OF_TURN = "template end of turn"
+
+
+def stop_token_ids(ckpt: Checkpoint, vocab: Vocab | None) -> dict[int, list[str]]:
+    """id -> why generation stops at it: eos_token, the config/generation_config eos ids, the template's end of turn."""
+    from healer.templates.checks import template_end_of_turn
+
+    out = {i: [r for r in roles if r in STOP_ROLES] for i, roles in special_token_ids(ckpt, vocab).items()}
+    out = {i: roles for i, roles in out.items() if roles}
+    eot = template_end_of_turn(ckpt) if vocab is not None and ckpt.has_tokenizer else None
+    eot_id = vocab.token_to_id(eot) if eot is not None else None
+    if eot_id is not None:
+        out.setdefault(eot_id, []).append(END_OF_TURN)
+    return dict(sorted(out.items()))
+
+
+def check_untrained_stop_tokens(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
+    """Tokens generation stops at (eos ids, the template's end of turn) with an untrained embedding or lm_head row.
+
+    embeddings.untrained leaves bos/eos/pad/unk out by design (a zero pad row is normal), so a base model
+    whose eos was switched to a token it never trained (Llama 3's <|eot_id|>) is caught here instead.
+    """
+    if not ckpt.has_weights or ckpt.embed_name is None:
+        return []
+    names = EmbeddingNames.of(ckpt)
+    zero = {name: _absmax(ckpt, name) <= EPS for name in filter(None, (names.embed, names.lm_head))}
+    if not any(bool(z.any()) for z in zero.values()):
+        return []  # healthy: no need to load the tokenizer or render the template
+    vocab = _vocab(ckpt)
+    stops = stop_token_ids(ckpt, vocab)
+    bad = {i: [name for name, z in zero.items() if i < len(z) and bool(z[i])] for i in stops}
+    bad = {i: where for i, where in bad.items() if where}
+    if not bad:
+        return []
+    tokens = [{**d, "stops_as": stops[d["id"]], "untrained_in": bad[d["id"]]} for d in describe(list(bad), vocab)]
+    shown = "; ".join(f"{t['token']!s} (id {t['id']}: {', '.join(t['stops_as'])}; zero in {', '.join(t['untrained_in'])})"
+                      for t in tokens)
+    # healer fix repairs the untrained rows of special and template tokens, but never protected (bos/eos/pad/unk)
+    # rows, nor a zero lm_head row whose embedding row is trained
+    repairable = checkpoint_untrained_rows(ckpt, protected_ids(ckpt, vocab), absmax=_absmax(ckpt, names.embed))
+    if set(bad) <= set(repairable):
+        fix = _fix_command(ckpt)
+    else:
+        modules = "embed_tokens,lm_head" if names.lm_head else "embed_tokens"
+        fix = f"train these rows: trainer run --model {ckpt.path} ... --modules-to-save {modules}"
+    return [Finding(
+        "embeddings.untrained_stop_token", "warning",
+        f"{len(bad)} token(s) that end generation have untrained rows (all values within {EPS:g} of 0): {shown}. "
+        "Generation stops only when the model predicts one of them, and an untrained row holds nothing it "
+        "learned about that token.",
+        fix=fix, details={"tokens": tokens},
+    )]
+
+
 def check_embeddings_nonfinite(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
     """NaN or Inf anywhere in the input embedding or lm_head."""
     if not ckpt.has_weights or ckpt.embed_name is None:
@@ -136,4 +191,5 @@ def check_weights_nonfinite(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
                     details={"tensors": bad})]
 
 
-CHECKS: list[Check] = [check_untrained, check_embeddings_nonfinite, check_weights_nonfinite]
+CHECKS: list[Check] = [check_untrained, check_untrained_stop_tokens, check_embeddings_nonfinite,
+                       check_weights_nonfinite]

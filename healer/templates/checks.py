@@ -86,7 +86,7 @@ def check_template(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
             details={"markers": {m: ids for m, ids in not_single.items()},
                      "template": entry.name if entry else None},
         ))
-    eot = entry.end_of_turn(ckpt.special_token("eos")) if entry else end_of_turn(rendered, ckpt)
+    eot = _end_of_turn(ckpt, entry, rendered)
     if eot is not None and eot not in not_single:  # a marker that is no token cannot be an eos id
         findings.extend(_eos_mismatch(ckpt, tok, eot))
     return findings
@@ -102,6 +102,16 @@ def _registry_entry(ckpt: Checkpoint):
     except TemplateError:
         return None
     return get(name) if name else None
+
+
+def template_end_of_turn(ckpt: Checkpoint) -> str | None:
+    """The token the checkpoint's chat template ends assistant turns with (None: no template, or it writes none)."""
+    rendered = render_sample(ckpt)
+    return None if rendered is None else _end_of_turn(ckpt, _registry_entry(ckpt), rendered)
+
+
+def _end_of_turn(ckpt: Checkpoint, entry, rendered: str) -> str | None:
+    return entry.end_of_turn(ckpt.special_token("eos")) if entry else end_of_turn(rendered, ckpt)
 
 
 def end_of_turn(rendered: str, ckpt: Checkpoint) -> str | None:
