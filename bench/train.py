@@ -258,7 +258,10 @@ def _selected(only: str | None) -> list[str]:
 
 
 def merge_reports(paths: list[str]) -> tuple[dict, dict]:
-    """Meta and results of several --json files of one shape; a repeated variant is named after its file."""
+    """Meta and results of several --json files of one shape.
+
+    A --max-seq-only result joins the timed row of the same variant and --gc mode; other repeats get
+    their own row, named after the --gc mode or the file."""
     meta, results = None, {}
     for path in paths:
         data = json.loads(Path(path).read_text())
@@ -274,7 +277,15 @@ def merge_reports(paths: list[str]) -> tuple[dict, dict]:
             cfg = model_config(data["shape"])
             add_mfu(data["results"], cfg, data["settings"]["seq"], data["peak_tflops"])
         for name, r in data["results"].items():
-            results[name if name not in results else f"{name} [{Path(path).stem}]"] = r
+            old = results.get(name)
+            if old is None:
+                results[name] = r
+            elif old.get("gc") != r.get("gc"):
+                results[f"{name}, gc {r['gc']}"] = r
+            elif "max_seq" in r and "tokens_per_s" not in r and "max_seq" not in old:
+                old["max_seq"] = r["max_seq"]  # a --steps 0 --max-seq run completes the row of a timed run
+            else:
+                results[f"{name} [{Path(path).stem}]"] = r
     assert meta is not None
     return meta, results
 
