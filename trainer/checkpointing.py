@@ -142,6 +142,11 @@ def set_gradient_checkpointing(model: nn.Module, mode: str) -> None:
         if isinstance(layer, OffloadedLayer):
             layers[i] = layer.layer
     decoder.gradient_checkpointing = mode == "on"
+    for layer in layers:
+        # A recomputed layer runs its forward again right before its backward, so the fused MLP keeps
+        # gate(x) and up(x) from that forward instead of recomputing them a second time (two matmuls of
+        # [tokens x hidden x intermediate] per layer; it holds them for one layer at a time).
+        layer.mlp.recompute_gate_up = mode == "off"
     if mode == "offload":
         offloader = ActivationOffloader()
         for i, layer in enumerate(layers):

@@ -30,6 +30,7 @@ from trainer.kernels.lora_fused import (  # noqa: E402
     lora_linear,
     lora_mlp,
 )
+from trainer.kernels.rope import apply_rope, rotatable_in_place  # noqa: E402
 from trainer.lora import LoRALinear, LoRASettings, apply_lora, lora_modules, mlp_uses_kernel  # noqa: E402
 from trainer.models import load_model, ops  # noqa: E402
 
@@ -192,6 +193,40 @@ def test_lora_linear_routes_to_the_fused_function_only_without_dropout():
     assert not dropped.uses_kernel(x)
 
 
+@pytest.mark.parametrize("kind", ["linear", "nf4"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_fused_q_and_k_projections_are_rotated_in_place_by_rope(monkeypatch, bias, kind):
+    """lora_linear returns a tensor of its own, not a view (autograd forbids modifying a view a custom
+    Function returned), so the RoPE kernel rotates it in place; values and gradients equal LoRALinear's plain
+    path followed by the plain rotation."""
+    torch.manual_seed(seed(bias, kind))
+    heads, kv_heads, head_dim = 4, 2, 16
+    q_proj = adapted(base_linear(96, heads * head_dim, kind, torch.float32, bias))
+    k_proj = adapted(base_linear(96, kv_heads * head_dim, kind, torch.float32, bias))
+    x = torch.randn(2, 7, 96, device=device(), requires_grad=True)
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    cos, sin = ops.rope_tables(torch.arange(7, device=device()).expand(2, 7), inv_freq)
+    dq, dk = torch.randn(2, 7, heads * head_dim, device=device()), torch.randn(2, 7, kv_heads * head_dim, device=device())
+    params = [x] + [p for m in (q_proj, k_proj) for p in (m.lora_A.weight, m.lora_B.weight)]
+
+    monkeypatch.setenv("TRAINER_KERNELS", "0")  # the plain rotation (ops.apply_rope without the kernel)
+    q_proj.use_kernel = k_proj.use_kernel = False
+    q_ref, k_ref = ops.apply_rope(q_proj(x), k_proj(x), cos, sin, head_dim)
+    ref = [q_ref.detach(), k_ref.detach(), *torch.autograd.grad((q_ref, k_ref), params, (dq, dk))]
+
+    q_proj.use_kernel = k_proj.use_kernel = True
+    q, k = q_proj(x), k_proj(x)
+    assert type(q.grad_fn).__name__ == type(k.grad_fn).__name__ == "LoRALinearFunctionBackward"
+    assert rotatable_in_place(q) and rotatable_in_place(k)
+    ptrs = q.data_ptr(), k.data_ptr()
+    q_rot, k_rot = apply_rope(q, k, cos, sin, head_dim)
+    assert (q_rot.data_ptr(), k_rot.data_ptr()) == ptrs
+    assert type(q_rot.grad_fn).__name__ == "RopeFunctionBackward"
+    fused = [q_rot.detach(), k_rot.detach(), *torch.autograd.grad((q_rot, k_rot), params, (dq, dk))]
+    for name, got, want in zip(["q", "k", "dx", "q.A", "q.B", "k.A", "k.B"], fused, ref):
+        assert_close(got, want, torch.float32, name, rtol=1e-4)  # float32 sums, in another order
+
+
 def mlp_modules(kind: str, dtype: torch.dtype, fused_gate_up: bool, adapt_up: bool, hidden: int = 96,
                 inter: int = 160, r: int = 8) -> tuple[nn.Module, nn.Module | None, nn.Module]:
     down = adapted(base_linear(inter, hidden, kind, dtype), r)
@@ -332,21 +367,6 @@ def test_lora_mlp_full_size(hidden, inter, activation):
 # --- through the decoder, with gradient checkpointing --------------------------------------------------
 
 
-class FusedMLP(nn.Module):
-    """The decoder's MLP running as one lora_mlp call; same children, so the same parameter names."""
-
-    def __init__(self, mlp: nn.Module):
-        super().__init__()
-        self.activation, self.fused = mlp.activation, mlp.fused
-        for name, child in mlp.named_children():
-            self.add_module(name, child)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = (self.gate_up_proj, None) if self.fused else (self.gate_proj, self.up_proj)
-        assert mlp_uses_kernel(x, gate, up, self.down_proj)
-        return lora_mlp(x, gate, up, self.down_proj, self.activation)
-
-
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     out = {}
@@ -358,6 +378,8 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 def decoder_loss_and_grads(path: Path, *, fused: bool, checkpointing: str, load_in_4bit: bool = False,
                            autocast: torch.dtype | None = None):
+    """(loss, LoRA grads, the autograd node of every MLP output built with grad enabled) for one step, every
+    LoRALinear forced onto its fused path (`fused`, the decoder's MLP then runs lora_mlp) or its plain one."""
     model = load_model(path, dtype=torch.float32, device=device(), load_in_4bit=load_in_4bit)
     torch.manual_seed(0)
     apply_lora(model, LoRASettings(r=4, alpha=8))
@@ -365,10 +387,15 @@ def decoder_loss_and_grads(path: Path, *, fused: bool, checkpointing: str, load_
         for m in lora_modules(model).values():
             m.lora_B.weight.normal_(0, 0.05)
             m.use_kernel = fused
-    if fused:
-        for layer in model.model.layers:
-            layer.mlp = FusedMLP(layer.mlp)
     set_gradient_checkpointing(model, checkpointing)
+    mlp_nodes = []
+
+    def record(module, args, out):
+        if out.grad_fn is not None:  # offload's first forward runs without grad; its recompute has a node
+            mlp_nodes.append(out.grad_fn)
+
+    for layer in model.model.layers:
+        layer.mlp.register_forward_hook(record)
     model.train()
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, 128, (2, 17), generator=g).to(device())
@@ -377,23 +404,29 @@ def decoder_loss_and_grads(path: Path, *, fused: bool, checkpointing: str, load_
     with torch.autocast(device().type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
         out = model(ids, labels=labels)
     out.loss.backward()
-    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out.loss.detach(), grads, mlp_nodes
 
 
 @pytest.mark.parametrize("family,load_in_4bit,autocast,checkpointing", [
-    ("llama", False, None, "on"), ("llama", False, None, "offload"), ("llama", True, None, "on"),
-    ("llama", False, torch.bfloat16, "on"), ("phi3", False, None, "offload"), ("gemma", False, None, "on")],
-    ids=["llama-on", "llama-offload", "llama-nf4-on", "llama-bf16-on", "phi3-offload", "gemma-on"])
-def test_decoder_lora_gradients_with_fused_kernels_equal_the_plain_path(tiny_models, family, load_in_4bit,
-                                                                        autocast, checkpointing):
-    """Every projection fused (attention through lora_linear, MLP through lora_mlp) and the layers
-    recomputed in backward, against the plain path without checkpointing."""
+    ("llama", False, None, "off"), ("llama", False, None, "on"), ("llama", False, None, "offload"),
+    ("llama", True, None, "on"), ("llama", False, torch.bfloat16, "on"), ("phi3", False, None, "offload"),
+    ("gemma", False, None, "on")],
+    ids=["llama-off", "llama-on", "llama-offload", "llama-nf4-on", "llama-bf16-on", "phi3-offload", "gemma-on"])
+def test_decoder_mlp_runs_lora_mlp_and_its_gradients_equal_the_plain_path(tiny_models, family, load_in_4bit,
+                                                                          autocast, checkpointing):
+    """Every projection fused (attention through lora_linear, the decoder's own MLP through lora_mlp),
+    without checkpointing (gate/up recomputed in the MLP's backward) and with the layers recomputed or
+    offloaded (gate/up kept from the layer's recompute), against the plain path without checkpointing."""
     path = tiny_models[family]
-    ref_loss, ref_grads = decoder_loss_and_grads(path, fused=False, checkpointing="off",
-                                                 load_in_4bit=load_in_4bit, autocast=autocast)
+    ref_loss, ref_grads, ref_nodes = decoder_loss_and_grads(path, fused=False, checkpointing="off",
+                                                            load_in_4bit=load_in_4bit, autocast=autocast)
     assert len(ref_grads) == 2 * 2 * (4 if family == "phi3" else 7)  # layers x (A, B) x adapted linears
-    loss, grads = decoder_loss_and_grads(path, fused=True, checkpointing=checkpointing,
-                                         load_in_4bit=load_in_4bit, autocast=autocast)
+    assert not any(type(node).__name__ == "LoRAMLPFunctionBackward" for node in ref_nodes)
+    loss, grads, nodes = decoder_loss_and_grads(path, fused=True, checkpointing=checkpointing,
+                                                load_in_4bit=load_in_4bit, autocast=autocast)
+    assert len(nodes) >= 2 and {type(node).__name__ for node in nodes} == {"LoRAMLPFunctionBackward"}
+    assert {node.recompute for node in nodes} == {checkpointing == "off"}
     assert grads.keys() == ref_grads.keys()
     if autocast is None:
         torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
@@ -405,3 +438,11 @@ def test_decoder_lora_gradients_with_fused_kernels_equal_the_plain_path(tiny_mod
     for name in grads:
         assert relative_error(grads[name], ref_grads[name]) < 2.0**-6, (name, relative_error(grads[name],
                                                                                              ref_grads[name]))
+
+
+def test_mlp_recomputes_gate_up_only_when_the_layers_are_not_recomputed(tiny_models):
+    model = load_model(tiny_models["llama"], dtype=torch.float32, device=device(), load_in_4bit=False)
+    assert [layer.mlp.recompute_gate_up for layer in model.model.layers] == [True, True]
+    for mode, recompute in [("on", False), ("off", True), ("offload", False), ("off", True)]:
+        set_gradient_checkpointing(model, mode)
+        assert [layer.mlp.recompute_gate_up for layer in model.model.layers] == [recompute] * 2, mode

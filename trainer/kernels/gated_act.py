@@ -21,7 +21,7 @@ ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
 
 
 @triton.jit
-def _act_and_grad(g, ACT: tl.constexpr):
+def act_and_grad(g, ACT: tl.constexpr):
     """act(g) and act'(g) in float32 (the forward drops act'; the compiler removes its arithmetic)."""
     if ACT == 0:
         s = tl.sigmoid(g)
@@ -50,7 +50,7 @@ def _gated_fwd(gate_ptr, up_ptr, out_ptr, gate_row_stride, up_row_stride, n_rows
     mask = (rows < n_rows) & (cols < n_cols)
     g = tl.load(gate_ptr + rows * gate_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(up_ptr + rows * up_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    a, _ = _act_and_grad(g, ACT)
+    a, _ = act_and_grad(g, ACT)
     tl.store(out_ptr + rows * n_cols + cols, (a * u).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -63,7 +63,7 @@ def _gated_bwd(dout_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, dout_row_stride, 
     do = tl.load(dout_ptr + rows * dout_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(gate_ptr + rows * gate_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(up_ptr + rows * up_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    a, da = _act_and_grad(g, ACT)
+    a, da = act_and_grad(g, ACT)
     tl.store(dgate_ptr + rows * n_cols + cols, (do * u * da).to(dgate_ptr.dtype.element_ty), mask=mask)
     tl.store(dup_ptr + rows * n_cols + cols, (do * a).to(dup_ptr.dtype.element_ty), mask=mask)
 
@@ -73,7 +73,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _grid(n_rows: int, n_cols: int) -> tuple[tuple[int, int], int, int]:
+def tile_grid(n_rows: int, n_cols: int) -> tuple[tuple[int, int], int, int]:
     """Tiles of 2048 elements (8 warps x 32 lanes x 8: 16-byte bf16 accesses): a slice of one row, or
     several short rows."""
     block = min(2048, triton.next_power_of_2(n_cols))
@@ -91,7 +91,7 @@ class GatedActivationFunction(torch.autograd.Function):
         n_rows, n_cols = g2.shape
         out = torch.empty((n_rows, n_cols), dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
         if out.numel():
-            grid, rows, block = _grid(n_rows, n_cols)
+            grid, rows, block = tile_grid(n_rows, n_cols)
             _gated_fwd[grid](g2, u2, out, g2.stride(0), u2.stride(0), n_rows, n_cols, ACT=act, ROWS=rows,
                              BLOCK=block, num_warps=8)
         ctx.save_for_backward(g2, u2)
@@ -106,7 +106,7 @@ class GatedActivationFunction(torch.autograd.Function):
         dgate = torch.empty((n_rows, n_cols), dtype=g2.dtype, device=g2.device)
         dup = torch.empty((n_rows, n_cols), dtype=u2.dtype, device=u2.device)
         if dgate.numel():
-            grid, rows, block = _grid(n_rows, n_cols)
+            grid, rows, block = tile_grid(n_rows, n_cols)
             _gated_bwd[grid](d2, g2, u2, dgate, dup, d2.stride(0), g2.stride(0), u2.stride(0), n_rows, n_cols,
                              ACT=ctx.act, ROWS=rows, BLOCK=block, num_warps=8)
         return dgate.view(ctx.shape), dup.view(ctx.shape), None

@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from trainer.kernels.gated_act import ACTIVATIONS, _act_and_grad, _grid, gated_activation
+from trainer.kernels.gated_act import ACTIVATIONS, act_and_grad, gated_activation, tile_grid
 
 # Triton reads TRITON_INTERPRET when the kernels below are decorated: the in-place kernel runs on CPU
 # tensors only if that was set then.
@@ -129,14 +129,29 @@ def _add_product(target: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: 
 
 
 def _project(x2: torch.Tensor, base: nn.Module, A: torch.Tensor | None, B: torch.Tensor | None, scale: float,
-             plan: _Plan) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(x2 W^T + b + s x2 A^T B^T in plan.out, x2 A^T in plan.lora or None without LoRA) for x2 [N, in]."""
+             plan: _Plan, lead: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(x2 W^T + b + s x2 A^T B^T in plan.out, x2 A^T in plan.lora or None without LoRA) for x2 [N, in].
+
+    The output is a new [*lead, out] tensor (lead defaults to (N,)) written through a 2-D view, so it is
+    never itself a view: the decoder's RoPE may then rotate a q or k projection in place (autograd
+    forbids in-place changes to a view that a custom Function returned).
+    """
+    w = dense_weight(base, plan.base)
     bias = None if base.bias is None else base.bias.to(plan.base)
-    y = F.linear(x2.to(plan.base), dense_weight(base, plan.base), bias).to(plan.out)
+    n = x2.shape[0]
+    y = torch.empty((*(lead if lead is not None else (n,)), w.shape[0]), dtype=plan.out, device=x2.device)
+    y2 = y.view(n, w.shape[0])
+    xb = x2.to(plan.base)
+    if plan.base != plan.out:  # a Linear4bit without autocast returns its input's dtype
+        y2.copy_(F.linear(xb, w, bias))
+    elif bias is None:
+        torch.mm(xb, w.t(), out=y2)
+    else:
+        torch.addmm(bias, xb, w.t(), out=y2)
     if A is None:
         return y, None
     xa = torch.mm(x2.to(plan.lora), A.to(plan.lora).t())
-    _add_product(y, xa, B.to(plan.lora).t(), scale)
+    _add_product(y2, xa, B.to(plan.lora).t(), scale)
     return y, xa
 
 
@@ -185,10 +200,10 @@ class LoRALinearFunction(torch.autograd.Function):
                 plan: _Plan) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         with _no_autocast(x.device.type):
-            y, xa = _project(x2, base, lora_A, lora_B, scale, plan)
+            y, xa = _project(x2, base, lora_A, lora_B, scale, plan, lead=x.shape[:-1])
         ctx.save_for_backward(x, lora_A, lora_B, xa)
         ctx.base, ctx.scale, ctx.plan = base, scale, plan
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
@@ -232,7 +247,7 @@ def _gated_bwd_in_place(gate_ptr, up_ptr, dh_ptr, gate_row_stride, up_row_stride
     g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptrs, mask=mask, other=0.0).to(tl.float32)
     d = tl.load(d_ptrs, mask=mask, other=0.0).to(tl.float32)
-    a, da = _act_and_grad(g, ACT)
+    a, da = act_and_grad(g, ACT)
     tl.store(g_ptrs, (d * u * da).to(gate_ptr.dtype.element_ty), mask=mask)
     tl.store(u_ptrs, (d * a).to(up_ptr.dtype.element_ty), mask=mask)
     tl.store(d_ptrs, (a * u).to(dh_ptr.dtype.element_ty), mask=mask)
@@ -252,7 +267,7 @@ def gated_backward_in_place(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tens
     assert g2.stride(1) == u2.stride(1) == d2.stride(1) == 1
     n_rows = g2.shape[0]
     if n_rows and n_cols:
-        grid, rows, block = _grid(n_rows, n_cols)
+        grid, rows, block = tile_grid(n_rows, n_cols)
         _gated_bwd_in_place[grid](g2, u2, d2, g2.stride(0), u2.stride(0), d2.stride(0), n_rows, n_cols,
                                   ACT=ACTIVATIONS[activation], ROWS=rows, BLOCK=block, num_warps=8)
 
@@ -291,10 +306,10 @@ class LoRAMLPFunction(torch.autograd.Function):
             h = gated_activation(gate, up, activation)
             if recompute:
                 del outs, gate, up  # free them before the down product
-            y, ha = _project(h, bases[-1], factors[-2], factors[-1], scales[-1], plans[-1])
+            y, ha = _project(h, bases[-1], factors[-2], factors[-1], scales[-1], plans[-1], lead=x.shape[:-1])
         ctx.save_for_backward(x, ha, *factors, *xas, *([] if recompute else outs))
         ctx.activation, ctx.bases, ctx.scales, ctx.plans, ctx.recompute = activation, bases, scales, plans, recompute
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):

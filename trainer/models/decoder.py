@@ -113,11 +113,19 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """down(act(gate(x)) * up(x)): SwiGLU or GeGLU."""
+    """down(act(gate(x)) * up(x)): SwiGLU or GeGLU.
+
+    Where trainer.lora.mlp_uses_kernel allows (CUDA, LoRA without dropout or frozen bases), the whole block
+    runs as one trainer.kernels.lora_fused.lora_mlp call, which keeps only x and the LoRA factors for
+    backward. `recompute_gate_up` tells it whether its backward recomputes gate(x) and up(x) (True: without
+    gradient checkpointing, where every layer's activations wait for backward) or keeps them (False:
+    set by trainer.checkpointing when the layer itself is recomputed right before its backward).
+    """
 
     def __init__(self, spec: ModelSpec):
         super().__init__()
         self.activation, self.fused = spec.activation, spec.fused_gate_up
+        self.recompute_gate_up = True
         hidden, inter = spec.hidden_size, spec.intermediate_size
         if spec.fused_gate_up:  # Phi-3; fused for the same reason as qkv_proj
             self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=spec.mlp_bias)
@@ -127,6 +135,15 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inter, hidden, bias=spec.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # imported here: trainer.lora imports trainer.models.ops, and so this package, at its top
+        from trainer.lora import mlp_uses_kernel
+
+        gate_proj, up_proj = (self.gate_up_proj, None) if self.fused else (self.gate_proj, self.up_proj)
+        if mlp_uses_kernel(x, gate_proj, up_proj, self.down_proj):
+            from trainer.kernels.lora_fused import lora_mlp  # imports Triton, which reads TRITON_INTERPRET
+
+            return lora_mlp(x, gate_proj, up_proj, self.down_proj, self.activation,
+                            recompute=self.recompute_gate_up)
         if self.fused:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
