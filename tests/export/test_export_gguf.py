@@ -46,6 +46,22 @@ def adapted(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="module")
+def exported(adapted, tmp_path_factory):
+    """(family, quant) -> gguf's reader over export.to_gguf of that family's adapter, written and parsed once:
+    parsing a 151k-token vocabulary takes gguf's reader tens of seconds, and the tests only read the file."""
+    cache: dict[tuple[str, str], gguf.GGUFReader] = {}
+
+    def get(family: str, quant: str) -> gguf.GGUFReader:
+        if (family, quant) not in cache:
+            _, adapter, _ = adapted(family)
+            path = export.to_gguf(adapter, tmp_path_factory.mktemp(f"{family}-{quant}") / "model.gguf", quant)
+            cache[family, quant] = gguf.GGUFReader(path)
+        return cache[family, quant]
+
+    return get
+
+
 def field(reader: gguf.GGUFReader, key: str):
     f = reader.fields.get(key)
     return None if f is None else f.contents()
@@ -112,13 +128,12 @@ CASES = [(f, "f16") for f in ("llama", "mistral", "qwen2", "gemma", "gemma2", "p
 
 
 @pytest.mark.parametrize("family,quant", CASES)
-def test_every_tensor_reads_back_as_the_peft_merge_in_llama_cpp_layout(tmp_path, adapted, family, quant):
-    base, adapter, merged = adapted(family)
+def test_every_tensor_reads_back_as_the_peft_merge_in_llama_cpp_layout(adapted, exported, family, quant):
+    base, _, merged = adapted(family)
     from healer.checkpoint import Checkpoint
 
     config = Checkpoint(base).config
-    path = export.to_gguf(adapter, tmp_path / "model.gguf", quant)
-    reader = gguf.GGUFReader(path)
+    reader = exported(family, quant)
     want = expected_tensors(family, config, merged)
     got = {t.name: t for t in reader.tensors}
     assert set(got) == set(want)
@@ -137,12 +152,12 @@ def test_every_tensor_reads_back_as_the_peft_merge_in_llama_cpp_layout(tmp_path,
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma", "gemma2", "phi3"])
-def test_architecture_metadata_matches_the_transformers_config(tmp_path, adapted, family):
+def test_architecture_metadata_matches_the_transformers_config(adapted, exported, family):
     from transformers import AutoConfig
 
-    base, adapter, _ = adapted(family)
+    base, _, _ = adapted(family)
     cfg = AutoConfig.from_pretrained(str(base))
-    reader = gguf.GGUFReader(export.to_gguf(adapter, tmp_path / "m.gguf", "f16"))
+    reader = exported(family, "f16")
     arch = field(reader, gguf.Keys.General.ARCHITECTURE)
     assert arch == {"llama": "llama", "qwen2": "qwen2", "gemma": "gemma", "gemma2": "gemma2", "phi3": "phi3"}[family]
     K = gguf.Keys
@@ -189,9 +204,8 @@ def test_llama3_rope_scaling_writes_the_frequency_factors_transformers_uses(tmp_
     torch.testing.assert_close(factors, plain / scaled.double(), rtol=1e-5, atol=0)
 
 
-def test_sentencepiece_vocab_equals_llama_cpps_llama_spm_gguf(tmp_path):
-    base = spm_base(tmp_path / "base", "llama")
-    reader = gguf.GGUFReader(export.to_gguf(base, tmp_path / "m.gguf", "f16"))
+def test_sentencepiece_vocab_equals_llama_cpps_llama_spm_gguf(exported):
+    reader = exported("llama", "f16")  # the tokenizer of spm_base(llama), exported with an adapter over it
     ref = testdata.gguf_vocab("llama-spm")
     K = gguf.Keys.Tokenizer
     assert field(reader, K.MODEL) == ref["model"] == "llama"
@@ -233,9 +247,8 @@ def test_chat_template_is_written_verbatim(llama3_gguf):
     assert field(reader, gguf.Keys.Tokenizer.CHAT_TEMPLATE) == testdata.template("meta-llama-Llama-3.1-8B-Instruct")
 
 
-def test_qwen2_bpe_vocab_and_pre_tokenizer_equal_llama_cpps_gguf(tmp_path, adapted):
-    base, adapter, _ = adapted("qwen2")
-    reader = gguf.GGUFReader(export.to_gguf(adapter, tmp_path / "m.gguf", "f16"))
+def test_qwen2_bpe_vocab_and_pre_tokenizer_equal_llama_cpps_gguf(exported):
+    reader = exported("qwen2", "f16")
     ref = testdata.gguf_vocab("qwen2")
     K = gguf.Keys.Tokenizer
     assert field(reader, K.PRE) == ref["pre"] == "qwen2"
