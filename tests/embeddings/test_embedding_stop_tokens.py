@@ -13,10 +13,9 @@ import torch
 from embedding_fixtures import EMBED, LM_HEAD
 from safetensors.torch import load_file, save_file
 
-import healer
 from healer.checkpoint import Checkpoint
-from healer.doctor import Context
-from healer.embeddings.checks import CHECKS, check_untrained, check_untrained_stop_tokens
+from healer.doctor import Context, all_checks
+from healer.embeddings.checks import check_untrained, check_untrained_stop_tokens
 
 CHECK = "embeddings.untrained_stop_token"
 EOT = "<|eot_id|>"
@@ -48,11 +47,20 @@ def by_id(finding) -> dict[int, dict]:
 
 
 def test_stop_token_check_is_registered_with_doctor():
-    assert check_untrained_stop_tokens in CHECKS
+    assert check_untrained_stop_tokens in all_checks()
 
 
 def test_healthy_checkpoint_gets_no_stop_token_finding(llama3_healthy):
     ckpt = Checkpoint(llama3_healthy.path)
+    assert check_untrained_stop_tokens(ckpt, Context()) == []
+
+
+def test_untrained_rows_of_tokens_that_do_not_stop_generation_give_no_stop_token_finding(llama3_healthy, tmp_path):
+    reserved = hf_tokenizer(llama3_healthy.path).convert_tokens_to_ids("<|reserved_special_token_5|>")
+    model = copy_with_zero_rows(llama3_healthy.path, tmp_path / "m", {EMBED: [reserved], LM_HEAD: [reserved]})
+    ckpt = Checkpoint(model)
+    (untrained,) = check_untrained(ckpt, Context())
+    assert untrained.details["first"][0]["id"] == reserved
     assert check_untrained_stop_tokens(ckpt, Context()) == []
 
 
@@ -71,15 +79,15 @@ def test_zeroed_eos_row_is_reported_although_untrained_rows_leave_eos_out(llama3
     assert "--modules-to-save embed_tokens,lm_head" in finding.fix
 
 
-def test_base_model_whose_eos_was_switched_to_an_untrained_eot_is_reported_by_doctor(llama3_healthy, tmp_path):
+def test_base_model_whose_eos_was_switched_to_an_untrained_eot_is_reported(llama3_healthy, tmp_path):
     eot = hf_tokenizer(llama3_healthy.path).convert_tokens_to_ids(EOT)
     model = copy_with_zero_rows(llama3_healthy.path, tmp_path / "m", {EMBED: [eot], LM_HEAD: [eot]})
     edit_json(model / "tokenizer_config.json", eos_token=EOT)
     edit_json(model / "config.json", eos_token_id=eot)
     assert hf_tokenizer(model).eos_token_id == eot
-    report = healer.diagnose(model)
-    assert "embeddings.untrained" not in report.checks()
-    (finding,) = report.by_check(CHECK)
+    ckpt = Checkpoint(model)
+    assert check_untrained(ckpt, Context()) == []
+    (finding,) = check_untrained_stop_tokens(ckpt, Context())
     assert list(by_id(finding)) == [eot]
     assert {"eos", "config.eos_token_id", "template end of turn"} <= set(by_id(finding)[eot]["stops_as"])
 
