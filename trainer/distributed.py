@@ -3,13 +3,15 @@
 Every rank builds the same model and the same step plan; each optimizer step's sequences are dealt
 round-robin to the ranks, which cut their share into micro-batches of batch_size. The loss of each
 micro-batch is divided by the target tokens of the whole step on all ranks (an all_reduce), so the
-summed gradient equals a single-process step over the same global batch. Only rank 0 writes.
+summed gradient equals a single-process step over the same global batch. Only rank 0 writes; a
+checkpoint gathers every rank's random states to it (trainer.resume).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -33,6 +35,12 @@ class DataParallel:
         t = torch.as_tensor(value, dtype=dtype, device=self.device).clone()
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
+
+    def gather_to_main(self, obj: Any) -> list[Any] | None:
+        """Every rank's `obj` (picklable), indexed by rank, on rank 0; None on the other ranks. Collective."""
+        gathered: list[Any] | None = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, gathered, dst=0)
+        return gathered
 
     def barrier(self) -> None:
         dist.barrier()

@@ -396,13 +396,15 @@ def _train(cfg: TrainConfig, console, resume: bool, dp: DataParallel | None) -> 
     from rich.console import Console
 
     from trainer.models import ModelSpec, load_model
-    from trainer.resume import ResumeError, latest_checkpoint, load_checkpoint
+    from trainer.resume import ResumeError, check_ranks, latest_checkpoint, load_checkpoint
 
     main = dp is None or dp.is_main
     console = console or Console(stderr=True, quiet=not main)
     out = check_out_dir(cfg.out)
     if resume and not is_run_dir(out):
         raise ResumeError(f"{out}: not a trainer run dir; nothing to resume")
+    if resume and (latest := latest_checkpoint(out)) is not None:
+        check_ranks(latest, dp)  # before minutes of model loading
     if dp is not None:
         dp.barrier()  # every rank has looked at the run dir before rank 0 writes to it
     model_dir = Path(cfg.model).resolve()
@@ -457,7 +459,7 @@ def _train(cfg: TrainConfig, console, resume: bool, dp: DataParallel | None) -> 
     progress = Progress()
     latest = latest_checkpoint(out) if resume else None
     if latest is not None:
-        progress = load_checkpoint(latest, model, optimizer, scheduler)
+        progress = load_checkpoint(latest, model, optimizer, scheduler, dp)
         console.print(f"resuming from {latest} (step {progress.step} of {len(plan)})")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -465,7 +467,7 @@ def _train(cfg: TrainConfig, console, resume: bool, dp: DataParallel | None) -> 
     run_steps(trained, sequences, plan, optimizer, scheduler, cfg, out=out, pad_id=pad_id, device=device,
               dtype=dtype, console=console, progress=progress, dp=dp,
               save=lambda: save_checkpoint(out, model, optimizer, scheduler, progress, settings=settings,
-                                           base_model=str(model_dir)))
+                                           base_model=str(model_dir), dp=dp))
     adapter_dir = out / "adapter"
     steps = [i + 1 for i, (loss, skipped) in enumerate(progress.history) if not skipped]
     losses = [loss for loss, skipped in progress.history if not skipped]
@@ -484,7 +486,8 @@ def run_steps(model: nn.Module, sequences: list[TrainSequence], plan: list[list[
               device: torch.device, dtype: torch.dtype, console, progress: Progress | None = None,
               dp: DataParallel | None = None, save=None) -> dict[str, Any]:
     """Run the steps of `plan` after progress.step, appending to metrics.jsonl (rank 0) and calling
-    `save()` every cfg.save_steps steps; raise TrainingDiverged after max_bad_steps bad steps in a row.
+    `save()` every cfg.save_steps steps (on every rank: it gathers their random states to rank 0);
+    raise TrainingDiverged after max_bad_steps bad steps in a row.
 
     `progress` is updated in place; the result holds its history, skipped steps, tokens and wall time."""
     progress = progress if progress is not None else Progress()
@@ -537,7 +540,7 @@ def run_steps(model: nn.Module, sequences: list[TrainSequence], plan: list[list[
                         f"{len(bad_run)} consecutive steps ({first}-{last}) had a non-finite loss or gradient; the "
                         f"run stopped. Dataset rows involved (0-based): {_rows(rows)}", list(range(first, last + 1)),
                         rows)
-                if main and save is not None and cfg.save_steps and step % cfg.save_steps == 0:
+                if save is not None and cfg.save_steps and step % cfg.save_steps == 0:
                     save()
     finally:
         if metrics is not None:

@@ -2,9 +2,14 @@
 
 A checkpoint dir `step-000120` holds the PEFT adapter (for people and tools) and `trainer_state.pt`:
 the exact trainable tensors, optimizer and scheduler states, the random states of python, numpy and
-torch, and the step reached. The step is the data position, since the step plan is a pure function
-of the config. Each checkpoint is written into a temp dir beside the others and renamed into place,
-so a kill mid-write leaves the previous checkpoints whole; the last KEEP are kept.
+torch (CPU and CUDA) of every rank, and the step reached. The step is the data position, since the
+step plan is a pure function of the config. Each checkpoint is written into a temp dir beside the
+others and renamed into place, so a kill mid-write leaves the previous checkpoints whole; the last
+KEEP are kept.
+
+Under data parallelism the ranks draw different dropout masks, so each one's random state is gathered
+to rank 0 and written in the same checkpoint (`rng_by_rank`); a resumed rank restores its own, which
+needs the same number of ranks. Checkpoints of earlier versions hold one state (`rng`), read as one rank's.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from torch import nn
 
 from healer.errors import HealerError
 from trainer.config import TrainConfig, config_fields, resolve_config
+from trainer.distributed import DataParallel
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.pt"
@@ -83,16 +89,49 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _rng_states(dp: DataParallel | None) -> list[dict[str, Any]] | None:
+    """Every rank's random states, by rank, on rank 0 (None on the others); every rank must call it."""
+    mine = _rng_state()
+    return [mine] if dp is None else dp.gather_to_main(mine)
+
+
+def _saved_rng_states(state: dict[str, Any]) -> list[dict[str, Any]]:
+    return state["rng_by_rank"] if "rng_by_rank" in state else [state["rng"]]
+
+
+def _check_ranks(path: str | Path, saved: int, dp: DataParallel | None) -> None:
+    ranks = dp.world_size if dp is not None else 1
+    if saved != ranks:
+        hint = f"torchrun --nproc-per-node {saved}" if saved > 1 else "one process (no torchrun)"
+        raise ResumeError(f"{path}: the checkpoint holds the random states of {saved} process(es) but this run has "
+                          f"{ranks}; each rank restores its own (dropout masks), so resume with {hint}")
+
+
+def check_ranks(path: str | Path, dp: DataParallel | None) -> None:
+    """ResumeError unless the checkpoint at path was written by as many ranks as this run has (one when dp is None).
+
+    Reads only the checkpoint's small entries (mmap), so a run can fail on it before loading its model."""
+    state = torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
+    _check_ranks(path, len(_saved_rng_states(state)), dp)
+
+
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The parameters that train, by name, detached and on CPU."""
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def save_checkpoint(run_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-                    progress: Progress, *, settings, base_model: str, keep: int = KEEP) -> Path:
-    """Write checkpoints/step-NNNNNN atomically and drop all but the newest `keep`; return its path."""
+                    progress: Progress, *, settings, base_model: str, keep: int = KEEP,
+                    dp: DataParallel | None = None) -> Path | None:
+    """Write checkpoints/step-NNNNNN atomically and drop all but the newest `keep`; return its path.
+
+    Under data parallelism every rank calls it (their random states are gathered) and rank 0 alone
+    writes; the other ranks return None."""
     from trainer.lora import save_adapter
 
+    rng = _rng_states(dp)
+    if rng is None:
+        return None
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{progress.step:06d}"
@@ -101,7 +140,7 @@ def save_checkpoint(run_dir: str | Path, model: nn.Module, optimizer: torch.opti
         state = {"step": progress.step, "history": progress.history, "skipped": progress.skipped,
                  "bad_run_rows": progress.bad_run_rows, "tokens": progress.tokens, "wall_s": progress.wall_s,
                  "trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "rng": _rng_state()}
+                 "scheduler": scheduler.state_dict(), "rng_by_rank": rng}
         with open(tmp / STATE_FILE, "wb") as f:
             torch.save(state, f)
             f.flush()
@@ -120,9 +159,12 @@ def save_checkpoint(run_dir: str | Path, model: nn.Module, optimizer: torch.opti
     return final
 
 
-def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> Progress:
-    """Restore trainable tensors, optimizer, scheduler and random states from a checkpoint dir."""
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+                    dp: DataParallel | None = None) -> Progress:
+    """Restore trainable tensors, optimizer, scheduler and this rank's random states from a checkpoint dir."""
     state = torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=True)
+    rng = _saved_rng_states(state)
+    _check_ranks(path, len(rng), dp)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     saved = state["trainable"]
     if params.keys() != saved.keys():
@@ -138,7 +180,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
             p.copy_(saved[name])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
+    _set_rng_state(rng[dp.rank if dp is not None else 0])
     return Progress(state["step"], [tuple(h) for h in state["history"]], list(state["skipped"]),
                     [list(r) for r in state["bad_run_rows"]], state["tokens"], state["wall_s"])
 

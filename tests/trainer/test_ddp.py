@@ -1,20 +1,26 @@
 """Data parallelism: `torchrun --nproc-per-node 2 -m trainer run` on CPU (gloo) trains the same steps as one
-process with the same global batch: equal per-step losses and final adapter, and only rank 0 writes."""
+process with the same global batch: equal per-step losses and final adapter, and only rank 0 writes. A 2-rank
+run with LoRA dropout killed with SIGTERM and resumed equals an uninterrupted 2-rank run, bit for bit."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import tiny_runs
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import cli
 from trainer.distributed import shard_step
+from trainer.resume import STATE_FILE, checkpoint_dirs, latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -29,6 +35,11 @@ def run_args(model: Path, data: Path, out: Path, mode: str) -> list[str]:
             "--epochs", "1", "--batch-size", "2", "--grad-accum", "3", "--warmup-steps", "1", "--lr", "0.01",
             "--lora-r", "4", "--load-in-16bit", "--device", "cpu", "--dtype", "float32", "--seed", "7",
             "--gradient-checkpointing", mode]
+
+
+def torchrun(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "trainer",
+            *args]
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +65,8 @@ def test_shards_of_a_step_cover_its_sequences_once_in_micro_batches_of_batch_siz
 @pytest.mark.parametrize("mode", ["off", "offload"])
 def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(llama2, chat_data, single, tmp_path, mode):
     ddp = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "trainer",
-           *run_args(llama2, chat_data, ddp, mode)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(torchrun(run_args(llama2, chat_data, ddp, mode)), cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     one, two = records(single), records(ddp)
@@ -71,3 +81,78 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(llama2, cha
     for name in x:
         torch.testing.assert_close(y[name], x[name], rtol=1e-4, atol=1e-6, msg=name)
     assert sorted(p.name for p in ddp.iterdir()) == sorted(p.name for p in single.iterdir())
+
+
+RESUME_STEPS = 16
+
+
+@pytest.fixture(scope="module")
+def varied_chat(tmp_path_factory) -> Path:
+    """16 chats whose answers say it once, twice or three times: sequences of clearly different lengths."""
+    rows = tiny_runs.chat_rows(16)
+    for i, row in enumerate(rows):
+        answer = row["messages"][1]
+        answer["content"] = " ".join([answer["content"]] * (1 + i % 3))
+    return tiny_runs.write_jsonl(tmp_path_factory.mktemp("varied") / "chat.jsonl", rows)
+
+
+def dropout_args(model: Path, data: Path, out: Path) -> list[str]:
+    # dropout > 0 and one sequence per rank per step, of different lengths: the ranks draw masks of different
+    # sizes, so their random states part and a resumed rank needs its own
+    return ["run", "--model", str(model), "--data", str(data), "--out", str(out), "--template", "llama-2",
+            "--max-steps", str(RESUME_STEPS), "--batch-size", "1", "--grad-accum", "2", "--warmup-steps", "2",
+            "--lr", "0.01", "--lora-r", "4", "--lora-dropout", "0.1", "--load-in-16bit", "--device", "cpu",
+            "--dtype", "float32", "--save-steps", "4", "--seed", "5"]
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in records(run_dir)]
+
+
+@pytest.fixture(scope="module")
+def cut(llama2, varied_chat, tmp_path_factory) -> Path:
+    """A 2-rank run with LoRA dropout, its torchrun killed with SIGTERM once the first checkpoint is written."""
+    out = tmp_path_factory.mktemp("cut") / "run"
+    proc = subprocess.Popen(torchrun(dropout_args(llama2, varied_chat, out)), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 600
+    while latest_checkpoint(out) is None and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0, err.decode()[-3000:]
+    assert len(losses(out)) < RESUME_STEPS and not (out / "adapter").exists()
+    return out
+
+
+@pytest.mark.slow
+def test_two_rank_run_with_dropout_killed_and_resumed_equals_an_uninterrupted_two_rank_run(llama2, varied_chat, cut,
+                                                                                             tmp_path):
+    whole = tmp_path / "whole"
+    proc = subprocess.run(torchrun(dropout_args(llama2, varied_chat, whole)), cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [s for s, _ in losses(whole)] == list(range(1, RESUME_STEPS + 1))
+    # the checkpoint resumed from holds two different random states, else this test could not tell them apart
+    rng = torch.load(latest_checkpoint(cut) / STATE_FILE, weights_only=True)["rng_by_rank"]
+    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
+
+    proc = subprocess.run(torchrun(["run", "--resume", str(cut)]), cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert losses(cut) == losses(whole)
+    a = load_file(cut / "adapter" / "adapter_model.safetensors")
+    b = load_file(whole / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and a
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert [p.name for p in checkpoint_dirs(cut)] == [f"step-{RESUME_STEPS - 4:06d}", f"step-{RESUME_STEPS:06d}"]
+
+
+@pytest.mark.slow
+def test_resume_of_a_two_rank_checkpoint_by_one_process_is_one_line_and_exit_2(cut, tmp_path):
+    run = shutil.copytree(cut, tmp_path / "run")
+    result = CliRunner().invoke(cli.trainer, ["run", "--resume", str(run)])
+    assert result.exit_code == 2, result.output
+    assert "random states of 2 process(es) but this run has 1" in result.output
+    assert "torchrun --nproc-per-node 2" in result.output and len(result.output.strip().splitlines()) == 1

@@ -1,16 +1,19 @@
 """Resume: a run killed with SIGTERM and resumed equals an uninterrupted run, bit for bit in float32 on CPU;
-a kill during a checkpoint write leaves the previous checkpoint whole; bad --resume input is one line, exit 2."""
+a kill during a checkpoint write leaves the previous checkpoint whole; bad --resume input is one line, exit 2.
+(The 2-rank kill-and-resume and the 2-rank checkpoint resumed by one process are in test_ddp.py.)"""
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tiny_runs
 import torch
@@ -18,7 +21,19 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import cli
-from trainer.resume import CHECKPOINTS, checkpoint_dirs, latest_checkpoint
+from trainer.distributed import DataParallel
+from trainer.lora import LoRASettings
+from trainer.resume import (
+    CHECKPOINTS,
+    STATE_FILE,
+    Progress,
+    ResumeError,
+    check_ranks,
+    checkpoint_dirs,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 24
@@ -138,6 +153,62 @@ def test_resume_with_a_shape_changing_setting_or_model_is_one_line_and_exit_2(ll
     assert os.path.isdir(latest_checkpoint(run))
 
 
+def _tiny_training_state():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    model(torch.ones(2, 4)).sum().backward()
+    opt.step()
+    sched.step()
+    return model, opt, sched
+
+
+def _draws() -> tuple:
+    return random.random(), float(np.random.rand()), torch.rand(3).tolist()
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@pytest.mark.parametrize("layout", ["per-rank", "single state of earlier versions"])
+def test_a_checkpoint_restores_the_python_numpy_and_torch_random_states_it_saved(tmp_path, layout):
+    model, opt, sched = _tiny_training_state()
+    _seed_all(3)
+    path = save_checkpoint(tmp_path, model, opt, sched, Progress(step=1, history=[(1.0, False)]),
+                           settings=LoRASettings(), base_model="m")
+    expected = _draws()
+    if layout != "per-rank":
+        # what a checkpoint written before per-rank states holds: one process's states under "rng"
+        state = torch.load(path / STATE_FILE, weights_only=True)
+        state["rng"] = state.pop("rng_by_rank")[0]
+        torch.save(state, path / STATE_FILE)
+    _seed_all(4)
+    assert _draws() != expected
+    progress = load_checkpoint(path, model, opt, sched)
+    assert progress.step == 1 and _draws() == expected
+
+
+def test_a_one_process_checkpoint_resumed_by_two_ranks_is_a_resume_error_before_any_state_changes(tmp_path):
+    model, opt, sched = _tiny_training_state()
+    path = save_checkpoint(tmp_path, model, opt, sched, Progress(step=1, history=[(1.0, False)]),
+                           settings=LoRASettings(), base_model="m")
+    weight = model[0].weight.detach().clone()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    two_ranks = DataParallel(rank=1, world_size=2, device=torch.device("cpu"))
+    for attempt in (lambda: check_ranks(path, two_ranks), lambda: load_checkpoint(path, model, opt, sched, two_ranks)):
+        with pytest.raises(ResumeError) as e:
+            attempt()
+        message = str(e.value)
+        assert "random states of 1 process(es) but this run has 2" in message and "no torchrun" in message
+        assert "\n" not in message
+    assert torch.equal(model[0].weight, weight + 1.0)
+    check_ranks(path, None)
+
+
 class RunsOutOfMemory(torch.nn.Module):
     """The model, raising the CUDA allocator's error from the third forward on (as a long batch would)."""
 
@@ -158,9 +229,8 @@ def test_out_of_memory_names_the_batch_and_the_flags_and_keeps_the_last_checkpoi
     from trainer.config import TrainConfig
     from trainer.data import IGNORE_INDEX, Example, as_sequences
     from trainer.loop import OutOfMemory, run_steps
-    from trainer.lora import LoRASettings, apply_lora, trainable_parameters
+    from trainer.lora import apply_lora, trainable_parameters
     from trainer.models import load_model
-    from trainer.resume import Progress, save_checkpoint
 
     builders.save_tiny_model(tmp_path / "m", "llama", 128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     model = load_model(tmp_path / "m", dtype=torch.float32, device="cpu", load_in_4bit=False)
