@@ -6,7 +6,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: CI runs the kernels on CPU
 
 import pytest  # noqa: E402
-from kernel_checks import DTYPES, device, relative_error  # noqa: E402
+from kernel_checks import DTYPES, device, relative_error, seed, store_rounding_ulps  # noqa: E402
 
 from trainer.kernels.fused_linear_ce import fused_linear_cross_entropy  # noqa: E402
 from trainer.models import ops  # noqa: E402
@@ -55,6 +55,18 @@ def _float64_truth(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, soft
     return loss, dh.view(h.shape), dw
 
 
+def _error_ratio(dtype: torch.dtype) -> float:
+    """How much further from float64 than the plain path a fused gradient may be (see _check)."""
+    # The two paths differ in how each element of dloss/dlogits is rounded to the model dtype (the kernel's
+    # store; autograd's cast back from float32 on the plain path) and in float32 summation order. With both
+    # rounding to nearest the fused gradient's error equals the plain path's give or take half (the rounding
+    # of individual terms falls differently; interpreted fp16, which rounds to nearest: at most 1.0x over 30
+    # seeds per case). A kernel store whose rounding error can be twice torch's (the interpreter truncates to
+    # bfloat16: up to 1 ulp against 1/2) adds up to twice the error: measured up to 1.7x the plain path's
+    # over 150 seeds per case.
+    return 1.5 * store_rounding_ulps(dtype) / 0.5
+
+
 def _check(h, w, targets, dtype, chunk_size=None, **kw) -> None:
     loss = fused_linear_cross_entropy(h, w, targets, chunk_size=chunk_size, **kw)
     dh, dw = torch.autograd.grad(loss, (h, w))
@@ -64,11 +76,11 @@ def _check(h, w, targets, dtype, chunk_size=None, **kw) -> None:
     # Same logits, float32 statistics on both sides: only summation order differs.
     assert torch.allclose(loss, loss_plain, rtol=1e-5, atol=1e-6), (loss.item(), loss_plain.item())
     # Gradients are sums over V (dh) or tokens (dW) of terms rounded to the model dtype, so they are
-    # judged as whole tensors against float64: no further from it than the plain path is, give or take
-    # half (the rounding of individual terms falls differently), plus float32 noise.
+    # judged as whole tensors against float64: no further from it than the plain path is, by the ratio
+    # that the two paths' roundings allow (_error_ratio), plus float32 noise.
     for name, got, plain, exact in (("dh", dh, dh_plain, dh64), ("dw", dw, dw_plain, dw64)):
         err, err_plain = relative_error(got, exact), relative_error(plain, exact)
-        assert err <= 1.5 * err_plain + 1e-6, (name, err, err_plain)
+        assert err <= _error_ratio(dtype) * err_plain + 1e-6, (name, err, err_plain)
         assert torch.isfinite(got).all(), name
 
 
@@ -77,7 +89,7 @@ def _check(h, w, targets, dtype, chunk_size=None, **kw) -> None:
 @pytest.mark.parametrize("dims", [(2, 19, 64, 1000, 8), (1, 23, 96, 3001, None)],
                          ids=["v1000-chunks", "v3001-onechunk"])
 def test_fused_loss_and_grads_match_lm_head_plus_causal_lm_loss(dims, dtype, softcap):
-    torch.manual_seed(hash((dims, str(dtype), softcap)) % 2**31)
+    torch.manual_seed(seed(dims, str(dtype), softcap))
     batch, seq, hidden, vocab, chunk = dims
     h, w, targets = _inputs(batch, seq, hidden, vocab, dtype, logit_scale=4.0)
     _check(h, w, targets, dtype, chunk_size=chunk, softcap=softcap)
@@ -127,9 +139,9 @@ def test_frozen_head_and_no_grad_paths_give_the_same_loss():
     loss_ref, dh_plain, _ = _plain_path(h, w, targets)
     _, dh64, _ = _float64_truth(h, w, targets)
     assert torch.allclose(loss, loss_ref, rtol=1e-5)
-    # The backward scales the precomputed bf16 gradient by grad_output (2.5 here): one more rounding,
-    # at most 2**-8 relative.
-    assert relative_error(dh, 2.5 * dh64) <= 1.5 * relative_error(dh_plain, dh64) + 2.0**-8
+    # The backward scales the precomputed bf16 gradient by grad_output (2.5 here): one more rounding
+    # (torch's, to nearest), at most 2**-8 relative.
+    assert relative_error(dh, 2.5 * dh64) <= _error_ratio(torch.bfloat16) * relative_error(dh_plain, dh64) + 2.0**-8
     with torch.no_grad():
         assert torch.allclose(fused_linear_cross_entropy(h, w, targets), loss_ref, rtol=1e-5)
 
