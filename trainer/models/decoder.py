@@ -15,14 +15,16 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from trainer.models.ops import (
+    LayerMask,
     add_rms_norm,
     apply_rope,
     attention,
-    attention_mask,
     causal_lm_loss,
     document_ids,
+    flex_attention_enabled,
     gated_activation,
     kernels_enabled,
+    layer_masks,
     logit_softcap,
     rms_norm,
     rope_tables,
@@ -94,7 +96,7 @@ class Attention(nn.Module):
         self.sliding_window = spec.sliding_windows[layer_idx]
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                masks: dict[int | None, torch.Tensor | None]) -> torch.Tensor:
+                masks: dict[int | None, LayerMask]) -> torch.Tensor:
         s = self.spec
         b, t, _ = x.shape
         if s.fused_qkv:
@@ -170,7 +172,7 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(spec)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                masks: dict[int | None, torch.Tensor | None]) -> torch.Tensor:
+                masks: dict[int | None, LayerMask]) -> torch.Tensor:
         h = self.self_attn(self.input_layernorm(x), cos, sin, masks)
         # The residual add is fused with the norm that follows it inside the layer. The layer's last add
         # is not fused with the next layer's input norm: checkpointing (trainer/checkpointing.py) keeps
@@ -206,8 +208,8 @@ class Decoder(nn.Module):
                 documents: torch.Tensor | None) -> torch.Tensor:
         h = self.embed(input_ids)
         cos, sin = self.rotary_emb(position_ids)
-        masks = {w: attention_mask(documents, input_ids.shape[1], w, input_ids.device)
-                 for w in set(self.spec.sliding_windows)}
+        masks = layer_masks(documents, input_ids.shape[1], self.spec.sliding_windows, input_ids.device,
+                            flex=flex_attention_enabled(input_ids), softcap=self.spec.attn_softcap is not None)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
                 h = checkpoint(layer, h, cos, sin, masks, use_reentrant=False)

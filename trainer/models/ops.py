@@ -7,12 +7,17 @@ here too, so a FlexAttention/varlen path can replace `attention_mask` + `attenti
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 IGNORE_INDEX = -100
+# What `attention` takes: None (plain causal), a dense boolean mask, or a FlexAttention BlockMask.
+LayerMask = torch.Tensor | BlockMask | None
 
 
 def kernels_enabled(t: torch.Tensor) -> bool:
@@ -132,14 +137,75 @@ def attention_mask(documents: torch.Tensor | None, seq_len: int, sliding_window:
     return allowed[:, None]
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *,
+def block_mask(documents: torch.Tensor | None, seq_len: int, sliding_window: int | None,
+               device: torch.device) -> BlockMask:
+    """FlexAttention's BlockMask for the same rule as `attention_mask` (causal, same document, window)."""
+    def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        allowed = q_idx >= kv_idx
+        if sliding_window is not None:
+            allowed = allowed & (q_idx - kv_idx < sliding_window)
+        if documents is not None:
+            allowed = allowed & (documents[b, q_idx] == documents[b, kv_idx])
+        return allowed
+
+    batch = None if documents is None else documents.shape[0]
+    # Compiled, the mask is built block by block; eager, it materializes [B, T, T] once.
+    return create_block_mask(mask_mod, batch, None, seq_len, seq_len, device=device,
+                             _compile=torch.device(device).type == "cuda")
+
+
+def flex_attention_enabled(t: torch.Tensor) -> bool:
+    """FlexAttention replaces dense masks and eager softcap scores on CUDA (TRAINER_KERNELS=0: off).
+
+    Not on the CPU, even under TRAINER_KERNELS=interpret: there FlexAttention has no backward.
+    """
+    return t.is_cuda and os.environ.get("TRAINER_KERNELS", "1") != "0"
+
+
+def layer_masks(documents: torch.Tensor | None, seq_len: int, sliding_windows: Iterable[int | None],
+                device: torch.device, *, flex: bool,
+                softcap: bool = False) -> dict[int | None, LayerMask]:
+    """The mask for each distinct sliding window, built once per forward and shared by the layers.
+
+    Plain: `attention_mask`'s dense mask (None for plain causal). flex: a BlockMask wherever a mask or
+    the score softcap is needed, None where plain causal SDPA (flash) serves.
+    """
+    masks: dict[int | None, LayerMask] = {}
+    for w in set(sliding_windows):
+        dense_needed = documents is not None or (w is not None and w < seq_len)
+        if flex and (dense_needed or softcap):
+            masks[w] = block_mask(documents, seq_len, w, device)
+        else:
+            masks[w] = attention_mask(documents, seq_len, w, device)
+    return masks
+
+
+@functools.cache
+def _compiled_flex_attention() -> Callable[..., torch.Tensor]:
+    # Eager flex_attention materializes the scores; only the compiled one is a fused kernel.
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: LayerMask, *,
               scale: float, softcap: float | None = None) -> torch.Tensor:
     """Softmax attention [B, H, T, D] over q [B, H, T, D], k/v [B, KV, T, D] (grouped-query).
 
-    mask None means plain causal; otherwise a boolean mask from `attention_mask`. `softcap` applies
-    cap * tanh(scores / cap) to the scaled scores before masking (Gemma 2).
+    mask None means plain causal; a boolean mask from `attention_mask`, or a BlockMask from
+    `block_mask` (FlexAttention). `softcap` applies cap * tanh(scores / cap) to the scaled scores
+    before masking (Gemma 2).
     """
     groups = q.shape[1] // k.shape[1]
+    if isinstance(mask, BlockMask):
+        score_mod = None
+        if softcap is not None:
+            cap = float(softcap)
+
+            def score_mod(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor,
+                          kv_idx: torch.Tensor) -> torch.Tensor:
+                return cap * torch.tanh(score / cap)
+
+        flex = _compiled_flex_attention() if q.is_cuda else flex_attention
+        return flex(q, k, v, score_mod=score_mod, block_mask=mask, scale=scale, enable_gqa=groups > 1)
     if softcap is None and mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=groups > 1)
     # Explicit masks: expand the kv heads, as SDPA's memory-efficient backend does not take enable_gqa.
