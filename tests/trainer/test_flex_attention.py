@@ -21,7 +21,7 @@ def _documents(lengths: list[int]) -> torch.Tensor:
 
 def _reference(q, k, v, doc_lengths, window, softcap, scale):
     """float64 attention with an explicit per-element mask."""
-    q, k, v = (t.double() for t in (q, k, v))
+    q, k, v = (t.double().cpu() for t in (q, k, v))
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     seq_len = q.shape[2]
@@ -47,8 +47,11 @@ CASES = {
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+])
 @pytest.mark.parametrize("case", CASES)
-def test_flex_attention_matches_float64_reference_and_dense_path(case):
+def test_flex_attention_matches_float64_reference_and_dense_path(case, device):
     doc_lengths, window, softcap = CASES[case]
     seq_len = sum(doc_lengths)
     gen = torch.Generator().manual_seed(seq_len)
@@ -57,23 +60,25 @@ def test_flex_attention_matches_float64_reference_and_dense_path(case):
     k = torch.randn(1, KV_HEADS, seq_len, HEAD_DIM, generator=gen) * 3
     v = torch.randn(1, KV_HEADS, seq_len, HEAD_DIM, generator=gen)
     grad_out = torch.randn(1, HEADS, seq_len, HEAD_DIM, generator=gen)
+    q, k, v, grad_out = (t.to(device) for t in (q, k, v, grad_out))
     scale = HEAD_DIM ** -0.5
-    documents = _documents(doc_lengths) if len(doc_lengths) > 1 else None
+    documents = _documents(doc_lengths).to(device) if len(doc_lengths) > 1 else None
     masks = {
         flex: ops.layer_masks(documents, seq_len, [window], q.device, flex=flex, softcap=softcap is not None)[window]
         for flex in (False, True)
     }
     assert isinstance(masks[True], ops.BlockMask)
 
-    backward = {False: True, True: q.is_cuda}
+    backward = {False: True, True: q.is_cuda}  # FlexAttention has no backward on the CPU
 
     def run(fn, with_grads):
         leaves = [t.clone().requires_grad_(with_grads) for t in (q, k, v)]
         out = fn(*leaves)
+        out = out.double().cpu()
         if not with_grads:
-            return out.double(), None
-        (out.double() * grad_out.double()).sum().backward()
-        return out.double(), [t.grad.double() for t in leaves]
+            return out, None
+        (out * grad_out.double().cpu()).sum().backward()
+        return out, [t.grad.double().cpu() for t in leaves]
 
     ref_out, ref_grads = run(lambda *a: _reference(*a, doc_lengths, window, softcap, scale), True)
     for flex, mask in masks.items():
