@@ -79,18 +79,24 @@ def first_difference(a: Sequence[int], b: Sequence[int]) -> int:
     return min(len(a), len(b))
 
 
+def fast_encode(fast: Tokenizer, texts: list[str], *, specials_as_text: bool) -> list[list[int]]:
+    """`fast`'s ids for `texts` without added BOS/EOS; special-token text matched as ids unless
+    `specials_as_text` (the tokenizer's own setting is restored afterwards)."""
+    previous = fast.encode_special_tokens
+    fast.encode_special_tokens = specials_as_text
+    try:
+        return [e.ids for e in fast.encode_batch(texts, add_special_tokens=False)]
+    finally:
+        fast.encode_special_tokens = previous
+
+
 def compare_encodings(sp: spm.SentencePieceProcessor, fast: Tokenizer, strings: Iterable[str]) -> Comparison:
     """Encode and round-trip `strings` with both tokenizers; list every disagreement."""
     texts = list(strings)
     if not texts:
         return Comparison(0)
     sp_ids = sp.encode(texts)
-    previous = fast.encode_special_tokens
-    fast.encode_special_tokens = True
-    try:
-        fast_ids = [e.ids for e in fast.encode_batch(texts, add_special_tokens=False)]
-    finally:
-        fast.encode_special_tokens = previous
+    fast_ids = fast_encode(fast, texts, specials_as_text=True)
     sp_text = sp.decode(sp_ids)
     fast_text = fast.decode_batch(fast_ids, skip_special_tokens=False)
     mismatches = [
@@ -136,12 +142,7 @@ def compare_around_specials(sp: spm.SentencePieceProcessor, fast: Tokenizer, spe
     if not texts:
         return Comparison(0)
     want = encode_by_segments(sp, texts, specials)
-    previous = fast.encode_special_tokens
-    fast.encode_special_tokens = False
-    try:
-        got = [e.ids for e in fast.encode_batch(texts, add_special_tokens=False)]
-    finally:
-        fast.encode_special_tokens = previous
+    got = fast_encode(fast, texts, specials_as_text=False)
     return Comparison(len(texts), [Mismatch(t, a, b, first_difference(a, b))
                                    for t, a, b in zip(texts, want, got) if a != b])
 

@@ -4,7 +4,6 @@ run with LoRA dropout killed with SIGTERM and resumed equals an uninterrupted 2-
 
 from __future__ import annotations
 
-import json
 import shutil
 import signal
 import subprocess
@@ -50,10 +49,6 @@ def single(llama2, chat_data, tmp_path_factory) -> Path:
     return out
 
 
-def records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_shards_of_a_step_cover_its_sequences_once_in_micro_batches_of_batch_size():
     step = [[5, 1], [7, 2], [9]]
     shards = [shard_step(step, r, 2, 2) for r in range(2)]
@@ -69,7 +64,7 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(llama2, cha
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    one, two = records(single), records(ddp)
+    one, two = tiny_runs.metrics(single), tiny_runs.metrics(ddp)
     assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3, 4, 5]
     for a, b in zip(one, two, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
@@ -105,10 +100,6 @@ def dropout_args(model: Path, data: Path, out: Path) -> list[str]:
             "--dtype", "float32", "--save-steps", "4", "--seed", "5"]
 
 
-def losses(run_dir: Path) -> list[tuple[int, float]]:
-    return [(r["step"], r["loss"]) for r in records(run_dir)]
-
-
 @pytest.fixture(scope="module")
 def cut(llama2, varied_chat, tmp_path_factory) -> Path:
     """A 2-rank run with LoRA dropout, its torchrun killed with SIGTERM once the first checkpoint is written."""
@@ -121,7 +112,7 @@ def cut(llama2, varied_chat, tmp_path_factory) -> Path:
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0, err.decode()[-3000:]
-    assert len(losses(out)) < RESUME_STEPS and not (out / "adapter").exists()
+    assert len(tiny_runs.losses(out)) < RESUME_STEPS and not (out / "adapter").exists()
     return out
 
 
@@ -132,7 +123,7 @@ def test_two_rank_run_with_dropout_killed_and_resumed_equals_an_uninterrupted_tw
     proc = subprocess.run(torchrun(dropout_args(llama2, varied_chat, whole)), cwd=REPO, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert [s for s, _ in losses(whole)] == list(range(1, RESUME_STEPS + 1))
+    assert [s for s, _ in tiny_runs.losses(whole)] == list(range(1, RESUME_STEPS + 1))
     # the checkpoint resumed from holds two different random states, else this test could not tell them apart
     rng = torch.load(latest_checkpoint(cut) / STATE_FILE, weights_only=True)["rng_by_rank"]
     assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
@@ -140,7 +131,7 @@ def test_two_rank_run_with_dropout_killed_and_resumed_equals_an_uninterrupted_tw
     proc = subprocess.run(torchrun(["run", "--resume", str(cut)]), cwd=REPO, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert losses(cut) == losses(whole)
+    assert tiny_runs.losses(cut) == tiny_runs.losses(whole)
     a = load_file(cut / "adapter" / "adapter_model.safetensors")
     b = load_file(whole / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and a

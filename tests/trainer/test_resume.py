@@ -4,7 +4,6 @@ a kill during a checkpoint write leaves the previous checkpoint whole; bad --res
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -50,16 +49,12 @@ def run_args(model: Path, data: Path, out: Path) -> list[str]:
             "--dtype", "float32", "--save-steps", "4", "--seed", "5"]
 
 
-def losses(run_dir: Path) -> list[tuple[int, float]]:
-    return [(r["step"], r["loss"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
-
-
 @pytest.mark.slow
 def test_run_killed_with_sigterm_and_resumed_equals_an_uninterrupted_run(llama2, chat_data, tmp_path):
     whole = tmp_path / "whole"
     done = CliRunner().invoke(cli.trainer, run_args(llama2, chat_data, whole))
     assert done.exit_code == 0, done.output
-    assert [s for s, _ in losses(whole)] == list(range(1, STEPS + 1))
+    assert [s for s, _ in tiny_runs.losses(whole)] == list(range(1, STEPS + 1))
 
     cut = tmp_path / "cut"
     proc = subprocess.Popen([sys.executable, "-m", "trainer", *run_args(llama2, chat_data, cut)], cwd=REPO,
@@ -70,12 +65,12 @@ def test_run_killed_with_sigterm_and_resumed_equals_an_uninterrupted_run(llama2,
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGTERM, err.decode()[-2000:]
-    stopped_at = len(losses(cut))
+    stopped_at = len(tiny_runs.losses(cut))
     assert stopped_at < STEPS and not (cut / "adapter").exists()
 
     resumed = CliRunner().invoke(cli.trainer, ["run", "--resume", str(cut)])
     assert resumed.exit_code == 0, resumed.output
-    assert losses(cut) == losses(whole)
+    assert tiny_runs.losses(cut) == tiny_runs.losses(whole)
     a = load_file(cut / "adapter" / "adapter_model.safetensors")
     b = load_file(whole / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and a

@@ -40,3 +40,13 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def copy_checkpoint(src: Path, dest: Path) -> Path:
     shutil.copytree(src, dest)
     return dest
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    """The per-step records a run wrote to metrics.jsonl."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, loss) of every logged step."""
+    return [(r["step"], r["loss"]) for r in metrics(run_dir)]
