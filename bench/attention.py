@@ -67,7 +67,7 @@ def bench_row(shape: dict, seq_len: int, flex: bool, iters: int) -> dict:
 
     def build() -> ops.LayerMask:
         return ops.layer_masks(documents, seq_len, [window], q.device, flex=flex,
-                               softcap=softcap is not None)[window]
+                               softcap=softcap)[window]
 
     build()  # compiles create_block_mask's mask_mod once
     mask_ms = statistics.median(_cuda_ms(build, iters))

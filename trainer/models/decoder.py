@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from trainer.models.ops import (
+    AttentionShape,
     LayerMask,
     add_rms_norm,
     apply_rope,
@@ -208,8 +209,14 @@ class Decoder(nn.Module):
                 documents: torch.Tensor | None) -> torch.Tensor:
         h = self.embed(input_ids)
         cos, sin = self.rotary_emb(position_ids)
-        masks = layer_masks(documents, input_ids.shape[1], self.spec.sliding_windows, input_ids.device,
-                            flex=flex_attention_enabled(input_ids), softcap=self.spec.attn_softcap is not None)
+        s = self.spec
+        flex = flex_attention_enabled(input_ids)
+        check = None
+        if flex:  # q, k, v come out of the projections in the autocast dtype when autocast is on
+            dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else h.dtype
+            check = AttentionShape(s.num_heads, s.num_kv_heads, s.head_dim, dtype, s.attn_scale, s.attn_softcap)
+        masks = layer_masks(documents, input_ids.shape[1], s.sliding_windows, input_ids.device,
+                            flex=flex, softcap=s.attn_softcap, check=check)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
                 h = checkpoint(layer, h, cos, sin, masks, use_reentrant=False)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -155,39 +157,100 @@ def block_mask(documents: torch.Tensor | None, seq_len: int, sliding_window: int
 
 
 def flex_attention_enabled(t: torch.Tensor) -> bool:
-    """FlexAttention for dense masks and softcapped scores: on CUDA, opt-in (TRAINER_FLEX_ATTENTION=1).
+    """FlexAttention for dense masks and softcapped scores: on by default on CUDA.
 
     Measured on the H100 (bench/attention.py): 3-9x faster than the dense-mask / eager-softcap path
-    and a fraction of its memory. Not the default yet: torch.compile of flex_attention failed for a
-    float32, head_dim 16, length 70 case there (Inductor NoValidChoicesError) and there is no
-    fallback to the dense path yet. Never on the CPU, where FlexAttention has no backward.
+    and a fraction of its memory. TRAINER_FLEX_ATTENTION=0 (or TRAINER_KERNELS=0) keeps the dense
+    path. Never on the CPU, where FlexAttention has no backward. A shape whose compilation fails
+    falls back to the dense path (see `flex_compiles`).
     """
-    return (t.is_cuda and os.environ.get("TRAINER_FLEX_ATTENTION") == "1"
+    return (t.is_cuda and os.environ.get("TRAINER_FLEX_ATTENTION", "1") != "0"
             and os.environ.get("TRAINER_KERNELS", "1") != "0")
 
 
+@dataclass(frozen=True)
+class AttentionShape:
+    """The layers' attention as `flex_compiles` tries it: head counts and size, dtype, scale, softcap."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    scale: float
+    softcap: float | None = None
+
+
+# (attention shape, mask layout) -> whether compiled FlexAttention ran forward and backward there
+_FLEX_VERDICTS: dict[tuple, bool] = {}
+
+
+def flex_compiles(mask: BlockMask, shape: AttentionShape, rule: tuple = ()) -> bool:
+    """Run FlexAttention forward and backward once on random inputs of the layers' shape and this mask.
+
+    torch.compile of flex_attention can fail for some shapes and dtypes (on the H100, torch 2.11:
+    Inductor's NoValidChoicesError for a float32, head_dim 16, length 70 case), and the backward is
+    compiled as well, so only a full fwd+bwd proves a shape. The verdict is kept per shape and mask
+    layout (`rule` tells apart masks of one size built by different mask_mods: documents or not, window);
+    a failure warns once and the caller takes the dense path. Running out of memory is not
+    a compile failure and propagates.
+    """
+    b, _, q_len, kv_len = mask.shape
+    device = mask.kv_num_blocks.device
+    key = (shape, rule, b, q_len, kv_len, mask.BLOCK_SIZE, str(device))
+    if key not in _FLEX_VERDICTS:
+        gen = torch.Generator(device=device).manual_seed(0)
+
+        def rnd(heads: int, length: int) -> torch.Tensor:
+            x = torch.randn(b, heads, length, shape.head_dim, device=device, dtype=shape.dtype, generator=gen)
+            return x.requires_grad_(True)
+
+        q, k, v = rnd(shape.heads, q_len), rnd(shape.kv_heads, kv_len), rnd(shape.kv_heads, kv_len)
+        try:
+            with torch.enable_grad():
+                out = attention(q, k, v, mask, scale=shape.scale, softcap=shape.softcap)
+                torch.autograd.grad(out.sum(), (q, k, v))
+            _FLEX_VERDICTS[key] = True
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as e:  # Dynamo and Inductor raise many types; each means "not this way"
+            first_line = (str(e).strip().splitlines() or [""])[0][:300]
+            warnings.warn(f"FlexAttention failed its forward+backward trial for {shape}, length {q_len}, "
+                          f"mask rule (documents, window) {rule} "
+                          f"({type(e).__name__}: {first_line}); using the dense-mask attention path there",
+                          RuntimeWarning, stacklevel=2)
+            _FLEX_VERDICTS[key] = False
+    return _FLEX_VERDICTS[key]
+
+
 def layer_masks(documents: torch.Tensor | None, seq_len: int, sliding_windows: Iterable[int | None],
-                device: torch.device, *, flex: bool,
-                softcap: bool = False) -> dict[int | None, LayerMask]:
+                device: torch.device, *, flex: bool, softcap: float | None = None,
+                check: AttentionShape | None = None) -> dict[int | None, LayerMask]:
     """The mask for each distinct sliding window, built once per forward and shared by the layers.
 
     Plain: `attention_mask`'s dense mask (None for plain causal). flex: a BlockMask wherever a mask or
-    the score softcap is needed, None where plain causal SDPA (flash) serves.
+    the score softcap is needed, None where plain causal SDPA (flash) serves. With `check`, a BlockMask
+    is kept only where `flex_compiles` proves it for the layers' attention shape; elsewhere the dense
+    mask serves.
     """
     masks: dict[int | None, LayerMask] = {}
     for w in set(sliding_windows):
         dense_needed = documents is not None or (w is not None and w < seq_len)
-        if flex and (dense_needed or softcap):
-            masks[w] = block_mask(documents, seq_len, w, device)
-        else:
-            masks[w] = attention_mask(documents, seq_len, w, device)
+        if flex and (dense_needed or softcap is not None):
+            blocks = block_mask(documents, seq_len, w, device)
+            if check is None or flex_compiles(blocks, check, rule=(documents is not None, w)):
+                masks[w] = blocks
+                continue
+        masks[w] = attention_mask(documents, seq_len, w, device)
     return masks
 
 
 @functools.cache
 def _compiled_flex_attention() -> Callable[..., torch.Tensor]:
     # Eager flex_attention materializes the scores; only the compiled one is a fused kernel.
-    return torch.compile(flex_attention, dynamic=False)
+    # dynamic=None: the second length seen compiles a dynamic-shape kernel, so batches padded to
+    # different lengths do not recompile each time (and never hit the recompile limit, after which
+    # Dynamo would run flex eagerly and materialize the scores).
+    return torch.compile(flex_attention)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: LayerMask, *,

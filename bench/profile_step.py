@@ -1,0 +1,209 @@
+"""Where a training step's GPU time goes (GPU): our trainer at bench/train.py's setting, under torch.profiler.
+
+Same model, LoRA and batches as bench/train.py's "ours, Triton kernels" variant (random-weight
+checkpoint of --shape, QLoRA r=32 on all linear layers, 2 x 2048 tokens, grad-accum 4, paged 8-bit
+AdamW, --gc checkpointing). After --warmup optimizer steps, --steps more run under the profiler and
+every GPU kernel is put in one category by its name:
+
+  matmul (cuBLAS)     split further by the calling aten op's shapes: each frozen projection, LoRA's
+                      thin r=32 products, lm_head; achieved TFLOP/s from 2*M*N*K of those shapes
+  NF4 dequantize      bitsandbytes' or our dequantization into the bf16 workspace
+  attention           SDPA's flash kernels, FlexAttention
+  cross-entropy       the fused linear cross-entropy's own Triton kernels (its matmuls are above)
+  norms, RoPE, activation, other Triton; elementwise/copies (PyTorch); optimizer; host<->device copies
+
+GPU busy time is the union of all kernel intervals (the offload copies run on a side stream and
+overlap compute); idle = wall - busy is time the GPU waited on the CPU or a synchronization.
+MFU's FLOPs (bench/train.py's formula) over the matmul time alone says how far the matmuls
+themselves are from the ceiling; over the wall time it is the MFU bench/train.py reports.
+
+    python bench/profile_step.py [--shape llama3-8b] [--gc on|offload|off] [--json out.json]
+                                 [--trace trace.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import train  # noqa: E402
+import train_variants  # noqa: E402
+
+# first match wins; names as CUDA/Triton report them
+KERNEL_CATEGORIES = [
+    ("NF4 dequantize", r"dequant|kDequantize"),
+    ("attention", r"flash|fmha|flex|attention|sdpa"),
+    ("cross-entropy (Triton)", r"cross_entropy|_ce_|lse|logsumexp"),
+    ("norms (Triton)", r"rms_norm|rmsnorm"),
+    ("RoPE (Triton)", r"rope"),
+    ("activation (Triton)", r"gated|silu|gelu|swiglu|geglu"),
+    ("optimizer", r"optimizer|adam|Optimizer"),
+    ("matmul (cuBLAS)", r"gemm|nvjet|cutlass|xmma|sm90_|sm80_|cublas|Kernel2|splitKreduce"),
+    ("host<->device copies", r"^Memcpy (HtoD|DtoH)|Memcpy PtoP"),
+    ("other Triton", r"^triton_|_kernel$"),
+    ("elementwise / copies (PyTorch)", r"elementwise|vectorized|reduce|Memcpy|Memset|copy|fill|cat|index|"
+                                       r"scatter|gather|embedding|at::native|void at::"),
+]
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
+
+
+def categorize(name: str) -> str:
+    for category, pattern in KERNEL_CATEGORIES:
+        if re.search(pattern, name, flags=re.IGNORECASE):
+            return category
+    return "uncategorized"
+
+
+def matmul_roles(cfg: dict, rank: int) -> dict[frozenset, str]:
+    """{frozenset of the two matrix dims that name it: role}: a product is matched on its K and N."""
+    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+    q, kv = hd * cfg["num_attention_heads"], hd * cfg["num_key_value_heads"]
+    roles = {frozenset((h, kv)): "k/v projections", frozenset((h, i)): "gate/up/down projections",
+             frozenset((h, v)): "lm_head (in the fused cross-entropy)"}
+    roles[frozenset((h, q))] = "q/o projections"  # q == h for these shapes: one role
+    for n in (h, q, kv, i):
+        roles[frozenset((n, rank))] = "LoRA (r=32 products)"
+    return roles
+
+
+def _dims(shapes: list) -> tuple[int, int, int] | None:
+    """(M, K, N) of mm/addmm/bmm from the recorded input shapes (the batch of bmm folded into M)."""
+    mats = [s for s in shapes if isinstance(s, list) and len(s) in (2, 3)]
+    if len(mats) < 2:
+        return None
+    a, b = mats[-2], mats[-1]
+    batch = a[0] if len(a) == 3 else 1
+    a, b = a[-2:], b[-2:]
+    if a[1] != b[0]:
+        return None
+    return batch * a[0], a[1], b[1]
+
+
+def breakdown(prof: profile, cfg: dict, rank: int, steps: int) -> dict:
+    """Per-step GPU milliseconds by category, matmuls by role, busy time, top kernels."""
+    events = prof.events()
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    by_category: dict[str, float] = defaultdict(float)
+    by_name: dict[str, float] = defaultdict(float)
+    intervals = []
+    for k in kernels:
+        us = k.time_range.elapsed_us()
+        by_category[categorize(k.name)] += us
+        by_name[k.name] += us
+        intervals.append((k.time_range.start, k.time_range.end))
+    busy, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b <= end:
+            continue
+        busy += b - max(a, end)
+        end = b
+    roles = matmul_roles(cfg, rank)
+    by_role: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # us, flops
+    for e in events:
+        if e.device_type != DeviceType.CPU or e.name not in MATMUL_OPS:
+            continue
+        us = sum(k.duration for k in e.kernels)
+        dims = _dims(e.input_shapes or [])
+        role = "other matmuls"
+        if dims:
+            m, kdim, n = dims
+            role = roles.get(frozenset((kdim, n))) or roles.get(frozenset((m, n))) or \
+                roles.get(frozenset((m, kdim))) or role
+            by_role[role][1] += 2.0 * m * kdim * n
+        by_role[role][0] += us
+    return {
+        "categories_ms": {c: us / 1e3 / steps for c, us in sorted(by_category.items(), key=lambda x: -x[1])},
+        "matmul_roles": {r: {"ms": us / 1e3 / steps, "tflops": flops / us / 1e6 if us else 0.0}
+                         for r, (us, flops) in sorted(by_role.items(), key=lambda x: -x[1][0])},
+        "busy_ms": busy / 1e3 / steps,
+        "kernel_ms": sum(by_category.values()) / 1e3 / steps,
+        "top_kernels_ms": {n: us / 1e3 / steps
+                           for n, us in sorted(by_name.items(), key=lambda x: -x[1])[:20]},
+    }
+
+
+def print_report(r: dict) -> None:
+    wall, peak = r["wall_ms"], r["peak_tflops"]
+    print(f"\n{r['title']}")
+    print(f"wall {wall:.1f} ms/step, GPU busy {r['busy_ms']:.1f} ms ({100 * r['busy_ms'] / wall:.1f}%), "
+          f"idle {wall - r['busy_ms']:.1f} ms; {r['tokens_per_s']:,.0f} tokens/s, MFU {100 * r['mfu']:.1f}% "
+          f"(profiler on)")
+    print("\n| category | ms / step | share of wall |\n|---|---:|---:|")
+    for c, ms in r["categories_ms"].items():
+        print(f"| {c} | {ms:.1f} | {100 * ms / wall:.1f}% |")
+    print(f"| GPU idle (wall - busy) | {wall - r['busy_ms']:.1f} | {100 * (wall - r['busy_ms']) / wall:.1f}% |")
+    print("\n| matmul role | ms / step | TFLOP/s | of the ceiling |\n|---|---:|---:|---:|")
+    for role, x in r["matmul_roles"].items():
+        print(f"| {role} | {x['ms']:.1f} | {x['tflops']:.0f} | {100 * x['tflops'] / peak:.0f}% |")
+    mm = r["categories_ms"].get("matmul (cuBLAS)", 0.0)
+    if mm:
+        print(f"\nmodel FLOPs / matmul time alone: {r['model_tflop_per_step'] / mm * 1e3:.0f} TFLOP/s "
+              f"({100 * r['model_tflop_per_step'] / mm * 1e3 / peak:.0f}% of {peak:.0f})")
+    print("\n| top kernels | ms / step |\n|---|---:|")
+    for n, ms in r["top_kernels_ms"].items():
+        print(f"| {n[:110]} | {ms:.2f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", default="llama3-8b", choices=list(train.SHAPES))
+    ap.add_argument("--gc", default="on", choices=["off", "on", "offload"])
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--accum", type=int, default=4)
+    ap.add_argument("--warmup", type=int, default=3, help="optimizer steps before profiling")
+    ap.add_argument("--steps", type=int, default=2, help="profiled optimizer steps")
+    ap.add_argument("--peak-tflops", type=float, default=785.0)
+    ap.add_argument("--cache", default=str(ROOT / "bench" / "cache"))
+    ap.add_argument("--json", help="write the breakdown here")
+    ap.add_argument("--trace", help="also write a Chrome trace (large)")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        ap.error("needs a CUDA GPU: the breakdown is of GPU kernel time")
+    model_dir = train.generate(args.shape, Path(args.cache) / f"train-{args.shape}")
+    cfg = train.model_config(args.shape)
+    s = train_variants.Settings(args.warmup + args.steps, args.batch, args.seq, args.accum, args.gc)
+    v = train_variants.Ours(model_dir, s)
+    gen = torch.Generator().manual_seed(1)
+    batches = [train_variants.micro_batches(gen, v.vocab, s.batch, s.seq, s.accum)
+               for _ in range(args.warmup + args.steps)]
+    for micro in batches[:args.warmup]:
+        v.step(micro)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        t = time.perf_counter()
+        for micro in batches[args.warmup:]:
+            v.step(micro)
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t) / args.steps
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
+    tokens = s.batch * s.seq * s.accum
+    flops = train.flops_per_token(cfg, s.seq) * tokens
+    r = {"shape": args.shape, "gc": args.gc, "device": torch.cuda.get_device_name(),
+         "title": f"{args.shape}, {torch.cuda.get_device_name()}, ours with kernels, gc {args.gc}, "
+                  f"{s.batch} x {s.seq} x accum {s.accum}, {args.steps} profiled steps after {args.warmup}",
+         "wall_ms": wall * 1e3, "tokens_per_s": tokens / wall, "peak_tflops": args.peak_tflops,
+         "model_tflop_per_step": flops / 1e12, "mfu": flops / wall / (args.peak_tflops * 1e12),
+         **breakdown(prof, cfg, 32, args.steps)}
+    print_report(r)
+    if args.json:
+        Path(args.json).write_text(json.dumps(r, indent=1))
+
+
+if __name__ == "__main__":
+    main()
