@@ -11,8 +11,7 @@ import pytest
 import torch
 from model_fixtures import VOCAB, hf_checkpoint
 
-from trainer.models import load_model
-from trainer.models import ops
+from trainer.models import load_model, ops
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
