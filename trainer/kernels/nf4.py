@@ -1,0 +1,131 @@
+"""Dequantize a bitsandbytes 4-bit weight (NF4 or FP4, with or without double quantization) in one launch.
+
+bitsandbytes' own path for a double-quantized weight is three steps: dequantize_blockwise(absmax codes,
+state2) (a kernel and a float32 allocation), `+ offset` (a second kernel), then dequantize_4bit. This
+kernel reads the packed codes, the uint8 absmax codes, state2's float32 absmax and 256-entry code, and
+the offset, and writes the weight into a given tensor: one launch, no intermediate absmax.
+
+The values are bitsandbytes' bit for bit (tests/kernels/test_nf4.py compares with dequantize_4bit
+exactly). Layout, as bnb packs it: element 2i is the high nibble of byte i, element 2i+1 the low one;
+elements are numbered flat over the logical [out, in] shape, and element e belongs to absmax block
+e // blocksize. With double quantization absmax block b is stored as a uint8 code and its scale is
+
+    scale[b] = code2[absmax_u8[b]] * absmax2[b // blocksize2] + offset
+
+in float32, rounded after the product and again after the sum, as bnb's dequantize_blockwise followed
+by `+= offset` does; the launch turns off Triton's mul+add -> fma contraction so that holds on a GPU.
+Then value = code[nibble] * scale[b] in float32, rounded once to the output dtype.
+
+Design: one program per ROWS whole absmax blocks, as a [ROWS, blocksize/2] tile of packed bytes, so a
+scale is computed once per block (a row) and broadcast over its bytes; the two nibbles' values are
+interleaved into a [ROWS, blocksize] tile and stored contiguously. The 16-entry code table is read
+with a gather from global memory (64 bytes, cached), not a compare tree: a gather is one load per
+element, a tree of tl.where about 20 ALU operations. A program covers _ELEMENTS output elements (more
+when one block is larger); the tail past the last element is masked, so any element count works,
+including an odd one (the last byte's low nibble is padding).
+
+Under TRITON_INTERPRET=1 a float32 -> bfloat16 cast truncates (numpy has no bfloat16), so there the
+kernel rounds to nearest even with integer operations on the float32 bits and stores the 16-bit
+pattern; on a GPU it uses the hardware conversion, which rounds to nearest even.
+
+GPU timing against bnb's path is pending the lead's device run of bench/nf4_dequant.py; the tile size
+and warp count below are first choices, not measured ones.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Triton reads TRITON_INTERPRET when the kernel below is decorated (at import).
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+_ELEMENTS = 4096  # output elements per program (a power of two)
+_WARPS = 4
+_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # those bnb's quantize_4bit accepts
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+_CODES: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+@triton.jit
+def _dequantize_4bit(packed_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset_ptr, out_ptr, n_elements,
+                     n_blocks, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, ROWS: tl.constexpr,
+                     NESTED: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+    HALF: tl.constexpr = BLOCKSIZE // 2
+    blocks = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # absmax block of each row
+    block_mask = blocks < n_blocks
+    if NESTED:
+        q = tl.load(absmax_ptr + blocks, mask=block_mask, other=0).to(tl.int32)
+        absmax2 = tl.load(absmax2_ptr + blocks // BLOCKSIZE2, mask=block_mask, other=0.0)
+        scale = tl.load(code2_ptr + q) * absmax2 + tl.load(offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + blocks, mask=block_mask, other=0.0).to(tl.float32)
+    byte_idx = blocks[:, None] * HALF + tl.arange(0, HALF)[None, :]
+    packed = tl.load(packed_ptr + byte_idx, mask=byte_idx < (n_elements + 1) // 2, other=0,
+                     eviction_policy="evict_first").to(tl.int32)
+    high = tl.load(code_ptr + (packed >> 4), eviction_policy="evict_last") * scale[:, None]
+    low = tl.load(code_ptr + (packed & 15), eviction_policy="evict_last") * scale[:, None]
+    values = tl.interleave(high, low)  # [ROWS, BLOCKSIZE]: element 2i from the high nibble of byte i
+    elem_idx = blocks[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+    mask = elem_idx < n_elements
+    if BF16_BY_BITS:
+        bits = values.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # round to nearest, ties to even (finite inputs)
+        tl.store(out_ptr + elem_idx, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(out_ptr + elem_idx, values.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _code(quant_type: str, device: torch.device) -> torch.Tensor:
+    """The 16 float32 values of quant_type as bitsandbytes' kernels use them (its quant_state.code may be absent
+    or elsewhere; bnb's dequantize_4bit ignores it too)."""
+    key = (quant_type, device)
+    if key not in _CODES:
+        from bitsandbytes.functional import get_4bit_type
+
+        _CODES[key] = get_4bit_type(quant_type, device=device).float().contiguous()
+    return _CODES[key]
+
+
+def dequantize_nf4(weight: torch.Tensor, quant_state, out: torch.Tensor) -> torch.Tensor:
+    """Write the bitsandbytes 4-bit weight `weight` (packed codes, e.g. a Params4bit) with its QuantState into
+    `out` ([*quant_state.shape], bf16/fp16/fp32, contiguous) and return `out`: the values of
+    bitsandbytes.functional.dequantize_4bit, bit for bit. NF4 or FP4, double-quantized (nested) or not."""
+    qs = quant_state
+    assert qs.quant_type in ("nf4", "fp4"), f"quant_type {qs.quant_type!r}: only bitsandbytes' nf4 and fp4"
+    assert qs.blocksize in _BLOCKSIZES, f"blocksize {qs.blocksize}: bitsandbytes uses {_BLOCKSIZES}"
+    assert out.dtype in _DTYPES, f"output dtype {out.dtype}: one of {_DTYPES}"
+    assert tuple(out.shape) == tuple(qs.shape), (tuple(out.shape), tuple(qs.shape))
+    assert out.is_contiguous() and weight.is_contiguous()
+    assert weight.device == out.device, (weight.device, out.device)
+    assert weight.is_cuda or _INTERPRET, "the Triton kernel needs a GPU (or TRITON_INTERPRET=1 at import)"
+    packed = weight if weight.dtype == torch.uint8 else weight.view(torch.uint8)  # any quant_storage dtype
+    n = out.numel()
+    n_blocks = triton.cdiv(n, qs.blocksize)
+    assert packed.numel() >= (n + 1) // 2, (packed.numel(), n)
+    assert qs.absmax.numel() >= n_blocks, (qs.absmax.numel(), n_blocks)
+    if n == 0:
+        return out
+    code = _code(qs.quant_type, out.device)
+    if qs.nested:
+        s2 = qs.state2
+        assert qs.absmax.dtype == torch.uint8, qs.absmax.dtype
+        # bnb dequantizes the absmax codes in state2.dtype; float32 is what quantize_4bit stores.
+        assert s2.dtype in (None, torch.float32) and s2.absmax.dtype == s2.code.dtype == torch.float32
+        offset = qs.offset if torch.is_tensor(qs.offset) else torch.tensor(qs.offset, device=out.device)
+        assert offset.dtype == torch.float32 and offset.numel() == 1, (offset.dtype, offset.shape)
+        args = (qs.absmax, code, s2.code, s2.absmax, offset)
+        blocksize2 = s2.blocksize
+    else:
+        args = (qs.absmax, code, code, code, code)  # placeholders: NESTED=False never reads the last three
+        blocksize2 = 1
+    rows = max(1, _ELEMENTS // qs.blocksize)
+    _dequantize_4bit[(triton.cdiv(n_blocks, rows),)](
+        packed, *args, out, n, n_blocks, BLOCKSIZE=qs.blocksize, BLOCKSIZE2=blocksize2, ROWS=rows,
+        NESTED=qs.nested, BF16_BY_BITS=_INTERPRET and out.dtype == torch.bfloat16, num_warps=_WARPS,
+        enable_fp_fusion=False)
+    return out
