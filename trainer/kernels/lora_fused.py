@@ -50,6 +50,7 @@ import triton.language as tl
 from torch import nn
 
 from trainer.kernels.gated_act import ACTIVATIONS, act_and_grad, gated_activation, tile_grid
+from trainer.kernels.nf4 import dequantize_nf4
 
 # Triton reads TRITON_INTERPRET when the kernels below are decorated: the in-place kernel runs on CPU
 # tensors only if that was set then.
@@ -81,12 +82,15 @@ def dense_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     qs = getattr(w, "quant_state", None)
     if qs is None:
         return w if w.dtype == dtype else _workspace(w.shape, dtype, w.device).copy_(w)
+    out = _workspace(qs.shape, dtype, w.device)
+    if (w.is_cuda or _INTERPRET) and qs.quant_type == "nf4":
+        # One launch instead of bnb's three (nested absmax, + offset, 4-bit), same values bit for bit.
+        return dequantize_nf4(w, qs, out)
     absmax = qs.absmax
     if qs.nested:
         import bitsandbytes.functional as bnbf
 
         absmax = bnbf.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
-    out = _workspace(qs.shape, dtype, w.device)
     args = (w, absmax.float(), qs.blocksize, qs.quant_type, list(qs.shape), dtype)
     if w.is_cuda:
         torch.ops.bitsandbytes.dequantize_4bit.out(*args, out=out)
