@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -57,7 +59,6 @@ KERNEL_CATEGORIES = [
     ("elementwise / copies (PyTorch)", r"elementwise|vectorized|reduce|Memcpy|Memset|copy|fill|cat|index|"
                                        r"scatter|gather|embedding|at::native|void at::"),
 ]
-MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
 
 
 def categorize(name: str) -> str:
@@ -67,25 +68,31 @@ def categorize(name: str) -> str:
     return "uncategorized"
 
 
-def matmul_roles(cfg: dict, rank: int) -> dict[frozenset, str]:
-    """{frozenset of the two matrix dims that name it: role}: a product is matched on its K and N."""
+def matmul_role(dims: tuple[int, int, int], cfg: dict, rank: int) -> str:
+    """What a product (M, K, N) is: LoRA's when the rank is one of its sizes, else by its K and N (the
+    weight's two sizes, in the forward and the input-gradient product alike)."""
+    if rank in dims:
+        return f"LoRA (r={rank} products)"
     h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
     q, kv = hd * cfg["num_attention_heads"], hd * cfg["num_key_value_heads"]
-    roles = {frozenset((h, kv)): "k/v projections", frozenset((h, i)): "gate/up/down projections",
-             frozenset((h, v)): "lm_head (in the fused cross-entropy)"}
-    roles[frozenset((h, q))] = "q/o projections"  # q == h for these shapes: one role
-    for n in (h, q, kv, i):
-        roles[frozenset((n, rank))] = "LoRA (r=32 products)"
-    return roles
+    roles = {frozenset((h, q)): "q/o projections", frozenset((h, kv)): "k/v projections",
+             frozenset((h, i)): "gate/up/down projections", frozenset((h, v)): "lm_head (fused cross-entropy)"}
+    return roles.get(frozenset(dims[1:]), "other matmuls")
 
 
-def _dims(shapes: list) -> tuple[int, int, int] | None:
-    """(M, K, N) of mm/addmm/bmm from the recorded input shapes (the batch of bmm folded into M)."""
-    mats = [s for s in shapes if isinstance(s, list) and len(s) in (2, 3)]
-    if len(mats) < 2:
+# where the two matrices sit among an op's recorded input shapes (addmm/baddbmm: after the addend)
+_MATRIX_ARGS = {"aten::mm": (0, 1), "aten::bmm": (0, 1), "aten::addmm": (1, 2), "aten::baddbmm": (1, 2)}
+
+
+def _dims(op: str, shapes: list) -> tuple[int, int, int] | None:
+    """(M, K, N) of a product from the recorded input shapes (the batch of bmm folded into M)."""
+    i, j = _MATRIX_ARGS[op]
+    if len(shapes) <= j:
         return None
-    a, b = mats[-2], mats[-1]
+    a, b = shapes[i], shapes[j]
+    if not (isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and len(a) in (2, 3)):
+        return None
     batch = a[0] if len(a) == 3 else 1
     a, b = a[-2:], b[-2:]
     if a[1] != b[0]:
@@ -96,7 +103,9 @@ def _dims(shapes: list) -> tuple[int, int, int] | None:
 def breakdown(prof: profile, cfg: dict, rank: int, steps: int) -> dict:
     """Per-step GPU milliseconds by category, matmuls by role, busy time, top kernels."""
     events = prof.events()
-    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    # GPU-side user annotations (e.g. "Optimizer.step#...") are spans, not kernels
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+               and "#" not in e.name]
     by_category: dict[str, float] = defaultdict(float)
     by_name: dict[str, float] = defaultdict(float)
     intervals = []
@@ -111,20 +120,15 @@ def breakdown(prof: profile, cfg: dict, rank: int, steps: int) -> dict:
             continue
         busy += b - max(a, end)
         end = b
-    roles = matmul_roles(cfg, rank)
     by_role: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # us, flops
     for e in events:
-        if e.device_type != DeviceType.CPU or e.name not in MATMUL_OPS:
+        if e.device_type != DeviceType.CPU or e.name not in _MATRIX_ARGS:
             continue
         us = sum(k.duration for k in e.kernels)
-        dims = _dims(e.input_shapes or [])
-        role = "other matmuls"
-        if dims:
-            m, kdim, n = dims
-            role = roles.get(frozenset((kdim, n))) or roles.get(frozenset((m, n))) or \
-                roles.get(frozenset((m, kdim))) or role
-            by_role[role][1] += 2.0 * m * kdim * n
+        dims = _dims(e.name, e.input_shapes or [])
+        role = "unparsed shapes" if dims is None else matmul_role(dims, cfg, rank)
         by_role[role][0] += us
+        by_role[role][1] += 2.0 * math.prod(dims) if dims else 0.0
     return {
         "categories_ms": {c: us / 1e3 / steps for c, us in sorted(by_category.items(), key=lambda x: -x[1])},
         "matmul_roles": {r: {"ms": us / 1e3 / steps, "tflops": flops / us / 1e6 if us else 0.0}
@@ -133,15 +137,19 @@ def breakdown(prof: profile, cfg: dict, rank: int, steps: int) -> dict:
         "kernel_ms": sum(by_category.values()) / 1e3 / steps,
         "top_kernels_ms": {n: us / 1e3 / steps
                            for n, us in sorted(by_name.items(), key=lambda x: -x[1])[:20]},
+        # the host side, inflated by the profiler itself but ranked honestly: where the CPU spends a step
+        "top_cpu_ops": [{"op": a.key, "calls": a.count // steps, "self_cpu_ms": a.self_cpu_time_total / 1e3 / steps}
+                        for a in sorted(prof.key_averages(), key=lambda a: -a.self_cpu_time_total)[:25]],
     }
 
 
 def print_report(r: dict) -> None:
     wall, peak = r["wall_ms"], r["peak_tflops"]
     print(f"\n{r['title']}")
-    print(f"wall {wall:.1f} ms/step, GPU busy {r['busy_ms']:.1f} ms ({100 * r['busy_ms'] / wall:.1f}%), "
-          f"idle {wall - r['busy_ms']:.1f} ms; {r['tokens_per_s']:,.0f} tokens/s, MFU {100 * r['mfu']:.1f}% "
-          f"(profiler on)")
+    print(f"without the profiler: {wall:.1f} ms/step, {r['tokens_per_s']:,.0f} tokens/s, MFU {100 * r['mfu']:.1f}%; "
+          f"under it {r['profiled_wall_ms']:.1f} ms/step")
+    print(f"GPU busy (union of kernels) {r['busy_ms']:.1f} ms/step = {100 * r['busy_ms'] / wall:.1f}% of the "
+          f"unprofiled step; kernel time summed {r['kernel_ms']:.1f} ms")
     print("\n| category | ms / step | share of wall |\n|---|---:|---:|")
     for c, ms in r["categories_ms"].items():
         print(f"| {c} | {ms:.1f} | {100 * ms / wall:.1f}% |")
@@ -156,6 +164,30 @@ def print_report(r: dict) -> None:
     print("\n| top kernels | ms / step |\n|---|---:|")
     for n, ms in r["top_kernels_ms"].items():
         print(f"| {n[:110]} | {ms:.2f} |")
+    print("\n| top host ops (self CPU, under the profiler) | calls / step | ms / step |\n|---|---:|---:|")
+    for x in r["top_cpu_ops"]:
+        print(f"| {x['op'][:90]} | {x['calls']} | {x['self_cpu_ms']:.1f} |")
+    print("\n| synchronizing calls in one step (torch.cuda sync debug mode) | count |\n|---|---:|")
+    for where, n in r["syncs"].items():
+        print(f"| {where} | {n} |")
+
+
+def find_syncs(step) -> dict[str, int]:
+    """Run `step` in torch.cuda's sync debug mode: {"file:line" of each synchronizing call: count}."""
+    counts: dict[str, int] = defaultdict(int)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+            torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            counts[f"{Path(w.filename).relative_to(ROOT) if w.filename.startswith(str(ROOT)) else w.filename}"
+                   f":{w.lineno}"] += 1
+    return dict(sorted(counts.items(), key=lambda x: -x[1]))
 
 
 def main() -> None:
@@ -184,12 +216,18 @@ def main() -> None:
     for micro in batches[:args.warmup]:
         v.step(micro)
     torch.cuda.synchronize()
+    t = time.perf_counter()
+    for micro in batches[args.warmup:]:
+        v.step(micro)
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t) / args.steps
+    syncs = find_syncs(lambda: v.step(batches[-1]))
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         t = time.perf_counter()
         for micro in batches[args.warmup:]:
             v.step(micro)
         torch.cuda.synchronize()
-        wall = (time.perf_counter() - t) / args.steps
+        profiled_wall = (time.perf_counter() - t) / args.steps
     if args.trace:
         prof.export_chrome_trace(args.trace)
     tokens = s.batch * s.seq * s.accum
@@ -197,7 +235,7 @@ def main() -> None:
     r = {"shape": args.shape, "gc": args.gc, "device": torch.cuda.get_device_name(),
          "title": f"{args.shape}, {torch.cuda.get_device_name()}, ours with kernels, gc {args.gc}, "
                   f"{s.batch} x {s.seq} x accum {s.accum}, {args.steps} profiled steps after {args.warmup}",
-         "wall_ms": wall * 1e3, "tokens_per_s": tokens / wall, "peak_tflops": args.peak_tflops,
+         "wall_ms": wall * 1e3, "profiled_wall_ms": profiled_wall * 1e3, "syncs": syncs, "tokens_per_s": tokens / wall, "peak_tflops": args.peak_tflops,
          "model_tflop_per_step": flops / 1e12, "mfu": flops / wall / (args.peak_tflops * 1e12),
          **breakdown(prof, cfg, 32, args.steps)}
     print_report(r)

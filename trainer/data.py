@@ -306,8 +306,24 @@ class Batch:
         return int(self.input_ids.numel())
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(self.input_ids.to(device), self.labels.to(device), self.position_ids.to(device),
-                     self.rows, self.n_targets)
+        device = torch.device(device)
+        if device.type == "cuda":
+            # From pinned memory, without blocking: a copy from pageable memory waits until the GPU has
+            # run everything queued before it, so each micro-batch drained the queue and the GPU then
+            # idled while the CPU queued the next forward (bench/profile_step.py finds such waits).
+            def move(t: torch.Tensor) -> torch.Tensor:
+                return t.pin_memory().to(device, non_blocking=True)
+        else:
+            def move(t: torch.Tensor) -> torch.Tensor:
+                return t.to(device)
+        return Batch(move(self.input_ids), move(self.labels), move(self.position_ids), self.rows, self.n_targets)
+
+    @property
+    def plain_positions(self) -> bool:
+        """Every row's positions are 0, 1, 2, ...: one document per row, nothing for the model to derive."""
+        n = self.position_ids.shape[-1]
+        return torch.equal(self.position_ids, torch.arange(n, device=self.position_ids.device).expand_as(
+            self.position_ids))
 
 
 def collate(seqs: list[TrainSequence], pad_id: int) -> Batch:

@@ -134,8 +134,12 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             # The row kernel reads logits[target] unchecked; F.cross_entropy raises on such a target.
             low, high = torch.stack((t_all.min(), t_all.max())).tolist()
             assert 0 <= low and high < weight.shape[0], f"targets outside [0, {weight.shape[0]}): {low}..{high}"
-        # 1 / num_items as a device scalar the kernel reads: no host sync when num_items is a tensor.
-        scale = (1.0 / torch.as_tensor(num_items, dtype=torch.float64, device=hidden.device)).float().reshape(1)
+        # 1 / num_items as a device scalar the kernel reads, made without a host sync: filled from a
+        # Python number (a copy from host memory would wait for the GPU) or computed from a tensor.
+        if isinstance(num_items, torch.Tensor):
+            scale = (1.0 / num_items.to(device=hidden.device, dtype=torch.float64)).float().reshape(1)
+        else:
+            scale = torch.full((1,), 1.0 / num_items, dtype=torch.float32, device=hidden.device)
         # forward() always runs with grad mode off; the caller's mode says whether a backward will follow.
         need_h, need_w = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
         losses = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)

@@ -97,7 +97,7 @@ class Attention(nn.Module):
         self.sliding_window = spec.sliding_windows[layer_idx]
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                masks: dict[int | None, LayerMask]) -> torch.Tensor:
+                mask: LayerMask) -> torch.Tensor:
         s = self.spec
         b, t, _ = x.shape
         if s.fused_qkv:
@@ -111,7 +111,7 @@ class Attention(nn.Module):
         q = q.view(b, t, s.num_heads, s.head_dim).transpose(1, 2)
         k = k.view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)
         v = v.view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)
-        out = attention(q, k, v, masks[self.sliding_window], scale=s.attn_scale, softcap=s.attn_softcap)
+        out = attention(q, k, v, mask, scale=s.attn_scale, softcap=s.attn_softcap)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, s.num_heads * s.head_dim))
 
 
@@ -173,8 +173,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(spec)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                masks: dict[int | None, LayerMask]) -> torch.Tensor:
-        h = self.self_attn(self.input_layernorm(x), cos, sin, masks)
+                mask: LayerMask) -> torch.Tensor:
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask)
         # The residual add is fused with the norm that follows it inside the layer. The layer's last add
         # is not fused with the next layer's input norm: checkpointing (trainer/checkpointing.py) keeps
         # whole layers, and their boundary falls between the two.
@@ -218,10 +218,13 @@ class Decoder(nn.Module):
         masks = layer_masks(documents, input_ids.shape[1], s.sliding_windows, input_ids.device,
                             flex=flex, softcap=s.attn_softcap, check=check)
         for layer in self.layers:
+            # each layer gets only its own mask: a dict keyed by None would trip the profiler's
+            # record_shapes, which converts autograd.Function arguments (checkpoint's) to IValues
+            mask = masks[layer.self_attn.sliding_window]
             if self.gradient_checkpointing and self.training:
-                h = checkpoint(layer, h, cos, sin, masks, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, mask, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, masks)
+                h = layer(h, cos, sin, mask)
         return self.norm(h)
 
 
