@@ -20,16 +20,16 @@ Design: one program per ROWS whole absmax blocks, as a [ROWS, blocksize/2] tile 
 scale is computed once per block (a row) and broadcast over its bytes; the two nibbles' values are
 interleaved into a [ROWS, blocksize] tile and stored contiguously. The 16-entry code table is read
 with a gather from global memory (64 bytes, cached), not a compare tree: a gather is one load per
-element, a tree of tl.where about 20 ALU operations. A program covers _ELEMENTS output elements (more
-when one block is larger); the tail past the last element is masked, so any element count works,
-including an odd one (the last byte's low nibble is padding).
+element, a tree of tl.where about 20 ALU operations. A program covers elements_per_program output
+elements (one whole block when a block is larger); the tail past the last element is masked, so any
+element count works, including an odd one (the last byte's low nibble is padding).
 
 Under TRITON_INTERPRET=1 a float32 -> bfloat16 cast truncates (numpy has no bfloat16), so there the
 kernel rounds to nearest even with integer operations on the float32 bits and stores the 16-bit
 pattern; on a GPU it uses the hardware conversion, which rounds to nearest even.
 
-GPU timing against bnb's path is pending the lead's device run of bench/nf4_dequant.py; the tile size
-and warp count below are first choices, not measured ones.
+GPU timing against bnb's path is pending the lead's device run of bench/nf4_dequant.py (it also sweeps the
+launch shape); _ELEMENTS and _WARPS below are first choices, not measured ones.
 """
 
 from __future__ import annotations
@@ -91,10 +91,14 @@ def _code(quant_type: str, device: torch.device) -> torch.Tensor:
     return _CODES[key]
 
 
-def dequantize_nf4(weight: torch.Tensor, quant_state, out: torch.Tensor) -> torch.Tensor:
+def dequantize_nf4(weight: torch.Tensor, quant_state, out: torch.Tensor, *, elements_per_program: int = _ELEMENTS,
+                   num_warps: int = _WARPS) -> torch.Tensor:
     """Write the bitsandbytes 4-bit weight `weight` (packed codes, e.g. a Params4bit) with its QuantState into
     `out` ([*quant_state.shape], bf16/fp16/fp32, contiguous) and return `out`: the values of
-    bitsandbytes.functional.dequantize_4bit, bit for bit. NF4 or FP4, double-quantized (nested) or not."""
+    bitsandbytes.functional.dequantize_4bit, bit for bit. NF4 or FP4, double-quantized (nested) or not.
+
+    elements_per_program (a power of two) and num_warps set the launch shape; bench/nf4_dequant.py sweeps them.
+    """
     qs = quant_state
     assert qs.quant_type in ("nf4", "fp4"), f"quant_type {qs.quant_type!r}: only bitsandbytes' nf4 and fp4"
     assert qs.blocksize in _BLOCKSIZES, f"blocksize {qs.blocksize}: bitsandbytes uses {_BLOCKSIZES}"
@@ -103,6 +107,7 @@ def dequantize_nf4(weight: torch.Tensor, quant_state, out: torch.Tensor) -> torc
     assert out.is_contiguous() and weight.is_contiguous()
     assert weight.device == out.device, (weight.device, out.device)
     assert weight.is_cuda or _INTERPRET, "the Triton kernel needs a GPU (or TRITON_INTERPRET=1 at import)"
+    assert elements_per_program & (elements_per_program - 1) == 0, elements_per_program
     packed = weight if weight.dtype == torch.uint8 else weight.view(torch.uint8)  # any quant_storage dtype
     n = out.numel()
     n_blocks = triton.cdiv(n, qs.blocksize)
@@ -123,9 +128,9 @@ def dequantize_nf4(weight: torch.Tensor, quant_state, out: torch.Tensor) -> torc
     else:
         args = (qs.absmax, code, code, code, code)  # placeholders: NESTED=False never reads the last three
         blocksize2 = 1
-    rows = max(1, _ELEMENTS // qs.blocksize)
+    rows = max(1, elements_per_program // qs.blocksize)
     _dequantize_4bit[(triton.cdiv(n_blocks, rows),)](
         packed, *args, out, n, n_blocks, BLOCKSIZE=qs.blocksize, BLOCKSIZE2=blocksize2, ROWS=rows,
-        NESTED=qs.nested, BF16_BY_BITS=_INTERPRET and out.dtype == torch.bfloat16, num_warps=_WARPS,
+        NESTED=qs.nested, BF16_BY_BITS=_INTERPRET and out.dtype == torch.bfloat16, num_warps=num_warps,
         enable_fp_fusion=False)
     return out
