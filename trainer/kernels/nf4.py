@@ -110,7 +110,7 @@ def dequantize_nf4(weight: torch.Tensor, quant_state, out: torch.Tensor, *, elem
     assert elements_per_program & (elements_per_program - 1) == 0, elements_per_program
     packed = weight if weight.dtype == torch.uint8 else weight.view(torch.uint8)  # any quant_storage dtype
     n = out.numel()
-    n_blocks = triton.cdiv(n, qs.blocksize)
+    n_blocks = -(-n // qs.blocksize)  # not triton.cdiv: a jit-wrapped function, ~10 us a call
     assert packed.numel() >= (n + 1) // 2, (packed.numel(), n)
     assert qs.absmax.numel() >= n_blocks, (qs.absmax.numel(), n_blocks)
     if n == 0:
@@ -129,7 +129,7 @@ def dequantize_nf4(weight: torch.Tensor, quant_state, out: torch.Tensor, *, elem
         args = (qs.absmax, code, code, code, code)  # placeholders: NESTED=False never reads the last three
         blocksize2 = 1
     rows = max(1, elements_per_program // qs.blocksize)
-    _dequantize_4bit[(triton.cdiv(n_blocks, rows),)](
+    _dequantize_4bit[(-(-n_blocks // rows),)](
         packed, *args, out, n, n_blocks, BLOCKSIZE=qs.blocksize, BLOCKSIZE2=blocksize2, ROWS=rows,
         NESTED=qs.nested, BF16_BY_BITS=_INTERPRET and out.dtype == torch.bfloat16, num_warps=num_warps,
         enable_fp_fusion=False)
