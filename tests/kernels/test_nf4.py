@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 from kernel_checks import DTYPES, device, seed  # noqa: E402
 
 from trainer.kernels.lora_fused import dense_weight  # noqa: E402
-from trainer.kernels.nf4 import dequantize_nf4  # noqa: E402
+from trainer.kernels.nf4 import NF4_GPU_BLOCKSIZES, dequantize_nf4  # noqa: E402
 
 
 def reference(weight: torch.Tensor, quant_state) -> torch.Tensor:
@@ -59,6 +59,10 @@ def test_odd_element_counts_leave_the_padding_nibble_out(shape, nested):
 
 @pytest.mark.parametrize("blocksize", [32, 256, 1024, 4096])
 def test_every_bitsandbytes_blocksize(blocksize):
+    if torch.cuda.is_available() and blocksize not in NF4_GPU_BLOCKSIZES:
+        # a misaligned-address fault would poison the CUDA context for every later test
+        pytest.skip(f"blocksize {blocksize} faulted on the H100 (misaligned address); dense_weight keeps "
+                    "bitsandbytes' path for it on a GPU")
     check((40, 150), torch.bfloat16, blocksize, nested=True)
 
 

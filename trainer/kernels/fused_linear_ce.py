@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from trainer.kernels.triton_math import tanh
+from trainer.kernels.triton_math import next_power_of_2, tanh
 
 IGNORE_INDEX = -100
 _BLOCK_V = 4096
@@ -90,7 +90,7 @@ def _chunk_rows(n_vocab: int) -> int:
 def _ce_chunk(logits: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor, scale: torch.Tensor,
               softcap: float | None, write_grad: bool) -> None:
     n_rows, n_vocab = logits.shape
-    block = min(_BLOCK_V, triton.next_power_of_2(n_vocab))
+    block = min(_BLOCK_V, next_power_of_2(n_vocab))
     _ce_rows[(n_rows,)](logits, logits.stride(0), targets, loss, scale, n_vocab,
                         float(softcap) if softcap is not None else 1.0,
                         HAS_SOFTCAP=softcap is not None, WRITE_GRAD=write_grad, BLOCK_V=block,

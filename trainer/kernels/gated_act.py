@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from trainer.kernels.triton_math import cdiv, next_power_of_2
+
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
 
 
@@ -76,9 +78,9 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 def tile_grid(n_rows: int, n_cols: int) -> tuple[tuple[int, int], int, int]:
     """Tiles of 2048 elements (8 warps x 32 lanes x 8: 16-byte bf16 accesses): a slice of one row, or
     several short rows."""
-    block = min(2048, triton.next_power_of_2(n_cols))
+    block = min(2048, next_power_of_2(n_cols))
     rows = 2048 // block
-    return (triton.cdiv(n_rows, rows), triton.cdiv(n_cols, block)), rows, block
+    return (cdiv(n_rows, rows), cdiv(n_cols, block)), rows, block
 
 
 class GatedActivationFunction(torch.autograd.Function):

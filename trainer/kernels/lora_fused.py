@@ -50,7 +50,7 @@ import triton.language as tl
 from torch import nn
 
 from trainer.kernels.gated_act import ACTIVATIONS, act_and_grad, gated_activation, tile_grid
-from trainer.kernels.nf4 import dequantize_nf4
+from trainer.kernels.nf4 import NF4_GPU_BLOCKSIZES, dequantize_nf4
 
 # Triton reads TRITON_INTERPRET when the kernels below are decorated: the in-place kernel runs on CPU
 # tensors only if that was set then.
@@ -83,8 +83,9 @@ def dense_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     if qs is None:
         return w if w.dtype == dtype else _workspace(w.shape, dtype, w.device).copy_(w)
     out = _workspace(qs.shape, dtype, w.device)
-    if (w.is_cuda or _INTERPRET) and qs.quant_type == "nf4":
-        # One launch instead of bnb's three (nested absmax, + offset, 4-bit), same values bit for bit.
+    if (w.is_cuda or _INTERPRET) and qs.quant_type == "nf4" and qs.blocksize in NF4_GPU_BLOCKSIZES:
+        # One launch instead of bnb's three (nested absmax, + offset, 4-bit), same values bit for bit; the
+        # host time it saves was a third of a Llama-3-8B step on the H100 (bench/profile_step.py).
         return dequantize_nf4(w, qs, out)
     absmax = qs.absmax
     if qs.nested:

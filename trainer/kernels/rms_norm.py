@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from trainer.kernels.triton_math import cdiv, next_power_of_2
+
 
 @triton.jit
 def _rms_norm_fwd(x_ptr, r_ptr, s_ptr, w_ptr, y_ptr, rstd_ptr, x_row_stride, r_row_stride, s_row_stride,
@@ -76,7 +78,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 def _launch_shape(n_cols: int) -> tuple[int, int, int]:
     """(rows per program, block width, warps): one row of 1024+ elements a program, several narrow rows."""
-    block = triton.next_power_of_2(n_cols)
+    block = next_power_of_2(n_cols)
     return max(1, 1024 // block), block, min(max(block // 256, 1), 16)
 
 
@@ -98,7 +100,7 @@ def _forward(x2: torch.Tensor, r2: torch.Tensor | None, weight: torch.Tensor, ep
     rows, block, warps = _launch_shape(n_cols)
     if n_rows:
         r2 = x2 if r2 is None else r2  # a placeholder pointer: ADD=False never reads it
-        _rms_norm_fwd[(triton.cdiv(n_rows, rows),)](x2, r2, s, weight, y, rstd, x2.stride(0), r2.stride(0),
+        _rms_norm_fwd[(cdiv(n_rows, rows),)](x2, r2, s, weight, y, rstd, x2.stride(0), r2.stride(0),
                                                     s.stride(0), y.stride(0), n_rows, n_cols, eps, offset,
                                                     ROWS=rows, BLOCK=block, ADD=s is not x2, num_warps=warps)
     return s, y, rstd
@@ -110,7 +112,7 @@ def _backward(dy2: torch.Tensor, ds2: torch.Tensor | None, x2: torch.Tensor, wei
     n_rows, n_cols = x2.shape
     dx = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
     rows, block, warps = _launch_shape(n_cols)
-    programs = _backward_programs(triton.cdiv(n_rows, rows), x2.device)
+    programs = _backward_programs(cdiv(n_rows, rows), x2.device)
     dw_partial = torch.zeros((max(programs, 1), n_cols), dtype=torch.float32, device=x2.device)
     if n_rows:
         ds_arg = dy2 if ds2 is None else ds2  # placeholder when ADD_DS is False

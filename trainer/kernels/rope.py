@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from trainer.kernels.triton_math import cdiv, next_power_of_2
+
 
 @triton.jit
 def _rotate_heads(x_ptr, y_ptr, cos_rows, sin_rows, b, t, tmask, sxb, sxh, sxt, syb, syh, syt, n_heads,
@@ -101,16 +103,16 @@ def _rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
         return
     # In place the unrotated dims of a partial rotation are already where they belong.
     half, rest = r // 2, (0 if qo.data_ptr() == q.data_ptr() else d - r)
-    block_hq, block_half = triton.next_power_of_2(hq), triton.next_power_of_2(half)
+    block_hq, block_half = next_power_of_2(hq), next_power_of_2(half)
     block_t = max(1, _TILE // (block_hq * block_half))
     n_tokens = b * t
-    _rope_kernel[(triton.cdiv(n_tokens, block_t),)](
+    _rope_kernel[(cdiv(n_tokens, block_t),)](
         q, k, qo, ko, cos, sin, n_tokens, t,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         qo.stride(0), qo.stride(1), qo.stride(2), ko.stride(0), ko.stride(1), ko.stride(2),
         cos.stride(0), cos.stride(1), hq, hk,
-        HALF=half, PASS=rest, BLOCK_T=block_t, BLOCK_HQ=block_hq, BLOCK_HK=triton.next_power_of_2(hk),
-        BLOCK_HALF=block_half, BLOCK_PASS=triton.next_power_of_2(max(rest, 1)), BACKWARD=backward,
+        HALF=half, PASS=rest, BLOCK_T=block_t, BLOCK_HQ=block_hq, BLOCK_HK=next_power_of_2(hk),
+        BLOCK_HALF=block_half, BLOCK_PASS=next_power_of_2(max(rest, 1)), BACKWARD=backward,
         num_warps=4)
 
 
