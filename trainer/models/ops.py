@@ -187,9 +187,10 @@ _FLEX_VERDICTS: dict[tuple, bool] = {}
 def flex_compiles(mask: BlockMask, shape: AttentionShape, rule: tuple = ()) -> bool:
     """Run FlexAttention forward and backward once on random inputs of the layers' shape and this mask.
 
-    torch.compile of flex_attention can fail for some shapes and dtypes (on the H100, torch 2.11:
-    Inductor's NoValidChoicesError for a float32, head_dim 16, length 70 case), and the backward is
-    compiled as well, so only a full fwd+bwd proves a shape. The verdict is kept per shape and mask
+    torch.compile of flex_attention can fail for some shapes (on the H100, torch 2.11: Inductor's
+    NoValidChoicesError for lengths under one 128-token block, float32 and bf16 alike; 228 and 300
+    compiled), and the backward is compiled as well, so only a full fwd+bwd proves a shape. It costs
+    one attention fwd+bwd per new length. The verdict is kept per shape and mask
     layout (`rule` tells apart masks of one size built by different mask_mods: documents or not, window);
     a failure warns once and the caller takes the dense path. Running out of memory is not
     a compile failure and propagates.
