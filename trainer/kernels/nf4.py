@@ -40,6 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
+from trainer.kernels.triton_math import cdiv
+
 # Triton reads TRITON_INTERPRET when the kernel below is decorated (at import).
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -114,7 +116,7 @@ def dequantize_nf4(weight: torch.Tensor, quant_state, out: torch.Tensor, *, elem
     assert elements_per_program & (elements_per_program - 1) == 0, elements_per_program
     packed = weight if weight.dtype == torch.uint8 else weight.view(torch.uint8)  # any quant_storage dtype
     n = out.numel()
-    n_blocks = -(-n // qs.blocksize)  # not triton.cdiv: a ConstexprFunction, ~7 us a host call here
+    n_blocks = cdiv(n, qs.blocksize)
     assert packed.numel() >= (n + 1) // 2, (packed.numel(), n)
     assert qs.absmax.numel() >= n_blocks, (qs.absmax.numel(), n_blocks)
     if n == 0:
@@ -133,7 +135,7 @@ def dequantize_nf4(weight: torch.Tensor, quant_state, out: torch.Tensor, *, elem
         args = (qs.absmax, code, code, code, code)  # placeholders: NESTED=False never reads the last three
         blocksize2 = 1
     rows = max(1, elements_per_program // qs.blocksize)
-    _dequantize_4bit[(-(-n_blocks // rows),)](
+    _dequantize_4bit[(cdiv(n_blocks, rows),)](
         packed, *args, out, n, n_blocks, BLOCKSIZE=qs.blocksize, BLOCKSIZE2=blocksize2, ROWS=rows,
         NESTED=qs.nested, BF16_BY_BITS=_INTERPRET and out.dtype == torch.bfloat16, num_warps=num_warps,
         enable_fp_fusion=False)
