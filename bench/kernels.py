@@ -29,6 +29,8 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from queued_timing import queued_call_ms  # noqa: E402
+
 from trainer import kernels  # noqa: E402
 from trainer.models import ops  # noqa: E402
 
@@ -67,27 +69,8 @@ def _median_ms(fn: Callable[[], object]) -> float:
 
 
 def _queued_median_ms(fn: Callable[[], object], eager_ms: float, iters: int = 40) -> float:
-    """GPU time alone: the GPU is held in a sleep kernel while Python queues `iters` calls, so they run
-    back to back without launch gaps (a training step's CPU runs ahead of the GPU the same way).
-
-    CUDA-graph capture is not used: autograd's backward syncs with the legacy stream and breaks it.
-    """
-    fn()
-    torch.cuda.synchronize()
-    # Sleep longer than the queueing takes (eager_ms bounds the host time of one call): 2e6 cycles per
-    # ms is an upper bound on the clock, so the sleep only errs on the long side.
-    cycles = int(2e6 * 1.5 * iters * eager_ms) + 2_000_000
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(cycles)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / iters)
-    return sorted(times)[len(times) // 2]
+    """GPU time alone of `iters` calls queued back to back (see queued_timing), median of 5."""
+    return queued_call_ms(fn, torch.device("cuda"), iters, eager_ms)[0]
 
 
 def ceilings() -> dict[str, float]:

@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +36,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from queued_timing import queued_call_ms, sync  # noqa: E402
 
 from trainer.kernels.lora_fused import clear_workspaces, dense_weight, lora_mlp  # noqa: E402
 from trainer.lora import LoRALinear  # noqa: E402
@@ -64,38 +64,9 @@ class Row:
     rel_err: float
 
 
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
 def _median_ms(fn: Callable[[], object], dev: torch.device, iters: int = 20) -> float:
     """Per-call time of `iters` calls queued back to back (GPU time alone on CUDA), median of 5."""
-    fn()
-    _sync(dev)
-    start = time.perf_counter()
-    fn()
-    _sync(dev)
-    eager_ms = (time.perf_counter() - start) * 1e3
-    times = []
-    for _ in range(5):
-        if dev.type != "cuda":
-            start = time.perf_counter()
-            for _ in range(iters):
-                fn()
-            times.append((time.perf_counter() - start) * 1e3 / iters)
-            continue
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        # hold the GPU while Python queues the calls; 2e6 cycles per ms overestimates the clock, so the
-        # sleep errs on the long side
-        torch.cuda._sleep(int(2e6 * 1.5 * iters * eager_ms) + 2_000_000)
-        begin.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        torch.cuda.synchronize(dev)
-        times.append(begin.elapsed_time(end) / iters)
-    return statistics.median(times)
+    return queued_call_ms(fn, dev, iters)[0]
 
 
 def _memory(fwd: Callable[[], torch.Tensor], bwd: Callable[[torch.Tensor], object],
@@ -104,19 +75,19 @@ def _memory(fwd: Callable[[], torch.Tensor], bwd: Callable[[torch.Tensor], objec
     above what was allocated before."""
     if dev.type != "cuda":
         return None, None
-    _sync(dev)
+    sync(dev)
     before = torch.cuda.memory_allocated(dev)
     out = fwd()
-    _sync(dev)
+    sync(dev)
     held = torch.cuda.memory_allocated(dev) - before
     bwd(out)
     del out
     clear_workspaces()
-    _sync(dev)
+    sync(dev)
     before = torch.cuda.memory_allocated(dev)
     torch.cuda.reset_peak_memory_stats(dev)
     bwd(fwd())
-    _sync(dev)
+    sync(dev)
     return held / 2**20, (torch.cuda.max_memory_allocated(dev) - before) / 2**20
 
 

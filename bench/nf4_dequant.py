@@ -34,9 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,6 +42,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from queued_timing import queued_call_ms  # noqa: E402
 
 from trainer.kernels import nf4  # noqa: E402
 
@@ -61,37 +61,10 @@ class Row:
     exact: bool
 
 
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
 def time_calls(fn: Callable[[], object], dev: torch.device) -> tuple[float, float]:
     """(GPU us per call with the calls queued back to back, host us to queue one call), medians of 5."""
-    fn()
-    _sync(dev)
-    start = time.perf_counter()
-    fn()
-    _sync(dev)
-    eager_ms = (time.perf_counter() - start) * 1e3
-    gpu, host = [], []
-    for _ in range(5):
-        if dev.type == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            # hold the GPU while Python queues the calls (2e6 cycles per ms errs on the long side)
-            torch.cuda._sleep(int(2e6 * 1.5 * CALLS * eager_ms) + 2_000_000)
-            begin.record()
-        start = time.perf_counter()
-        for _ in range(CALLS):
-            fn()
-        host.append((time.perf_counter() - start) * 1e6 / CALLS)
-        if dev.type == "cuda":
-            end.record()
-            torch.cuda.synchronize(dev)
-            gpu.append(begin.elapsed_time(end) * 1e3 / CALLS)
-        else:
-            gpu.append(host[-1])
-    return statistics.median(gpu), statistics.median(host)
+    gpu_ms, host_ms = queued_call_ms(fn, dev, CALLS)
+    return gpu_ms * 1e3, host_ms * 1e3
 
 
 def copy_ceiling(dev: torch.device) -> float:
