@@ -237,7 +237,7 @@ def main() -> None:
                   f"{s.batch} x {s.seq} x accum {s.accum}, {args.steps} profiled steps after {args.warmup}",
          "wall_ms": wall * 1e3, "profiled_wall_ms": profiled_wall * 1e3, "syncs": syncs, "tokens_per_s": tokens / wall, "peak_tflops": args.peak_tflops,
          "model_tflop_per_step": flops / 1e12, "mfu": flops / wall / (args.peak_tflops * 1e12),
-         **breakdown(prof, cfg, 32, args.steps)}
+         **breakdown(prof, cfg, train_variants.LORA_RANK, args.steps)}
     print_report(r)
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=1))

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+LORA_RANK = 32  # alpha = rank: scaling 1, as in every variant
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # ours: model.layers.3.mlp.up_proj.lora_A.weight; PEFT: ...model.layers.3.mlp.up_proj.lora_A.default.weight
 _LORA_A = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_A(?:\.default)?\.weight$")
@@ -99,7 +100,7 @@ class Ours:
         torch.manual_seed(0)
         model = load_model(model_dir, dtype=torch.bfloat16, device=str(self.device), load_in_4bit=True)
         self.after_load_gib = _gib("memory_allocated")
-        apply_lora(model, LoRASettings(r=32, alpha=32.0, target_modules=LORA_TARGETS))
+        apply_lora(model, LoRASettings(r=LORA_RANK, alpha=float(LORA_RANK), target_modules=LORA_TARGETS))
         same_lora_init(model)
         self.gc = s.gc
         self.set_gc = set_gradient_checkpointing
@@ -166,7 +167,7 @@ class HFStack:
                                                      device_map=place)
         self.after_load_gib = _gib("memory_allocated")
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-        model = get_peft_model(model, LoraConfig(r=32, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
+        model = get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, lora_dropout=0.0, task_type="CAUSAL_LM",
                                                  target_modules=LORA_TARGETS))
         same_lora_init(model)
         model.train()
