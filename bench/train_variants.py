@@ -10,6 +10,7 @@ A variant is an object with `vocab`, `after_load_gib`, `step(micro_batches) -> l
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
@@ -314,15 +315,19 @@ def longest_sequence(v: Ours | HFStack, s: Settings, gen: torch.Generator) -> di
 
 def run(name: str, model_dir: Path, s: Settings) -> dict:
     """Build variant `name` (a key of VARIANTS) in this process, measure it, return the measurements."""
+    from trainer.loop import collector_frozen
+
     v = VARIANTS[name](model_dir, s)
     gen = torch.Generator().manual_seed(1 + v.rank)
     result = {"world_size": v.world, "mem_after_load_gib": v.after_load_gib}
     if isinstance(v, Ours):
         result["gc"] = s.gc
-    if s.steps:
-        result.update(throughput(v, s, gen))
-    if s.max_seq:
-        result["max_seq"] = longest_sequence(v, s, gen)
+    # ours trains as trainer.loop.train does, with the garbage collector's long-lived objects frozen
+    with collector_frozen() if isinstance(v, Ours) else contextlib.nullcontext():
+        if s.steps:
+            result.update(throughput(v, s, gen))
+        if s.max_seq:
+            result["max_seq"] = longest_sequence(v, s, gen)
     v.close()
     return result
 

@@ -6,16 +6,48 @@ CPU memory in forward (non-blocking copies on a side stream) and brings it back 
 prefetching the next layer down while the current one recomputes, so only one or two layer
 inputs stay on the GPU. On CPU the copies are plain references and there are no streams, so the
 same code path runs in tests.
+
+Both modes run the recompute inside `recomputing()`. A recomputed layer's outputs are only
+differentiated (offload) or dropped (torch.utils.checkpoint keeps just the tensors saved for
+backward), never read, so a layer may skip work whose only product is its output value: the decoder's
+fused MLP then leaves out its down projection (trainer/models/decoder.py).
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
 from torch import nn
 
 MODES = ("off", "on", "offload")
+
+# per thread: the recompute runs inside backward, on the autograd engine's thread for the device
+_state = threading.local()
+
+
+@contextmanager
+def recomputing() -> Iterator[None]:
+    """Mark the enclosed code as a checkpointed layer's recompute (see in_recompute)."""
+    depth = getattr(_state, "depth", 0)
+    _state.depth = depth + 1
+    try:
+        yield
+    finally:
+        _state.depth = depth
+
+
+def in_recompute() -> bool:
+    """Whether this thread is recomputing a checkpointed layer right now: its outputs will not be read."""
+    return getattr(_state, "depth", 0) > 0
+
+
+def recompute_context() -> tuple[Any, Any]:
+    """torch.utils.checkpoint's context_fn: nothing around the forward, recomputing() around the recompute."""
+    return nullcontext(), recomputing()
 
 
 class ActivationOffloader:
@@ -103,7 +135,8 @@ class _OffloadedLayerFunction(torch.autograd.Function):
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, x.device)
             x = x.detach().requires_grad_(True)
-            with torch.enable_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
+            with torch.enable_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on), \
+                    recomputing():
                 out = ctx.layer(x, *ctx.args)
             torch.autograd.backward(out, grad_out)
         return (None, None, None, x.grad) + (None,) * len(ctx.args)

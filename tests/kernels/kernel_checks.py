@@ -111,3 +111,27 @@ def loss_and_trainable_grads(model: torch.nn.Module,
     loss = model(ids, labels=labels, position_ids=pos).loss
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def dequantized_4bit(weight: torch.Tensor, quant_state) -> torch.Tensor:
+    """bitsandbytes' 4-bit weight decoded from the format's definition, in float32, rounded once to its dtype:
+    element i is code[nibble i] * absmax[i // blocksize], two nibbles a byte, high nibble first; a nested absmax
+    is itself 8-bit blockwise (dequantize_blockwise + offset).
+
+    The tests' reference instead of bitsandbytes' own CPU kernel: on AVX512 machines bitsandbytes 0.50.2
+    decodes with a native kernel that restarts the absmax blocks at every row, wrong whenever a row's length
+    is not a multiple of the blocksize (96 x 160 at blocksize 64, for one); on other CPUs it runs PyTorch
+    code that is right. On a GPU its CUDA kernel agrees with this bit for bit (tests/kernels/test_nf4.py)."""
+    import bitsandbytes.functional as bnbf
+
+    qs = quant_state
+    absmax = qs.absmax
+    if qs.nested:
+        absmax = bnbf.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
+    n = 1
+    for d in qs.shape:
+        n *= d
+    packed = weight.reshape(-1).view(torch.uint8)
+    nibbles = torch.stack([packed >> 4, packed & 15], dim=1).reshape(-1)[:n].long()
+    values = qs.code.float().to(packed.device)[nibbles] * absmax.float().repeat_interleave(qs.blocksize)[:n]
+    return values.view(tuple(qs.shape)).to(qs.dtype)

@@ -18,7 +18,7 @@ from pathlib import Path  # noqa: E402
 
 import builders  # noqa: E402
 import pytest  # noqa: E402
-from kernel_checks import assert_close, device, relative_error, seed  # noqa: E402
+from kernel_checks import assert_close, dequantized_4bit, device, relative_error, seed  # noqa: E402
 from torch import nn  # noqa: E402
 
 from trainer.checkpointing import set_gradient_checkpointing  # noqa: E402
@@ -76,12 +76,11 @@ def adapted(base: nn.Module, r: int = 8, alpha: float = 12.0) -> LoRALinear:
 
 
 def weight64(base: nn.Module, rounded_to: torch.dtype | None) -> torch.Tensor:
-    """The base weight as the product sees it (dequantized by bitsandbytes, rounded to the compute dtype)."""
-    import bitsandbytes.functional as bnbf
-
+    """The base weight as the product sees it (4-bit: decoded as the format defines it, rounded to the
+    compute dtype)."""
     w = base.weight
     if getattr(w, "quant_state", None) is not None:
-        w = bnbf.dequantize_4bit(w, w.quant_state)
+        w = dequantized_4bit(w, w.quant_state)
     return (w if rounded_to is None else w.to(rounded_to)).double()
 
 
@@ -176,9 +175,7 @@ def test_dense_weights_of_all_nf4_layers_share_one_workspace():
     assert w_small.data_ptr() == ptr
     w_large = dense_weight(large, torch.float32)
     assert w_large.data_ptr() == ptr
-    import bitsandbytes.functional as bnbf
-
-    torch.testing.assert_close(w_large, bnbf.dequantize_4bit(large.weight, large.weight.quant_state), rtol=0, atol=0)
+    torch.testing.assert_close(w_large, dequantized_4bit(large.weight, large.weight.quant_state), rtol=0, atol=0)
 
 
 def test_lora_linear_routes_to_the_fused_function_only_without_dropout():
@@ -201,9 +198,11 @@ def test_fused_q_and_k_projections_are_rotated_in_place_by_rope(monkeypatch, bia
     path followed by the plain rotation."""
     torch.manual_seed(seed(bias, kind))
     heads, kv_heads, head_dim = 4, 2, 16
-    q_proj = adapted(base_linear(96, heads * head_dim, kind, torch.float32, bias))
-    k_proj = adapted(base_linear(96, kv_heads * head_dim, kind, torch.float32, bias))
-    x = torch.randn(2, 7, 96, device=device(), requires_grad=True)
+    # hidden 128: rows a whole number of NF4 blocks, where bitsandbytes' CPU kernel (the plain path) is right
+    # on every CPU (see kernel_checks.dequantized_4bit)
+    q_proj = adapted(base_linear(128, heads * head_dim, kind, torch.float32, bias))
+    k_proj = adapted(base_linear(128, kv_heads * head_dim, kind, torch.float32, bias))
+    x = torch.randn(2, 7, 128, device=device(), requires_grad=True)
     inv_freq = 1.0 / 10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     cos, sin = ops.rope_tables(torch.arange(7, device=device()).expand(2, 7), inv_freq)
     dq, dk = torch.randn(2, 7, heads * head_dim, device=device()), torch.randn(2, 7, kv_heads * head_dim, device=device())
@@ -370,9 +369,10 @@ def test_lora_mlp_full_size(hidden, inter, activation):
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     out = {}
-    for family in ("llama", "phi3", "gemma"):
+    for family in ("llama", "phi3", "gemma", "gemma2"):
         out[family] = tmp_path_factory.mktemp(family) / "model"
-        builders.save_tiny_model(out[family], family, 128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        extra = {"query_pre_attn_scalar": 16} if family == "gemma2" else {}
+        builders.save_tiny_model(out[family], family, 128, bos_token_id=1, eos_token_id=2, pad_token_id=0, **extra)
     return out
 
 
@@ -411,8 +411,9 @@ def decoder_loss_and_grads(path: Path, *, fused: bool, checkpointing: str, load_
 @pytest.mark.parametrize("family,load_in_4bit,autocast,checkpointing", [
     ("llama", False, None, "off"), ("llama", False, None, "on"), ("llama", False, None, "offload"),
     ("llama", True, None, "on"), ("llama", False, torch.bfloat16, "on"), ("phi3", False, None, "offload"),
-    ("gemma", False, None, "on")],
-    ids=["llama-off", "llama-on", "llama-offload", "llama-nf4-on", "llama-bf16-on", "phi3-offload", "gemma-on"])
+    ("gemma", False, None, "on"), ("gemma2", False, None, "on"), ("gemma2", False, None, "offload")],
+    ids=["llama-off", "llama-on", "llama-offload", "llama-nf4-on", "llama-bf16-on", "phi3-offload", "gemma-on",
+         "gemma2-on", "gemma2-offload"])
 def test_decoder_mlp_runs_lora_mlp_and_its_gradients_equal_the_plain_path(tiny_models, family, load_in_4bit,
                                                                           autocast, checkpointing):
     """Every projection fused (attention through lora_linear, the decoder's own MLP through lora_mlp),
@@ -433,11 +434,15 @@ def test_decoder_mlp_runs_lora_mlp_and_its_gradients_equal_the_plain_path(tiny_m
         for name in grads:
             torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
         return
-    # bf16: the two paths round different intermediates; compare each gradient as a whole
+    # bf16: the two paths round different intermediates, each about 1% from float32 per gradient (up to 1.5%
+    # over this model), so they can differ from each other by the sum. Against the same model in float32:
+    # every gradient within 2^-5, and on average the fused path no further off than the plain one.
     torch.testing.assert_close(loss, ref_loss, rtol=2.0**-7, atol=0)
-    for name in grads:
-        assert relative_error(grads[name], ref_grads[name]) < 2.0**-6, (name, relative_error(grads[name],
-                                                                                             ref_grads[name]))
+    _, f32_grads, _ = decoder_loss_and_grads(path, fused=False, checkpointing="off", load_in_4bit=load_in_4bit)
+    fused_err = {name: relative_error(grads[name], f32_grads[name]) for name in grads}
+    plain_err = {name: relative_error(ref_grads[name], f32_grads[name]) for name in grads}
+    assert max(fused_err.values()) < 2.0**-5, fused_err
+    assert sum(fused_err.values()) <= 1.25 * sum(plain_err.values()), (fused_err, plain_err)
 
 
 def test_mlp_recomputes_gate_up_only_when_the_layers_are_not_recomputed(tiny_models):
@@ -446,3 +451,25 @@ def test_mlp_recomputes_gate_up_only_when_the_layers_are_not_recomputed(tiny_mod
     for mode, recompute in [("on", False), ("off", True), ("offload", False), ("off", True)]:
         set_gradient_checkpointing(model, mode)
         assert [layer.mlp.recompute_gate_up for layer in model.model.layers] == [recompute] * 2, mode
+
+
+@pytest.mark.parametrize("family,checkpointing,down_products", [
+    ("llama", "off", 2), ("llama", "on", 2), ("llama", "offload", 2), ("phi3", "on", 2), ("gemma2", "on", 3)])
+def test_a_recomputed_layer_skips_its_down_product(tiny_models, monkeypatch, family, checkpointing, down_products):
+    """Per layer and step: gate and up (or Phi-3's gate_up) are made dense for the forward, the layer's
+    recompute (without checkpointing: the MLP's own) and their input gradient; down for its forward product and
+    its input gradient only, the recompute leaving it out, except under Gemma 2's post-MLP norm, which
+    saves the MLP output for its backward."""
+    import trainer.kernels.lora_fused as lora_fused
+
+    shapes: list[tuple[int, int]] = []  # (in, out) of every base layer made dense
+    real = lora_fused.dense_weight
+    monkeypatch.setattr(lora_fused, "dense_weight",
+                        lambda base, dtype: shapes.append((base.in_features, base.out_features)) or real(base, dtype))
+    decoder_loss_and_grads(tiny_models[family], fused=True, checkpointing=checkpointing)
+    mlp = load_model(tiny_models[family], dtype=torch.float32, device=device()).model.layers[0].mlp
+    # gate and up have one shape: count them together
+    (gate, inputs), down = (mlp.gate_up_proj, 1) if family == "phi3" else (mlp.gate_proj, 2), mlp.down_proj
+    n_layers = 2
+    assert shapes.count((down.in_features, down.out_features)) == down_products * n_layers
+    assert shapes.count((gate.in_features, gate.out_features)) == 3 * inputs * n_layers

@@ -1,7 +1,7 @@
 """The one-launch 4-bit dequantization (trainer/kernels/nf4.py) against bitsandbytes' dequantize_4bit.
 
-The reference is bitsandbytes itself on the same device (its CPU kernels in CI, its CUDA kernels on a GPU),
-and the comparison is exact: both compute each scale and value in float32 and round once to the output
+The reference is the format's definition (kernel_checks.dequantized_4bit), and on a GPU also bitsandbytes'
+CUDA kernel; the comparison is exact: both compute each scale and value in float32 and round once to the output
 dtype, so any difference is a bug (a wrong nibble order, absmax block, nested scale or rounding).
 """
 
@@ -15,17 +15,20 @@ if not torch.cuda.is_available():
 import bitsandbytes as bnb  # noqa: E402
 import bitsandbytes.functional as bnbf  # noqa: E402
 import pytest  # noqa: E402
-from kernel_checks import DTYPES, device, seed  # noqa: E402
+from kernel_checks import DTYPES, dequantized_4bit, device, seed  # noqa: E402
 
 from trainer.kernels.lora_fused import dense_weight  # noqa: E402
 from trainer.kernels.nf4 import NF4_GPU_BLOCKSIZES, dequantize_nf4  # noqa: E402
 
 
 def reference(weight: torch.Tensor, quant_state) -> torch.Tensor:
-    """bitsandbytes' dequantize_4bit. Its CPU fallback for an odd last dimension is torch.compile'd, about 10 s
-    per shape on CPU; eager runs the same operations."""
-    with torch.compiler.set_stance("force_eager"):
-        return bnbf.dequantize_4bit(weight, quant_state)
+    """The format's definition (kernel_checks.dequantized_4bit); on a GPU also bitsandbytes' dequantize_4bit,
+    which must agree with it bit for bit. Not bitsandbytes on the CPU: its AVX512 kernel restarts the absmax
+    blocks at every row (see dequantized_4bit)."""
+    expected = dequantized_4bit(weight, quant_state)
+    if weight.is_cuda:
+        assert torch.equal(bnbf.dequantize_4bit(weight, quant_state), expected), "bitsandbytes vs the definition"
+    return expected
 
 
 def check(shape: tuple[int, ...], dtype: torch.dtype, blocksize: int, nested: bool, quant_type: str = "nf4",

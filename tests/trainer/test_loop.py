@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 from pathlib import Path
@@ -28,6 +29,7 @@ from trainer.loop import (
     ModelCheckError,
     TrainingDiverged,
     check_out_dir,
+    collector_frozen,
     lr_lambda,
     repair_untrained_rows,
     run_steps,
@@ -312,3 +314,25 @@ def test_out_dir_must_be_empty_or_a_previous_run(tmp_path):
     (tmp_path / "run" / "run.json").write_text(json.dumps({"kind": "trainer-run"}))
     (tmp_path / "run" / "metrics.jsonl").write_text("")
     assert check_out_dir(tmp_path / "run") == tmp_path / "run"
+
+
+def test_the_collector_skips_what_was_alive_before_training_and_still_frees_new_cycles():
+    import weakref
+
+    class Node:
+        pass
+
+    assert gc.get_freeze_count() == 0
+    old = Node()
+    old.me = old  # a cycle made before training: frozen, never walked by the collector
+    with collector_frozen():
+        assert gc.get_freeze_count() >= 1
+        assert not any(o is old for o in gc.get_objects())  # frozen objects are out of every generation
+        new = Node()
+        new.me = new  # a cycle made during training: collected as usual
+        gone = weakref.ref(new)
+        del new
+        gc.collect()
+        assert gone() is None
+    assert gc.get_freeze_count() == 0
+    assert any(o is old for o in gc.get_objects())

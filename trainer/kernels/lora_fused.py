@@ -147,6 +147,17 @@ def _project(x2: torch.Tensor, base: nn.Module, A: torch.Tensor | None, B: torch
     y = torch.empty((*(lead if lead is not None else (n,)), w.shape[0]), dtype=plan.out, device=x2.device)
     y2 = y.view(n, w.shape[0])
     xb = x2.to(plan.base)
+    if A is not None and plan.base == plan.out == plan.lora:
+        # LoRA term first, written (b + s xa B^T), then the base product accumulated onto it: the big matmul
+        # reads y in its epilogue, hidden under its arithmetic, where adding the LoRA term afterwards re-reads
+        # and re-writes all of y in a memory-bound pass (bench/lora_order.py).
+        xa = torch.mm(x2.to(plan.lora), A.to(plan.lora).t())
+        if bias is None:
+            y2.addmm_(xa, B.to(plan.lora).t(), beta=0, alpha=scale)  # beta=0: y2's old contents are ignored
+        else:
+            torch.addmm(bias, xa, B.to(plan.lora).t(), alpha=scale, out=y2)
+        y2.addmm_(xb, w.t())
+        return y, xa
     if plan.base != plan.out:  # a Linear4bit without autocast returns its input's dtype
         y2.copy_(F.linear(xb, w, bias))
     elif bias is None:
@@ -165,6 +176,10 @@ def _input_grad(dy2: torch.Tensor, base: nn.Module, A: torch.Tensor | None, dyB:
     """dY W + s (dY B) A in plan.x (added to `out` when given); dyB = dY B from _lora_dy."""
     w = dense_weight(base, plan.base)
     dy_base = dy2.to(plan.base)
+    if A is not None and out is None and plan.base == plan.x == plan.lora:
+        # as in _project: the LoRA term written first, the big product accumulated onto it
+        dx = torch.empty((dy2.shape[0], w.shape[1]), dtype=plan.x, device=dy2.device)
+        return dx.addmm_(dyB, A.to(plan.lora), beta=0, alpha=scale).addmm_(dy_base, w)
     if out is not None and out.dtype == plan.base:
         out.addmm_(dy_base, w)
         dx = out
@@ -297,7 +312,7 @@ class LoRAMLPFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, activation: str, recompute: bool, bases: tuple[nn.Module, ...],
+    def forward(ctx, x: torch.Tensor, activation: str, recompute: bool, output: bool, bases: tuple[nn.Module, ...],
                 scales: tuple[float, ...], plans: tuple[_Plan, ...], *factors: torch.Tensor | None) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         n_in = len(bases) - 1
@@ -311,7 +326,13 @@ class LoRAMLPFunction(torch.autograd.Function):
             h = gated_activation(gate, up, activation)
             if recompute:
                 del outs, gate, up  # free them before the down product
-            y, ha = _project(h, bases[-1], factors[-2], factors[-1], scales[-1], plans[-1], lead=x.shape[:-1])
+            if output:
+                y, ha = _project(h, bases[-1], factors[-2], factors[-1], scales[-1], plans[-1], lead=x.shape[:-1])
+            else:  # only what the backward keeps: h A^T, not the down product itself
+                A = factors[-2]
+                ha = None if A is None else torch.mm(h.view(-1, h.shape[-1]).to(plans[-1].lora),
+                                                     A.to(plans[-1].lora).t())
+                y = torch.empty((*x.shape[:-1], bases[-1].out_features), dtype=plans[-1].out, device=x.device)
         ctx.save_for_backward(x, ha, *factors, *xas, *([] if recompute else outs))
         ctx.activation, ctx.bases, ctx.scales, ctx.plans, ctx.recompute = activation, bases, scales, plans, recompute
         return y
@@ -323,7 +344,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         x, ha, *rest = ctx.saved_tensors
         factors, xas, kept = rest[:n_factors], rest[n_factors:n_factors + n_in], rest[n_factors + n_in:]
         x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-        need_x, need_factor = ctx.needs_input_grad[0], ctx.needs_input_grad[6:]
+        need_x, need_factor = ctx.needs_input_grad[0], ctx.needs_input_grad[7:]
         grads: list[torch.Tensor | None] = [None] * n_factors
         dx = None
         with _no_autocast(x.device.type):
@@ -353,16 +374,19 @@ class LoRAMLPFunction(torch.autograd.Function):
                 if B is not None and need_factor[2 * i + 1]:
                     grads[2 * i + 1] = _grad_B(dout, xas[i], B, scales[i], plans[i])
         dx = None if dx is None else dx.view(x.shape)
-        return (dx, None, None, None, None, None, *grads)
+        return (dx, None, None, None, None, None, None, *grads)
 
 
 def lora_mlp(x: torch.Tensor, gate_proj: nn.Module, up_proj: nn.Module | None, down_proj: nn.Module,
-             activation: str, *, recompute: bool = True) -> torch.Tensor:
+             activation: str, *, recompute: bool = True, output: bool = True) -> torch.Tensor:
     """down_proj(act(gate_proj(x)) * up_proj(x)) as one Function (SwiGLU: silu; GeGLU: gelu_tanh, gelu).
 
     Each projection is a LoRALinear without dropout or a frozen base linear (nn.Linear or Linear4bit);
     up_proj None means gate_proj is Phi-3's fused gate_up_proj ([gate | up] along the last dim). With
     `recompute` the backward recomputes gate(x) and up(x) instead of keeping them from the forward.
+    With `output` False the down product is not computed and the returned tensor's values are undefined
+    (uninitialized memory): for a checkpointed layer's recompute, whose outputs autograd only
+    differentiates, never reads. The backward is the same either way: it needs no output value.
     Needs CUDA (or TRITON_INTERPRET=1) for the in-place activation backward.
     """
     assert activation in ACTIVATIONS, activation
@@ -375,6 +399,6 @@ def lora_mlp(x: torch.Tensor, gate_proj: nn.Module, up_proj: nn.Module | None, d
     plans = [_plan(x.dtype, device_type, base, A) for base, A, _, _ in projections[:-1]]
     h_dtype = plans[0].out if up_proj is None else torch.promote_types(plans[0].out, plans[1].out)
     plans.append(_plan(h_dtype, device_type, projections[-1][0], projections[-1][1]))
-    return LoRAMLPFunction.apply(x, activation, recompute, tuple(p[0] for p in projections),
+    return LoRAMLPFunction.apply(x, activation, recompute, output, tuple(p[0] for p in projections),
                                  tuple(p[3] for p in projections), tuple(plans),
                                  *(t for p in projections for t in p[1:3]))

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from trainer.checkpointing import in_recompute, recompute_context
 from trainer.models.ops import (
     AttentionShape,
     LayerMask,
@@ -137,7 +138,9 @@ class MLP(nn.Module):
             self.up_proj = nn.Linear(hidden, inter, bias=spec.mlp_bias)
         self.down_proj = nn.Linear(inter, hidden, bias=spec.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, output: bool = True) -> torch.Tensor:
+        """output=False: the caller will not read the result's values (a recompute), so the fused path may
+        skip the down product and return undefined values; the plain path computes it anyway."""
         # imported here: trainer.lora imports trainer.models.ops, and so this package, at its top
         from trainer.lora import mlp_uses_kernel
 
@@ -146,7 +149,7 @@ class MLP(nn.Module):
             from trainer.kernels.lora_fused import lora_mlp  # imports Triton, which reads TRITON_INTERPRET
 
             return lora_mlp(x, gate_proj, up_proj, self.down_proj, self.activation,
-                            recompute=self.recompute_gate_up)
+                            recompute=self.recompute_gate_up, output=output)
         if self.fused:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
@@ -182,7 +185,10 @@ class DecoderLayer(nn.Module):
             x, h = self.pre_feedforward_layernorm.forward_add(x, self.post_attention_layernorm(h))
             return x + self.post_feedforward_layernorm(self.mlp(h))
         x, h = self.post_attention_layernorm.forward_add(x, h)
-        return x + self.mlp(h)
+        # In a recompute nothing reads this sum (the add saves nothing for backward), so the MLP may skip
+        # its down product: a [tokens x intermediate x hidden] matmul, a third of the MLP's, per layer.
+        # Not in Gemma 2 above: its post-MLP norm saves the MLP output for its backward.
+        return x + self.mlp(h, output=not in_recompute())
 
 
 class Decoder(nn.Module):
@@ -222,7 +228,7 @@ class Decoder(nn.Module):
             # record_shapes, which converts autograd.Function arguments (checkpoint's) to IValues
             mask = masks[layer.self_attn.sliding_window]
             if self.gradient_checkpointing and self.training:
-                h = checkpoint(layer, h, cos, sin, mask, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, mask, use_reentrant=False, context_fn=recompute_context)
             else:
                 h = layer(h, cos, sin, mask)
         return self.norm(h)
