@@ -204,6 +204,16 @@ def collector_frozen() -> Iterator[None]:
         gc.unfreeze()
 
 
+def _factor_casts(device: torch.device):
+    """On CUDA, LoRA factors cast once per step for the fused projections (lora_fused.cached_factor_casts);
+    elsewhere nothing, and Triton stays unimported (the CPU tests choose its interpreter before importing it)."""
+    if device.type != "cuda":
+        return nullcontext()
+    from trainer.kernels.lora_fused import cached_factor_casts
+
+    return cached_factor_casts()
+
+
 def train_step(model: nn.Module, micro_batches: list[Batch], optimizer: torch.optim.Optimizer,
                scheduler: torch.optim.lr_scheduler.LRScheduler, *, max_grad_norm: float,
                autocast_dtype: torch.dtype, device: torch.device, dp: DataParallel | None = None) -> StepResult:
@@ -221,21 +231,22 @@ def train_step(model: nn.Module, micro_batches: list[Batch], optimizer: torch.op
     scale = dp.world_size if dp is not None else 1
     lr = optimizer.param_groups[0]["lr"]
     losses, finite = [], []
-    for i, b in enumerate(micro_batches):
-        # Plain positions are left to the model (the same arange): with position_ids it would look for
-        # packed documents on the GPU, and that check waits for the GPU (a host sync per micro-batch).
-        plain = b.plain_positions
-        b = b.to(device)
-        # gradients are all-reduced once per step, in the last micro-batch's backward
-        sync = model.no_sync() if dp is not None and i < len(micro_batches) - 1 else nullcontext()
-        with sync:
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
-                out = model(b.input_ids, labels=b.labels, position_ids=None if plain else b.position_ids,
-                            num_items_in_batch=n_targets)
-            (out.loss * scale if scale != 1 else out.loss).backward()
-        losses.append(out.loss.detach().float())
-        # deferred: one host sync per step, not per micro-batch
-        finite.append(torch.isfinite(losses[-1]) & _grads_finite(params).to(losses[-1].device))
+    with _factor_casts(device):
+        for i, b in enumerate(micro_batches):
+            # Plain positions are left to the model (the same arange): with position_ids it would look for
+            # packed documents on the GPU, and that check waits for the GPU (a host sync per micro-batch).
+            plain = b.plain_positions
+            b = b.to(device)
+            # gradients are all-reduced once per step, in the last micro-batch's backward
+            sync = model.no_sync() if dp is not None and i < len(micro_batches) - 1 else nullcontext()
+            with sync:
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
+                    out = model(b.input_ids, labels=b.labels, position_ids=None if plain else b.position_ids,
+                                num_items_in_batch=n_targets)
+                (out.loss * scale if scale != 1 else out.loss).backward()
+            losses.append(out.loss.detach().float())
+            # deferred: one host sync per step, not per micro-batch
+            finite.append(torch.isfinite(losses[-1]) & _grads_finite(params).to(losses[-1].device))
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
     loss = float(dp.sum(torch.stack(losses).sum(), torch.float32)) if dp is not None else float(torch.stack(losses).sum())
     grad_norm = float(norm)

@@ -7,6 +7,7 @@ two of the float64 value computed from the same bf16-rounded operands, and no fu
 the plain path is (both round intermediates; the fused path rounds fewer of them).
 """
 
+import contextlib
 import os
 
 import torch
@@ -24,6 +25,7 @@ from torch import nn  # noqa: E402
 from trainer.checkpointing import set_gradient_checkpointing  # noqa: E402
 from trainer.data import IGNORE_INDEX  # noqa: E402
 from trainer.kernels.lora_fused import (  # noqa: E402
+    cached_factor_casts,
     clear_workspaces,
     dense_weight,
     gated_backward_in_place,
@@ -473,3 +475,56 @@ def test_a_recomputed_layer_skips_its_down_product(tiny_models, monkeypatch, fam
     n_layers = 2
     assert shapes.count((down.in_features, down.out_features)) == down_products * n_layers
     assert shapes.count((gate.in_features, gate.out_features)) == 3 * inputs * n_layers
+
+
+@pytest.mark.parametrize("checkpointing", ["on", "offload"])
+def test_factor_casts_are_made_once_per_step_and_change_no_gradient(tiny_models, checkpointing):
+    """Two micro-batches in one cached_factor_casts scope, bf16 autocast, the layers recomputed: one cached
+    copy per LoRA factor (the backward's aliases of the factors hit the forward's copies instead of adding
+    entries), and the same loss and gradients, bit for bit, as without the cache."""
+    import trainer.kernels.lora_fused as lora_fused
+
+    def two_micro_batches(cached: bool):
+        model = load_model(tiny_models["llama"], dtype=torch.float32, device=device())
+        torch.manual_seed(0)
+        apply_lora(model, LoRASettings(r=4, alpha=8))
+        with torch.no_grad():
+            for m in lora_modules(model).values():
+                m.lora_B.weight.normal_(0, 0.05)
+                m.use_kernel = True
+        set_gradient_checkpointing(model, checkpointing)
+        model.train()
+        g = torch.Generator().manual_seed(1)
+        losses, entries = [], None
+        with cached_factor_casts() if cached else contextlib.nullcontext():
+            for _ in range(2):
+                ids = torch.randint(3, 128, (2, 17), generator=g).to(device())
+                with torch.autocast(device().type, dtype=torch.bfloat16):
+                    loss = model(ids, labels=ids).loss
+                loss.backward()
+                losses.append(loss.detach())
+            if cached:
+                entries = len(lora_fused._CASTS)
+        assert lora_fused._CASTS is None  # dropped on exit
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        return losses, grads, entries
+
+    losses, grads, entries = two_micro_batches(cached=True)
+    assert entries == len(grads)  # 2 layers x 7 linears x (A, B)
+    ref_losses, ref_grads, _ = two_micro_batches(cached=False)
+    assert all(torch.equal(a, b) for a, b in zip(losses, ref_losses))
+    for name in grads:
+        assert torch.equal(grads[name], ref_grads[name]), name
+
+
+def test_a_factor_changed_in_place_inside_the_scope_is_cast_again():
+    torch.manual_seed(8)
+    m = adapted(base_linear(64, 32, "linear", torch.float32))
+    x = torch.randn(5, 64, device=device())
+    with torch.no_grad(), torch.autocast(device().type, dtype=torch.bfloat16), cached_factor_casts():
+        lora_linear(x, m.base_layer, m.lora_A.weight, m.lora_B.weight, m.scaling)
+        m.lora_B.weight.mul_(3.0)
+        y = lora_linear(x, m.base_layer, m.lora_A.weight, m.lora_B.weight, m.scaling)
+    with torch.no_grad(), torch.autocast(device().type, dtype=torch.bfloat16):
+        fresh = lora_linear(x, m.base_layer, m.lora_A.weight, m.lora_B.weight, m.scaling)
+    assert torch.equal(y, fresh)
