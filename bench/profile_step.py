@@ -82,7 +82,8 @@ def matmul_role(dims: tuple[int, int, int], cfg: dict, rank: int) -> str:
 
 
 # where the two matrices sit among an op's recorded input shapes (addmm/baddbmm: after the addend)
-_MATRIX_ARGS = {"aten::mm": (0, 1), "aten::bmm": (0, 1), "aten::addmm": (1, 2), "aten::baddbmm": (1, 2)}
+_MATRIX_ARGS = {"aten::mm": (0, 1), "aten::bmm": (0, 1), "aten::addmm": (1, 2), "aten::addmm_": (1, 2),
+                "aten::baddbmm": (1, 2)}
 
 
 def _dims(op: str, shapes: list) -> tuple[int, int, int] | None:

@@ -121,3 +121,25 @@ def test_dense_weight_of_a_linear4bit_equals_bitsandbytes():
 @pytest.mark.parametrize("shape", [(4096, 14336), (14336, 4096)], ids=str)
 def test_full_size_equals_bitsandbytes_on_cuda(shape, dtype):
     check(shape, dtype, 64, nested=True, scale=0.02)
+
+
+def test_launch_arguments_are_kept_per_weight_follow_its_quant_state_and_go_with_it():
+    import gc
+
+    from trainer.kernels import nf4
+
+    torch.manual_seed(seed("launch cache"))
+    x, y = torch.randn(48, 64, device=device()), torch.randn(48, 64, device=device()) * 3
+    wx, qx = bnbf.quantize_4bit(x, blocksize=64, compress_statistics=True, quant_type="nf4")
+    wy, qy = bnbf.quantize_4bit(y, blocksize=64, compress_statistics=True, quant_type="nf4")
+    gc.collect()  # earlier tests' weights leave first
+    before = len(nf4._LAUNCHES)
+    for out in (torch.empty(48, 64, device=device()), torch.empty(48, 64, device=device())):  # a fresh out each
+        assert torch.equal(dequantize_nf4(wx, qx, out), reference(wx, qx))
+    assert len(nf4._LAUNCHES) == before + 1
+    # the same packed codes read with another quant state (absmax, nested codes): its values, not the cached ones
+    assert torch.equal(dequantize_nf4(wx, qy, torch.empty(48, 64, device=device())), reference(wx, qy))
+    del wx
+    gc.collect()
+    assert len(nf4._LAUNCHES) == before
+    del wy

@@ -67,20 +67,32 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _WORKSPACES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
+# (device, dtype, shape) -> that view of the buffer: made once, not sliced and viewed again on every call
+_VIEWS: dict[tuple[torch.device, torch.dtype, tuple[int, ...]], torch.Tensor] = {}
+
+
 def _workspace(shape: torch.Size | tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A [shape] view of the shared (device, dtype) buffer, grown to the largest request seen."""
+    view = _VIEWS.get((device, dtype, tuple(shape)))
+    if view is not None:
+        return view
     numel = math.prod(shape)
     key = (device, dtype)
     buf = _WORKSPACES.get(key)
     if buf is None or buf.numel() < numel:
-        _WORKSPACES.pop(key, None)  # drop the smaller buffer first so its memory can be reused
+        # drop the smaller buffer (and every view of it) first so its memory can be reused
+        _WORKSPACES.pop(key, None)
+        for k in [k for k in _VIEWS if k[:2] == key]:
+            del _VIEWS[k]
         buf = _WORKSPACES[key] = torch.empty(numel, dtype=dtype, device=device)
-    return buf[:numel].view(shape)
+    view = _VIEWS[(device, dtype, tuple(shape))] = buf[:numel].view(shape)
+    return view
 
 
 def clear_workspaces() -> None:
     """Free the dequantization buffers (they are re-created on the next call)."""
     _WORKSPACES.clear()
+    _VIEWS.clear()
 
 
 def dense_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:

@@ -113,7 +113,9 @@ def _backward(dy2: torch.Tensor, ds2: torch.Tensor | None, x2: torch.Tensor, wei
     dx = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
     rows, block, warps = _launch_shape(n_cols)
     programs = _backward_programs(cdiv(n_rows, rows), x2.device)
-    dw_partial = torch.zeros((max(programs, 1), n_cols), dtype=torch.float32, device=x2.device)
+    # every program writes its whole row of partial sums: no zero fill (a launch) unless none runs
+    dw_partial = (torch.empty if n_rows else torch.zeros)((max(programs, 1), n_cols), dtype=torch.float32,
+                                                          device=x2.device)
     if n_rows:
         ds_arg = dy2 if ds2 is None else ds2  # placeholder when ADD_DS is False
         _rms_norm_bwd[(programs,)](dy2, ds_arg, x2, weight, rstd, dx, dw_partial, dy2.stride(0),
