@@ -200,6 +200,10 @@ def test_4bit_logits_equal_transformers_qlora_model_and_stay_near_16bit(tmp_path
                                bnb_4bit_compute_dtype=torch.float32)
     hf4 = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant, device_map="cpu",
                                                dtype=torch.float32)
+    # Training mode (no dropout in this config): in eval mode on a CPU with AVX512-BF16, bitsandbytes
+    # repacks each Linear4bit weight for its own CPU kernel, which multiplies in bfloat16 whatever the
+    # compute dtype (logits 2.6e-2 off); in training mode it dequantizes and multiplies in float32.
+    hf4.train()
     ours4 = load_model(tmp_path, dtype=torch.float32, load_in_4bit=True)
     ours16 = load_model(tmp_path, dtype=torch.float32)
     ids, labels = _inputs()
