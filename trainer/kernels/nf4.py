@@ -58,9 +58,9 @@ NF4_GPU_BLOCKSIZES = (32, 64, 128)
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 _CODES: dict[tuple[str, torch.device], torch.Tensor] = {}
-# weight -> ((out dtype, out shape, elements_per_program, num_warps), grid, arguments after the packed codes
-# and before out, (n, n_blocks), constexpr keywords). Nothing in a value refers to the weight itself, or the
-# entry would keep its key alive.
+# weight -> ((out dtype, out shape, elements_per_program, num_warps), the quant state, grid, arguments after
+# the packed codes and before out, (n, n_blocks), constexpr keywords). Nothing in a value refers to the weight
+# itself (the quant state does not), or the entry would keep its key alive.
 _LAUNCHES = WeakIdKeyDictionary()  # by identity: a tensor's == compares elements
 
 
