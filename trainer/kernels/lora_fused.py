@@ -319,6 +319,138 @@ def lora_linear(x: torch.Tensor, base: nn.Module, lora_A: torch.Tensor, lora_B: 
     return LoRALinearFunction.apply(x, lora_A, lora_B, base, scaling, _plan(x.dtype, x.device.type, base, lora_A))
 
 
+def _nf4_on_kernel(w: torch.Tensor) -> bool:
+    """Whether dense_weight dequantizes this weight with trainer.kernels.nf4 (not bitsandbytes' own path)."""
+    qs = getattr(w, "quant_state", None)
+    return (qs is not None and (w.is_cuda or _INTERPRET) and qs.quant_type == "nf4"
+            and qs.blocksize in NF4_GPU_BLOCKSIZES)
+
+
+def _stacked_weight(bases: tuple[nn.Module, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The bases' NF4 weights dequantized one under another into the shared workspace: [sum of outs, in]."""
+    rows = [b.weight.quant_state.shape[0] for b in bases]
+    out = _workspace((sum(rows), bases[0].weight.quant_state.shape[1]), dtype, bases[0].weight.device)
+    start = 0
+    for base, n in zip(bases, rows):
+        dequantize_nf4(base.weight, base.weight.quant_state, out[start:start + n])
+        start += n
+    return out
+
+
+def _cached(key: tuple, make) -> torch.Tensor:
+    """make(), kept in cached_factor_casts' store under `key` while it is open."""
+    if _CASTS is None:
+        return make()
+    hit = _CASTS.get(key)
+    if hit is None:
+        hit = _CASTS[key] = (None, None, make())
+    return hit[2]
+
+
+def _factors_key(kind: str, factors: tuple[torch.Tensor, ...], dtype: torch.dtype) -> tuple:
+    return (kind, dtype, *((f.data_ptr(), tuple(f.shape), f._version) for f in factors))
+
+
+def _stacked_A(As: tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor:
+    """[A_q; A_k; A_v] in dtype, [sum of ranks, in]."""
+    return _cached(_factors_key("A", As, dtype), lambda: torch.cat([A.detach().to(dtype) for A in As]))
+
+
+def _block_B(Bs: tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The B factors on a block diagonal, [sum of outs, sum of ranks], zeros elsewhere: one product
+    (x A^T) B^T for all three projections. The zero blocks cost 3x the FLOPs of three thin products, a
+    few microseconds, against two launches saved each way."""
+    def make() -> torch.Tensor:
+        out = torch.zeros(sum(B.shape[0] for B in Bs), sum(B.shape[1] for B in Bs), dtype=dtype, device=Bs[0].device)
+        r = c = 0
+        for B in Bs:
+            out[r:r + B.shape[0], c:c + B.shape[1]].copy_(B)
+            r, c = r + B.shape[0], c + B.shape[1]
+        return out
+
+    return _cached(_factors_key("B", Bs, dtype), make)
+
+
+class LoRAQKVFunction(torch.autograd.Function):
+    """[q | k | v] = x [W_q; W_k; W_v]^T + b + s (x [A_q; A_k; A_v]^T) blockdiag(B_q, B_k, B_v)^T; see lora_qkv."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bases: tuple[nn.Module, ...], scale: float, plan: _Plan,
+                *factors: torch.Tensor) -> torch.Tensor:
+        As, Bs = factors[0::2], factors[1::2]
+        x2 = x.reshape(-1, x.shape[-1])
+        with _no_autocast(x.device.type):
+            w = _stacked_weight(bases, plan.base)
+            A, B = _stacked_A(As, plan.lora), _block_B(Bs, plan.lora)
+            xa = torch.mm(x2.to(plan.lora), A.t())
+            y = torch.empty((*x.shape[:-1], w.shape[0]), dtype=plan.out, device=x.device)
+            y2 = y.view(-1, w.shape[0])
+            if bases[0].bias is None:
+                y2.addmm_(xa, B.t(), beta=0, alpha=scale)
+            else:
+                bias = torch.cat([b.bias.to(plan.base) for b in bases])
+                torch.addmm(bias, xa, B.t(), alpha=scale, out=y2)
+            y2.addmm_(x2.to(plan.base), w.t())
+        ctx.save_for_backward(x, xa, *factors)
+        ctx.bases, ctx.scale, ctx.plan = bases, scale, plan
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, xa, *factors = ctx.saved_tensors
+        As, Bs = tuple(factors[0::2]), tuple(factors[1::2])
+        bases, scale, plan = ctx.bases, ctx.scale, ctx.plan
+        x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]).to(plan.lora)
+        grads: list[torch.Tensor | None] = [None] * len(factors)
+        dx = None
+        with _no_autocast(x.device.type):
+            A, B = _stacked_A(As, plan.lora), _block_B(Bs, plan.lora)
+            dyB = torch.mm(dy2, B)  # [N, sum of ranks]: each projection's dY_i B_i side by side
+            if ctx.needs_input_grad[0]:
+                w = _stacked_weight(bases, plan.base)
+                dx = torch.empty(x2.shape, dtype=plan.x, device=x.device)
+                dx = dx.addmm_(dyB, A, beta=0, alpha=scale).addmm_(dy2.to(plan.base), w).view(x.shape)
+            dA = _scaled_product(dyB.t(), x2.to(plan.lora), scale, As[0].dtype)  # [sum of ranks, in]
+            dB = _scaled_product(dy2.t(), xa, scale, plan.lora)  # [sum of outs, sum of ranks]; diagonal blocks
+            r = c = 0
+            for i, (Ai, Bi) in enumerate(zip(As, Bs)):
+                grads[2 * i] = dA[c:c + Ai.shape[0]]
+                grads[2 * i + 1] = dB[r:r + Bi.shape[0], c:c + Bi.shape[1]].to(Bi.dtype).contiguous()
+                r, c = r + Bi.shape[0], c + Ai.shape[0]
+        return (dx, None, None, None, *grads)
+
+
+def lora_qkv(x: torch.Tensor, projections: tuple[nn.Module, ...]) -> torch.Tensor:
+    """[q | k | v] along the last dim for LoRALinear q, k, v projections over NF4 bases: one Function, one
+    base matmul over the three weights dequantized into one buffer, one LoRA-A and one LoRA-B product for
+    all three (block diagonal B), instead of three Functions of four products each (see qkv_fusable).
+
+    The caller splits the result (torch.split: its backward joins dq, dk, dv with one cat)."""
+    bases = tuple(m.base_layer for m in projections)
+    plan = _plan(x.dtype, x.device.type, bases[0], projections[0].lora_A.weight)
+    factors = [t for m in projections for t in (m.lora_A.weight, m.lora_B.weight)]
+    return LoRAQKVFunction.apply(x, bases, projections[0].scaling, plan, *factors)
+
+
+def qkv_fusable(x: torch.Tensor, projections: tuple[nn.Module, ...]) -> bool:
+    """Whether lora_qkv can take these projections: each a LoRALinear on its fused path (no dropout) over a
+    frozen NF4 weight that trainer.kernels.nf4 dequantizes, with one scaling, one input width, biases on all
+    or none, and one dtype plan (under autocast: always)."""
+    from trainer.lora import LoRALinear
+
+    if not all(isinstance(m, LoRALinear) and m.uses_kernel(x) for m in projections):
+        return False
+    bases = [m.base_layer for m in projections]
+    if not all(_nf4_on_kernel(b.weight) and not b.weight.requires_grad for b in bases):
+        return False
+    if len({m.scaling for m in projections}) != 1 or len({b.weight.quant_state.shape[1] for b in bases}) != 1:
+        return False
+    if len({b.bias is None for b in bases}) != 1 or any(b.bias is not None and b.bias.requires_grad for b in bases):
+        return False
+    plans = {_plan(x.dtype, x.device.type, b, m.lora_A.weight) for b, m in zip(bases, projections)}
+    return len(plans) == 1 and next(iter(plans)).base == next(iter(plans)).out == next(iter(plans)).lora
+
+
 @triton.jit
 def _gated_bwd_in_place(gate_ptr, up_ptr, dh_ptr, gate_row_stride, up_row_stride, dh_row_stride, n_rows, n_cols,
                         ACT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
