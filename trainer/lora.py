@@ -121,16 +121,6 @@ def mlp_uses_kernel(x: torch.Tensor, *projections: nn.Module | None) -> bool:
     return all(m.uses_kernel(x) for m in adapted) if adapted else kernels_enabled(x)
 
 
-def qkv_uses_kernel(x: torch.Tensor, *projections: nn.Module) -> bool:
-    """Whether q, k, v projections should run as one trainer.kernels.lora_fused.lora_qkv call on input x:
-    each a LoRALinear on its fused path, and lora_fused.qkv_fusable agrees (NF4 bases, one scaling, ...)."""
-    if not all(isinstance(m, LoRALinear) and m.uses_kernel(x) for m in projections):
-        return False
-    from trainer.kernels.lora_fused import qkv_fusable  # imports Triton: only once a kernel is in use
-
-    return qkv_fusable(x, projections)
-
-
 def _is_linear(module: nn.Module) -> bool:
     if isinstance(module, nn.Linear):
         return True

@@ -31,8 +31,6 @@ from trainer.kernels.lora_fused import (  # noqa: E402
     gated_backward_in_place,
     lora_linear,
     lora_mlp,
-    lora_qkv,
-    qkv_fusable,
 )
 from trainer.kernels.rope import apply_rope, rotatable_in_place  # noqa: E402
 from trainer.lora import LoRALinear, LoRASettings, apply_lora, lora_modules, mlp_uses_kernel  # noqa: E402
@@ -530,63 +528,3 @@ def test_a_factor_changed_in_place_inside_the_scope_is_cast_again():
     with torch.no_grad(), torch.autocast(device().type, dtype=torch.bfloat16):
         fresh = lora_linear(x, m.base_layer, m.lora_A.weight, m.lora_B.weight, m.scaling)
     assert torch.equal(y, fresh)
-
-
-@pytest.mark.parametrize("mode", ["fp32", "bf16+autocast"])
-@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
-def test_lora_qkv_matches_float64_and_three_lora_linear_calls(bias, mode):
-    """q, k, v over NF4 as one Function: one base product over the stacked weights, one LoRA-A product over
-    the stacked A's, one LoRA-B product with a block-diagonal B; against float64 and three fused projections."""
-    torch.manual_seed(seed("qkv", bias, mode))
-    dtype, autocast = MODES[mode]
-    # ranks differ (4 for k) at one scaling (1.5): the stacked A and the block-diagonal B follow each rank
-    projections = tuple(adapted(base_linear(128, n, "nf4", dtype, bias), r, 1.5 * r)
-                        for n, r in ((128, 8), (64, 4), (64, 8)))
-    for m in projections:
-        m.use_kernel = True
-    x = torch.randn(2, 7, 128, device=device()).to(dtype).requires_grad_()
-    dy = torch.randn(2, 7, 256, device=device())
-    params = [x] + [p for m in projections for p in (m.lora_A.weight, m.lora_B.weight)]
-    with torch.autocast(device().type, dtype=torch.bfloat16, enabled=autocast is not None):
-        assert qkv_fusable(x, projections)
-    fused = run(lambda: lora_qkv(x, projections), params, dy, autocast)
-    separate = run(lambda: torch.cat([lora_linear(x, m.base_layer, m.lora_A.weight, m.lora_B.weight, m.scaling)
-                                      for m in projections], dim=-1), params, dy, autocast)
-    x64 = _r(x, autocast)
-    for m in projections:
-        m.A64, m.B64 = _r(m.lora_A.weight, autocast), _r(m.lora_B.weight, autocast)
-    y64 = torch.cat([linear64(x64, m, autocast) for m in projections], dim=-1)
-    ref = [y64.detach(), *torch.autograd.grad(y64, [x64] + [t for m in projections for t in (m.A64, m.B64)],
-                                              dy.double())]
-    names = ["y", "dx"] + [f"{n}.{ab}" for n in "qkv" for ab in "AB"]
-    check(fused, separate, ref, names, autocast)
-    assert all(g.is_contiguous() for g in fused[2:])
-
-
-def test_lora_qkv_is_used_only_where_it_applies():
-    x = torch.randn(3, 128, device=device())
-    nf4 = [adapted(base_linear(128, 64, "nf4", torch.float32)) for _ in range(3)]
-    for m in nf4:
-        m.use_kernel = True
-    assert qkv_fusable(x, tuple(nf4))
-    # a 16-bit base (stacking it would copy the weights on every call), LoRA dropout, another scaling
-    linear = adapted(base_linear(128, 64, "linear", torch.float32))
-    linear.use_kernel = True
-    assert not qkv_fusable(x, (nf4[0], nf4[1], linear))
-    nf4[2].scaling = 3.0
-    assert not qkv_fusable(x, tuple(nf4))
-    nf4[2].scaling = nf4[0].scaling
-    nf4[1].use_kernel = False
-    assert not qkv_fusable(x, tuple(nf4))
-
-
-@pytest.mark.parametrize("checkpointing", ["off", "on", "offload"])
-def test_the_decoder_runs_qlora_q_k_v_as_one_function(tiny_models, monkeypatch, checkpointing):
-    """The llama-nf4 cases of the decoder test above go through lora_qkv (once per layer and forward pass)."""
-    import trainer.kernels.lora_fused as lora_fused
-
-    calls = []
-    real = lora_fused.lora_qkv
-    monkeypatch.setattr(lora_fused, "lora_qkv", lambda x, projections: calls.append(x.shape) or real(x, projections))
-    decoder_loss_and_grads(tiny_models["llama"], fused=True, checkpointing=checkpointing, load_in_4bit=True)
-    assert len(calls) == 2 * (1 if checkpointing == "off" else 2)

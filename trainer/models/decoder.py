@@ -99,22 +99,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: LayerMask) -> torch.Tensor:
-        # imported here: trainer.lora imports trainer.models.ops, and so this package, at its top
-        from trainer.lora import qkv_uses_kernel
-
         s = self.spec
         b, t, _ = x.shape
         if s.fused_qkv:
             q, k, v = self.qkv_proj(x).split([s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim,
                                               s.num_kv_heads * s.head_dim], dim=-1)
-        elif qkv_uses_kernel(x, self.q_proj, self.k_proj, self.v_proj):  # QLoRA on q, k and v
-            from trainer.kernels.lora_fused import lora_qkv  # imports Triton, which reads TRITON_INTERPRET
-
-            q, k, v = lora_qkv(x, (self.q_proj, self.k_proj, self.v_proj)).split(
-                [s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim, s.num_kv_heads * s.head_dim], dim=-1)
-            # v's own copy (8 MB at 4,096 tokens), so the [tokens x (q + k + v)] output is not kept alive
-            # for the attention backward; q and k are rotated out of place below.
-            v = v.contiguous()
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         # Rotated while still the projections' own [B, T, H * D] tensors, so the kernel can work in place
