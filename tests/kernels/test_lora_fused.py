@@ -378,10 +378,9 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def decoder_loss_and_grads(path: Path, *, fused: bool, checkpointing: str, load_in_4bit: bool = False,
-                           autocast: torch.dtype | None = None):
-    """(loss, LoRA grads, the autograd node of every MLP output built with grad enabled) for one step, every
-    LoRALinear forced onto its fused path (`fused`, the decoder's MLP then runs lora_mlp) or its plain one."""
+def adapted_model(path: Path, *, fused: bool, checkpointing: str, load_in_4bit: bool = False) -> nn.Module:
+    """The tiny model at path with LoRA r=4 on every linear (B nonzero), every LoRALinear forced onto its fused
+    path (`fused`, the decoder's MLP then runs lora_mlp) or its plain one, in a checkpointing mode."""
     model = load_model(path, dtype=torch.float32, device=device(), load_in_4bit=load_in_4bit)
     torch.manual_seed(0)
     apply_lora(model, LoRASettings(r=4, alpha=8))
@@ -390,6 +389,14 @@ def decoder_loss_and_grads(path: Path, *, fused: bool, checkpointing: str, load_
             m.lora_B.weight.normal_(0, 0.05)
             m.use_kernel = fused
     set_gradient_checkpointing(model, checkpointing)
+    return model
+
+
+def decoder_loss_and_grads(path: Path, *, fused: bool, checkpointing: str, load_in_4bit: bool = False,
+                           autocast: torch.dtype | None = None):
+    """(loss, LoRA grads, the autograd node of every MLP output built with grad enabled) for one step of
+    adapted_model(path, ...)."""
+    model = adapted_model(path, fused=fused, checkpointing=checkpointing, load_in_4bit=load_in_4bit)
     mlp_nodes = []
 
     def record(module, args, out):
@@ -485,14 +492,7 @@ def test_factor_casts_are_made_once_per_step_and_change_no_gradient(tiny_models,
     import trainer.kernels.lora_fused as lora_fused
 
     def two_micro_batches(cached: bool):
-        model = load_model(tiny_models["llama"], dtype=torch.float32, device=device())
-        torch.manual_seed(0)
-        apply_lora(model, LoRASettings(r=4, alpha=8))
-        with torch.no_grad():
-            for m in lora_modules(model).values():
-                m.lora_B.weight.normal_(0, 0.05)
-                m.use_kernel = True
-        set_gradient_checkpointing(model, checkpointing)
+        model = adapted_model(tiny_models["llama"], fused=True, checkpointing=checkpointing)
         model.train()
         g = torch.Generator().manual_seed(1)
         losses, entries = [], None
