@@ -210,7 +210,7 @@ def _project(x2: torch.Tensor, base: nn.Module, A: torch.Tensor | None, B: torch
         # LoRA term first, written (b + s xa B^T), then the base product accumulated onto it: the big matmul
         # reads y in its epilogue, hidden under its arithmetic, where adding the LoRA term afterwards re-reads
         # and re-writes all of y in a memory-bound pass (bench/lora_order.py).
-        xa = torch.mm(x2.to(plan.lora), _cast(A, plan.lora).t())
+        xa = _lora_x(x2, A, plan)
         if bias is None:
             y2.addmm_(xa, _cast(B, plan.lora).t(), beta=0, alpha=scale)  # beta=0: y2's old contents are ignored
         else:
@@ -225,7 +225,7 @@ def _project(x2: torch.Tensor, base: nn.Module, A: torch.Tensor | None, B: torch
         torch.addmm(bias, xb, w.t(), out=y2)
     if A is None:
         return y, None
-    xa = torch.mm(x2.to(plan.lora), _cast(A, plan.lora).t())
+    xa = _lora_x(x2, A, plan)
     _add_product(y2, xa, _cast(B, plan.lora).t(), scale)
     return y, xa
 
@@ -237,8 +237,7 @@ def _input_grad(dy2: torch.Tensor, base: nn.Module, A: torch.Tensor | None, dyB:
     dy_base = dy2.to(plan.base)
     if A is not None and out is None and plan.base == plan.x == plan.lora:
         # as in _project: the LoRA term written first, the big product accumulated onto it
-        dx = torch.empty((dy2.shape[0], w.shape[1]), dtype=plan.x, device=dy2.device)
-        return dx.addmm_(dyB, _cast(A, plan.lora), beta=0, alpha=scale).addmm_(dy_base, w)
+        return _scaled_product(dyB, _cast(A, plan.lora), scale, plan.x).addmm_(dy_base, w)
     if out is not None and out.dtype == plan.base:
         out.addmm_(dy_base, w)
         dx = out
@@ -249,6 +248,11 @@ def _input_grad(dy2: torch.Tensor, base: nn.Module, A: torch.Tensor | None, dyB:
     if A is not None:
         _add_product(dx, dyB, _cast(A, plan.lora), scale)
     return dx
+
+
+def _lora_x(x2: torch.Tensor, A: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """x A^T [N, r] in the LoRA dtype (unscaled): what the LoRA-B product and dB both start from."""
+    return torch.mm(x2.to(plan.lora), _cast(A, plan.lora).t())
 
 
 def _lora_dy(dy2: torch.Tensor, B: torch.Tensor | None, plan: _Plan) -> torch.Tensor | None:
@@ -395,8 +399,7 @@ class LoRAMLPFunction(torch.autograd.Function):
                 y, ha = _project(h, bases[-1], factors[-2], factors[-1], scales[-1], plans[-1], lead=x.shape[:-1])
             else:  # only what the backward keeps: h A^T, not the down product itself
                 A = factors[-2]
-                ha = None if A is None else torch.mm(h.view(-1, h.shape[-1]).to(plans[-1].lora),
-                                                     _cast(A, plans[-1].lora).t())
+                ha = None if A is None else _lora_x(h.view(-1, h.shape[-1]), A, plans[-1])
                 y = torch.empty((*x.shape[:-1], bases[-1].out_features), dtype=plans[-1].out, device=x.device)
         ctx.save_for_backward(x, ha, *factors, *xas, *([] if recompute else outs))
         ctx.activation, ctx.bases, ctx.scales, ctx.plans, ctx.recompute = activation, bases, scales, plans, recompute
