@@ -21,6 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lora_kernels import nf4_base  # noqa: E402
 from queued_timing import queued_call_ms  # noqa: E402
 
 
@@ -31,8 +32,6 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--json")
     args = ap.parse_args()
-    import bitsandbytes as bnb
-
     from trainer.kernels import rms_norm as rms_norm_kernel
     from trainer.kernels.lora_fused import (
         LoRALinearFunction,
@@ -47,10 +46,7 @@ def main() -> None:
 
     dev, dt = torch.device("cuda"), torch.bfloat16
     n, h, r = 4096, 4096, 32
-    base = bnb.nn.Linear4bit(h, h, bias=False, compute_dtype=dt, quant_type="nf4", compress_statistics=True,
-                             device="meta")
-    base.weight = bnb.nn.Params4bit(torch.randn(h, h, dtype=dt) * h**-0.5, requires_grad=False, quant_type="nf4",
-                                    compress_statistics=True, module=base).to(dev)
+    base = nf4_base(h, h, dev)  # bf16 compute, as in bench/lora_kernels.py
     lora = LoRALinear(base, r, float(r)).to(dev)
     A, B = lora.lora_A.weight, lora.lora_B.weight
     x = torch.randn(n, h, device=dev, dtype=dt, requires_grad=True)
