@@ -17,8 +17,8 @@ overlap compute); idle = wall - busy is time the GPU waited on the CPU or a sync
 MFU's FLOPs (bench/train.py's formula) over the matmul time alone says how far the matmuls
 themselves are from the ceiling; over the wall time it is the MFU bench/train.py reports.
 
-    python bench/profile_step.py [--shape llama3-8b] [--gc on|offload|off] [--json out.json]
-                                 [--trace trace.json]
+    python bench/profile_step.py [--shape llama3-8b] [--gc on|offload|off] [--cuda-graphs]
+                                 [--json out.json] [--trace trace.json]
 """
 
 from __future__ import annotations
@@ -206,13 +206,16 @@ def main() -> None:
     ap.add_argument("--cache", default=str(ROOT / "bench" / "cache"))
     ap.add_argument("--json", help="write the breakdown here")
     ap.add_argument("--trace", help="also write a Chrome trace (large)")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="micro-batches by CUDA graph replay (trainer.graphs); matmul roles then go unnamed, "
+                         "since no aten op runs on the host during a replay")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU: the breakdown is of GPU kernel time")
     model_dir = train.generate(args.shape, Path(args.cache) / f"train-{args.shape}")
     cfg = train.model_config(args.shape)
     s = train_variants.Settings(args.warmup + args.steps, args.batch, args.seq, args.accum, args.gc)
-    v = train_variants.Ours(model_dir, s)
+    v = train_variants.Ours(model_dir, s, graphs=args.cuda_graphs)
     gen = torch.Generator().manual_seed(1)
     batches = [train_variants.micro_batches(gen, v.vocab, s.batch, s.seq, s.accum)
                for _ in range(args.warmup + args.steps)]

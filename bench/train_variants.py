@@ -86,7 +86,7 @@ def same_lora_init(model: torch.nn.Module) -> int:
 class Ours:
     """Our trainer: load_model in NF4, apply_lora, --gc mode, trainer.loop.train_step, paged 8-bit AdamW."""
 
-    def __init__(self, model_dir: Path, s: Settings):
+    def __init__(self, model_dir: Path, s: Settings, graphs: bool = False):
         import bitsandbytes as bnb
 
         from trainer.checkpointing import set_gradient_checkpointing
@@ -112,6 +112,13 @@ class Ours:
         self.model = wrap(model, self.dp) if self.dp else model
         self.opt = bnb.optim.PagedAdamW8bit(trainable_parameters(model), lr=2e-4)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda _: 1.0)
+        self.graphs = None
+        if graphs and self.dp is None:  # as trainer.loop.run_steps builds them for --cuda-graphs
+            from trainer.graphs import MicroBatchGraphs
+
+            self.graphs = MicroBatchGraphs(model, trainable_parameters(model), autocast_dtype=torch.bfloat16,
+                                           device=self.device)
+            assert self.graphs.reason is None, self.graphs.reason
 
     def step(self, micro: list[torch.Tensor]) -> float:
         from trainer.data import Batch
@@ -123,7 +130,7 @@ class Ours:
             pos = torch.arange(n).expand(b, n).contiguous()
             batches.append(Batch(ids, ids.clone(), pos, [], b * (n - 1)))
         r = train_step(self.model, batches, self.opt, self.sched, max_grad_norm=1.0,
-                       autocast_dtype=torch.bfloat16, device=self.device, dp=self.dp)
+                       autocast_dtype=torch.bfloat16, device=self.device, dp=self.dp, graphs=self.graphs)
         return r.loss
 
     def recover(self) -> None:
@@ -328,12 +335,15 @@ def run(name: str, model_dir: Path, s: Settings) -> dict:
             result.update(throughput(v, s, gen))
         if s.max_seq:
             result["max_seq"] = longest_sequence(v, s, gen)
+    if isinstance(v, Ours) and v.graphs is not None:
+        result["graph_replays"] = v.graphs.replays
     v.close()
     return result
 
 
 VARIANTS = {
     "ours, Triton kernels": Ours,
+    "ours, Triton kernels + CUDA graphs": lambda model_dir, s: Ours(model_dir, s, graphs=True),
     "ours, plain PyTorch": Ours,  # the parent sets TRAINER_KERNELS=0 for this one
     "HF transformers+PEFT": HFStack,
     "HF+PEFT + Liger-Kernel": lambda model_dir, s: HFStack(model_dir, s, liger=True),

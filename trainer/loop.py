@@ -45,6 +45,7 @@ from trainer.data import (
     step_plan,
 )
 from trainer.distributed import DataParallel, from_environment, shard_step, shutdown, wrap
+from trainer.graphs import MicroBatchGraphs, forward_backward
 from trainer.lora import LoRASettings, apply_lora, save_adapter, trainable_parameters
 from trainer.resume import Progress, save_checkpoint
 
@@ -216,11 +217,13 @@ def _factor_casts(device: torch.device):
 
 def train_step(model: nn.Module, micro_batches: list[Batch], optimizer: torch.optim.Optimizer,
                scheduler: torch.optim.lr_scheduler.LRScheduler, *, max_grad_norm: float,
-               autocast_dtype: torch.dtype, device: torch.device, dp: DataParallel | None = None) -> StepResult:
+               autocast_dtype: torch.dtype, device: torch.device, dp: DataParallel | None = None,
+               graphs: MicroBatchGraphs | None = None) -> StepResult:
     """Forward/backward every micro-batch, clip, and step unless the loss or a gradient is non-finite.
 
     Under data parallelism `model` is the DDP wrapper and `micro_batches` this rank's share: the loss
-    is normalized by the step's target tokens on all ranks and reported summed over ranks.
+    is normalized by the step's target tokens on all ranks and reported summed over ranks. With `graphs`
+    (single process, CUDA) the micro-batches it accepts run by CUDA graph replay (trainer.graphs).
     """
     params = [p for g in optimizer.param_groups for p in g["params"]]
     n_targets = sum(b.n_targets for b in micro_batches)
@@ -233,18 +236,18 @@ def train_step(model: nn.Module, micro_batches: list[Batch], optimizer: torch.op
     losses, finite = [], []
     with _factor_casts(device):
         for i, b in enumerate(micro_batches):
-            # Plain positions are left to the model (the same arange): with position_ids it would look for
-            # packed documents on the GPU, and that check waits for the GPU (a host sync per micro-batch).
-            plain = b.plain_positions
-            b = b.to(device)
-            # gradients are all-reduced once per step, in the last micro-batch's backward
-            sync = model.no_sync() if dp is not None and i < len(micro_batches) - 1 else nullcontext()
-            with sync:
-                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
-                    out = model(b.input_ids, labels=b.labels, position_ids=None if plain else b.position_ids,
-                                num_items_in_batch=n_targets)
-                (out.loss * scale if scale != 1 else out.loss).backward()
-            losses.append(out.loss.detach().float())
+            loss = graphs.run(b, n_targets) if graphs is not None and graphs.accepts(b) else None
+            if loss is None:
+                # Plain positions are left to the model (the same arange): with position_ids it would look for
+                # packed documents on the GPU, and that check waits for the GPU (a host sync per micro-batch).
+                plain = b.plain_positions
+                b = b.to(device)
+                # gradients are all-reduced once per step, in the last micro-batch's backward
+                sync = model.no_sync() if dp is not None and i < len(micro_batches) - 1 else nullcontext()
+                with sync:
+                    loss = forward_backward(model, b.input_ids, b.labels, None if plain else b.position_ids,
+                                            n_targets, autocast_dtype, scale)
+            losses.append(loss.float())
             # deferred: one host sync per step, not per micro-batch
             finite.append(torch.isfinite(losses[-1]) & _grads_finite(params).to(losses[-1].device))
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
@@ -255,7 +258,8 @@ def train_step(model: nn.Module, micro_batches: list[Batch], optimizer: torch.op
     if not skipped:
         optimizer.step()
         scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    # captured graphs accumulate into the gradients where they are: keep them, zeroed
+    optimizer.zero_grad(set_to_none=graphs is None)
     rows = [r for b in micro_batches for r in b.rows]
     # gradients accumulate: the first micro-batch that turned them non-finite is the culprit
     first_bad = next((i for i, f in enumerate(ok) if not f), None)
@@ -539,6 +543,7 @@ def run_steps(model: nn.Module, sequences: list[TrainSequence], plan: list[list[
                     if line.strip() and json.loads(line)["step"] <= progress.step]
         write_atomic(metrics_path, "".join(line + "\n" for line in kept))
     metrics = open(metrics_path, "a", encoding="utf-8") if main else None
+    graphs = _graphs(model, optimizer, cfg, device, dtype, dp, console)
     try:
         with _Progress(len(plan), console, cfg.logging_steps) as bar:
             for step in range(progress.step + 1, len(plan) + 1):
@@ -547,7 +552,7 @@ def run_steps(model: nn.Module, sequences: list[TrainSequence], plan: list[list[
                 batches = _micro_batches(sequences, micro, pad_id, cfg.batch_size, dp)
                 try:
                     r = train_step(model, batches, optimizer, scheduler, max_grad_norm=cfg.max_grad_norm,
-                                   autocast_dtype=dtype, device=device, dp=dp)
+                                   autocast_dtype=dtype, device=device, dp=dp, graphs=graphs)
                 except torch.OutOfMemoryError:
                     raise OutOfMemory(_oom_message(step, batches, cfg, out)) from None
                 step_tokens = sum(len(sequences[i].input_ids) for mb in micro for i in mb)
@@ -585,6 +590,24 @@ def run_steps(model: nn.Module, sequences: list[TrainSequence], plan: list[list[
     progress.wall_s = progress.wall_s + time.perf_counter() - start
     return {"history": progress.history, "skipped": progress.skipped, "tokens": progress.tokens,
             "wall_s": progress.wall_s}
+
+
+def _graphs(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, device: torch.device,
+            dtype: torch.dtype, dp: DataParallel | None, console) -> MicroBatchGraphs | None:
+    """The CUDA graphs --cuda-graphs asks for, or None (with a line saying why) where they cannot serve."""
+    if not cfg.cuda_graphs:
+        return None
+    why = ("they need a CUDA GPU" if device.type != "cuda" else
+           "not under data parallelism" if dp is not None else None)
+    graphs = None
+    if why is None:
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        graphs = MicroBatchGraphs(model, params, autocast_dtype=dtype, device=device)
+        why = graphs.reason
+    if why is not None:
+        console.print(f"--cuda-graphs is off for this run: {why}")
+        return None
+    return graphs
 
 
 def _oom_message(step: int, batches: list[Batch], cfg: TrainConfig, out: Path) -> str:

@@ -36,7 +36,8 @@ STATE_FILE = "trainer_state.pt"
 KEEP = 2
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # settings a resumed run may change: they alter neither tensor shapes nor the data plan
-RESUME_OVERRIDABLE = ("device", "logging_steps", "save_steps", "max_bad_steps", "gradient_checkpointing")
+RESUME_OVERRIDABLE = ("device", "logging_steps", "save_steps", "max_bad_steps", "gradient_checkpointing",
+                      "cuda_graphs")
 
 
 class ResumeError(HealerError):

@@ -121,6 +121,32 @@ def test_all_targets_ignored_gives_zero_loss_and_zero_grads():
     assert ops.causal_lm_loss(h @ w.t(), targets).item() == 0.0
 
 
+@pytest.mark.parametrize("softcap", [None, 8.0], ids=["plain", "softcap"])
+def test_row_kernel_gives_ignored_targets_no_loss_and_no_gradient(softcap):
+    """Under CUDA graph capture every row reaches the kernel (no nonzero() to drop ignored ones)."""
+    from trainer.kernels.fused_linear_ce import _ce_chunk
+
+    torch.manual_seed(14)
+    dev = device()
+    logits = (torch.randn(7, 1000, device=dev) * 3).float()
+    targets = torch.randint(0, 1000, (7,), device=dev)
+    targets[[0, 3, 4]] = ops.IGNORE_INDEX
+    counted = targets != ops.IGNORE_INDEX
+    z = logits.double()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    z.requires_grad_()
+    ref = torch.nn.functional.cross_entropy(z, targets, ignore_index=ops.IGNORE_INDEX, reduction="none")
+    (dz,) = torch.autograd.grad(ref.sum() / 5, z)
+    dx = dz * (1 - torch.tanh(logits.double() / softcap) ** 2) if softcap is not None else dz
+    loss = torch.full((7,), float("nan"), device=dev)
+    buf = logits.clone()
+    _ce_chunk(buf, targets, loss, torch.tensor([1 / 5], device=dev), softcap, write_grad=True)
+    assert torch.equal(loss[~counted].cpu(), torch.zeros(3)) and not buf[~counted].any()
+    torch.testing.assert_close(loss[counted].double(), ref[counted], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(buf[counted].double(), dx[counted], rtol=1e-4, atol=1e-7)
+
+
 def test_target_outside_the_vocabulary_is_refused():
     torch.manual_seed(13)
     h, w, targets = _inputs(1, 6, 64, 1000, torch.float32)

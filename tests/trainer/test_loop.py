@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import io
 import json
 import math
 from pathlib import Path
@@ -12,9 +13,11 @@ import pytest
 import testdata
 import tiny_runs
 import torch
+from rich.console import Console
 
 from healer.checkpoint import Checkpoint
 from healer.errors import OutputError
+from trainer.checkpointing import set_gradient_checkpointing
 from trainer.config import TrainConfig
 from trainer.data import (
     IGNORE_INDEX,
@@ -25,6 +28,7 @@ from trainer.data import (
     resolve_template,
     step_plan,
 )
+from trainer.graphs import unsupported_reason
 from trainer.loop import (
     ModelCheckError,
     TrainingDiverged,
@@ -48,10 +52,10 @@ def tiny(tmp_path_factory) -> Path:
     return out
 
 
-def lora_model(path: Path, seed: int = 0):
+def lora_model(path: Path, seed: int = 0, dropout: float = 0.0):
     model = load_model(path, dtype=torch.float32, device="cpu", load_in_4bit=False)
     torch.manual_seed(seed)
-    apply_lora(model, LoRASettings(r=4, alpha=8))
+    apply_lora(model, LoRASettings(r=4, alpha=8, dropout=dropout))
     with torch.no_grad():
         for m in lora_modules(model).values():
             m.lora_B.weight.normal_(0, 0.05)
@@ -336,3 +340,38 @@ def test_the_collector_skips_what_was_alive_before_training_and_still_frees_new_
         assert gone() is None
     assert gc.get_freeze_count() == 0
     assert any(o is old for o in gc.get_objects())
+
+
+# ----------------------------------------------------------------------------- --cuda-graphs where they cannot serve
+# (replay against the eager step runs on the GPU: test_graphs_gpu.py)
+
+
+def test_reasons_a_model_cannot_be_captured(tiny, tmp_path):
+    model = lora_model(tiny)
+    assert unsupported_reason(model) is None
+    set_gradient_checkpointing(model, "on")
+    assert unsupported_reason(model) is None
+    set_gradient_checkpointing(model, "offload")
+    assert "offloaded" in unsupported_reason(model)
+    assert unsupported_reason(lora_model(tiny, dropout=0.1)) == "LoRA dropout"
+    builders.save_tiny_model(tmp_path / "g2", "gemma2", 128, attn_logit_softcapping=50.0)
+    assert "softcap" in unsupported_reason(lora_model(tmp_path / "g2"))
+
+
+def test_cuda_graphs_on_cpu_say_they_are_off_and_train_as_without(tiny, tmp_path):
+    seqs = as_sequences(random_examples(4))
+    plan = step_plan(len(seqs), batch_size=2, grad_accum=1, epochs=1, max_steps=None, seed=0)
+    losses, text = [], ""
+    for graphs in (False, True):
+        model = lora_model(tiny)
+        opt, sched = optimizer_for(model)
+        out = tmp_path / str(graphs)
+        out.mkdir()
+        console = Console(file=io.StringIO(), force_terminal=False)
+        cfg = TrainConfig(model="m", data="d", out=str(out), cuda_graphs=graphs)
+        result = run_steps(model, seqs, plan, opt, sched, cfg, out=out, pad_id=0, device=torch.device("cpu"),
+                           dtype=torch.float32, console=console)
+        losses.append([loss for loss, _ in result["history"]])
+        text = console.file.getvalue()
+    assert "--cuda-graphs is off for this run: they need a CUDA GPU" in text
+    assert losses[0] == losses[1] and len(losses[0]) == 2

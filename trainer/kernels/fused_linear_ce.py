@@ -40,6 +40,10 @@ def _ce_rows(logits_ptr, row_stride, targets_ptr, loss_ptr, scale_ptr, n_vocab, 
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * row_stride
     target = tl.load(targets_ptr + row).to(tl.int64)
+    # ignore_index (-100) rows reach the kernel only where dropping them would wait for the GPU (CUDA
+    # graph capture): they get no loss and a zero gradient row.
+    counted = target >= 0
+    target = tl.where(counted, target, 0)
     # Pass 1: running max m and sum of exp(z - m) over the row, per lane, merged at the end.
     m = tl.full((BLOCK_V,), float("-inf"), dtype=tl.float32)
     s = tl.zeros((BLOCK_V,), dtype=tl.float32)
@@ -63,9 +67,9 @@ def _ce_rows(logits_ptr, row_stride, targets_ptr, loss_ptr, scale_ptr, n_vocab, 
     zt = tl.load(base + target).to(tl.float32)
     if HAS_SOFTCAP:
         zt = softcap * tanh(zt / softcap)
-    tl.store(loss_ptr + row, (row_max - zt) + log_sum)
+    tl.store(loss_ptr + row, tl.where(counted, (row_max - zt) + log_sum, 0.0))
     if WRITE_GRAD:
-        scale = tl.load(scale_ptr)
+        scale = tl.where(counted, tl.load(scale_ptr), 0.0)
         # Pass 2: dloss/dlogits, in place (each element is read before its slot is written).
         for start in range(0, n_vocab, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
@@ -121,16 +125,24 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
                 softcap: float | None, num_items: int | torch.Tensor | None, chunk_size: int,
                 grad_enabled: bool) -> torch.Tensor:
         n_tokens = hidden.shape[0]
-        # Rows with nothing to predict (prompt tokens under assistant-only labels, padding, the last
-        # position) contribute neither loss nor gradient: drop them before the lm_head product. This
-        # costs one host sync (nonzero) and saves their share of the three V x H products.
-        counted = (targets != IGNORE_INDEX).nonzero().squeeze(1)
-        if num_items is None:
-            num_items = max(counted.numel(), 1)
-        rows = counted if counted.numel() < n_tokens else None
+        rows = None
+        capturing = hidden.is_cuda and torch.cuda.is_current_stream_capturing()
+        if capturing:
+            # A CUDA graph (trainer.graphs) cannot wait for the GPU: every row goes through, the kernel
+            # gives ignored ones no loss or gradient, and the caller has checked the target range.
+            if num_items is None:
+                num_items = (targets != IGNORE_INDEX).sum().clamp(min=1)
+        else:
+            # Rows with nothing to predict (prompt tokens under assistant-only labels, padding, the last
+            # position) contribute neither loss nor gradient: drop them before the lm_head product. This
+            # costs one host sync (nonzero) and saves their share of the three V x H products.
+            counted = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+            if num_items is None:
+                num_items = max(counted.numel(), 1)
+            rows = counted if counted.numel() < n_tokens else None
         h_all, t_all = (hidden[rows], targets[rows]) if rows is not None else (hidden, targets)
         n_rows = h_all.shape[0]
-        if n_rows:
+        if n_rows and not capturing:
             # The row kernel reads logits[target] unchecked; F.cross_entropy raises on such a target.
             low, high = torch.stack((t_all.min(), t_all.max())).tolist()
             assert 0 <= low and high < weight.shape[0], f"targets outside [0, {weight.shape[0]}): {low}..{high}"

@@ -129,15 +129,18 @@ _CASTS: dict[tuple, tuple[torch.Tensor, int, torch.Tensor]] | None = None
 
 
 @contextmanager
-def cached_factor_casts() -> Iterator[None]:
+def cached_factor_casts(*, fresh: bool = False) -> Iterator[None]:
     """Within: each LoRA factor is cast to the product dtype once and the copy reused, instead of once per
     use. Open it around the micro-batches of one optimizer step (trainer.loop.train_step): the float32
     factors do not change there, and a step uses each cast six times per micro-batch (forward, recompute,
     backward; A and B), about 5,400 casts per step at the Llama-3-8B shape with accumulation 4, each an
-    allocation and a launch on the host. The copies (168 MB there, in bf16) are freed on exit."""
+    allocation and a launch on the host. The copies (168 MB there, in bf16) are freed on exit.
+
+    Nested, it shares the enclosing cache, unless `fresh`: a CUDA graph capture (trainer.graphs) must
+    make its own copies, since a replay re-runs only the casts it captured."""
     global _CASTS
     outer = _CASTS
-    _CASTS = {} if outer is None else outer
+    _CASTS = {} if outer is None or fresh else outer
     try:
         yield
     finally:

@@ -223,12 +223,16 @@ class Decoder(nn.Module):
             check = AttentionShape(s.num_heads, s.num_kv_heads, s.head_dim, dtype, s.attn_scale, s.attn_softcap)
         masks = layer_masks(documents, input_ids.shape[1], s.sliding_windows, input_ids.device,
                             flex=flex, softcap=s.attn_softcap, check=check)
+        # Under CUDA graph capture (trainer.graphs, which captures only models without dropout) no layer
+        # draws random numbers, and reading the generator's state would end the capture.
+        keep_rng = not (h.is_cuda and torch.cuda.is_current_stream_capturing())
         for layer in self.layers:
             # each layer gets only its own mask: a dict keyed by None would trip the profiler's
             # record_shapes, which converts autograd.Function arguments (checkpoint's) to IValues
             mask = masks[layer.self_attn.sliding_window]
             if self.gradient_checkpointing and self.training:
-                h = checkpoint(layer, h, cos, sin, mask, use_reentrant=False, context_fn=recompute_context)
+                h = checkpoint(layer, h, cos, sin, mask, use_reentrant=False, context_fn=recompute_context,
+                               preserve_rng_state=keep_rng)
             else:
                 h = layer(h, cos, sin, mask)
         return self.norm(h)
