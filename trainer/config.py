@@ -76,9 +76,10 @@ class TrainConfig:
                             "the last 2 are kept and `trainer run --resume RUN_DIR` continues from the latest.")
     gradient_checkpointing: str = _f("off", "Recompute decoder layers in backward: off, on, or offload (also park "
                                             "each layer's input in CPU memory; longest sequences).")
-    cuda_graphs: bool = _f(False, "Replay each micro-batch's forward and backward as a CUDA graph (one GPU, one "
-                                  "document per row, no LoRA dropout): less host time per step; others run "
-                                  "as usual.", flag="--cuda-graphs/--no-cuda-graphs")
+    cuda_graphs: bool = _f(False, "Replay each micro-batch's forward and backward as a CUDA graph (one GPU, "
+                                  "unpacked rows, no LoRA dropout): less host time per step. Rows are padded "
+                                  "(by under a quarter) so that shapes repeat; others run as usual.",
+                           flag="--cuda-graphs/--no-cuda-graphs")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

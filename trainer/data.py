@@ -326,12 +326,13 @@ class Batch:
             self.position_ids))
 
 
-def collate(seqs: list[TrainSequence], pad_id: int) -> Batch:
-    """Right-pad to the longest sequence; padding has no labels and continues the last positions.
+def collate(seqs: list[TrainSequence], pad_id: int, width: int | None = None) -> Batch:
+    """Right-pad to the longest sequence (or to `width`, if longer); padding has no labels and continues the
+    last positions.
 
     Causal attention keeps real tokens from seeing the padding after them, so no mask is needed.
     """
-    width = max(len(s.input_ids) for s in seqs)
+    width = max([len(s.input_ids) for s in seqs] + [width or 0])
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
     pos = torch.zeros((len(seqs), width), dtype=torch.long)

@@ -16,6 +16,7 @@ Not captured (those micro-batches run eagerly, as before): packed rows (the deco
 boundaries on the GPU and waits for the answer), attention that needs a mask or a score softcap
 (FlexAttention; Gemma 2, sliding windows shorter than the batch), offloaded checkpointing (host copies),
 LoRA dropout, data parallelism. A capture that fails warns once and leaves its shape to the eager path.
+trainer.loop pads unpacked rows to the lengths of `padded_length`, so that shapes repeat.
 
 Memory: the graphs' temporaries live in one private pool shared by every captured shape (replays never
 overlap). torch counts them as reserved, not allocated, outside the capture: compare reserved memory.
@@ -31,7 +32,7 @@ from torch import nn
 
 from trainer.data import IGNORE_INDEX, Batch
 
-MAX_SHAPES = 8  # each new shape costs two eager warm-up passes and a capture; padding lengths vary in real data
+MAX_SHAPES = 32  # each new shape costs two eager warm-up passes and a capture
 WARMUP_PASSES = 2  # lazy work (Triton compiles, cuBLAS handles, launch caches) must happen before capture
 
 
@@ -44,6 +45,16 @@ def forward_backward(model: nn.Module, input_ids: torch.Tensor, labels: torch.Te
         out = model(input_ids, labels=labels, position_ids=position_ids, num_items_in_batch=num_items)
     (out.loss * scale if scale != 1 else out.loss).backward()
     return out.loss.detach()
+
+
+def padded_length(longest: int, max_seq_len: int) -> int:
+    """The length to pad a micro-batch whose longest row is `longest` to, for graph replay: the next of four
+    steps per doubling (16 tokens apart from 64 to 128, 32 to 256, ..., 256 from 1,024 to 2,048), not past
+    max_seq_len (nor below `longest`). Padding to the longest row makes a new shape, and a new capture, of
+    nearly every length in chat data; these steps leave four shapes per doubling and pad a row by less
+    than a quarter of its length."""
+    step = max(16, 1 << max(0, (longest - 1).bit_length() - 3))
+    return max(longest, min(-(-longest // step) * step, max_seq_len))
 
 
 @dataclass

@@ -45,7 +45,7 @@ from trainer.data import (
     step_plan,
 )
 from trainer.distributed import DataParallel, from_environment, shard_step, shutdown, wrap
-from trainer.graphs import MicroBatchGraphs, forward_backward
+from trainer.graphs import MicroBatchGraphs, forward_backward, padded_length
 from trainer.lora import LoRASettings, apply_lora, save_adapter, trainable_parameters
 from trainer.resume import Progress, save_checkpoint
 
@@ -549,7 +549,9 @@ def run_steps(model: nn.Module, sequences: list[TrainSequence], plan: list[list[
             for step in range(progress.step + 1, len(plan) + 1):
                 t0 = time.perf_counter()
                 micro = plan[step - 1]
-                batches = _micro_batches(sequences, micro, pad_id, cfg.batch_size, dp)
+                # unpacked rows of lengths that repeat, for graph replay
+                pad_up_to = cfg.max_seq_len if graphs is not None and not cfg.packing else None
+                batches = _micro_batches(sequences, micro, pad_id, cfg.batch_size, dp, pad_up_to)
                 try:
                     r = train_step(model, batches, optimizer, scheduler, max_grad_norm=cfg.max_grad_norm,
                                    autocast_dtype=dtype, device=device, dp=dp, graphs=graphs)
@@ -629,9 +631,13 @@ def _oom_message(step: int, batches: list[Batch], cfg: TrainConfig, out: Path) -
 
 
 def _micro_batches(sequences: list[TrainSequence], step: list[list[int]], pad_id: int, batch_size: int,
-                   dp: DataParallel | None) -> list[Batch]:
+                   dp: DataParallel | None, pad_up_to: int | None = None) -> list[Batch]:
+    """Each micro-batch's rows, padded to its longest; with `pad_up_to` (max_seq_len), to the length
+    trainer.graphs.padded_length gives (four lengths per doubling, up to pad_up_to)."""
     if dp is None:
-        return [collate([sequences[i] for i in mb], pad_id) for mb in step]
+        return [collate([sequences[i] for i in mb], pad_id,
+                        padded_length(max(len(sequences[i].input_ids) for i in mb), pad_up_to) if pad_up_to else None)
+                for mb in step]
     mine = shard_step(step, dp.rank, dp.world_size, batch_size)
     if mine:
         return [collate([sequences[i] for i in mb], pad_id) for mb in mine]

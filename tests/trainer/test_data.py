@@ -237,6 +237,11 @@ def test_collate_pads_right_without_labels_and_counts_targets():
     assert batch.labels.tolist() == [[-100, 6, 7], [8, -100, -100]]
     assert batch.position_ids.tolist() == [[0, 1, 2], [0, 1, 2]]
     assert batch.rows == [4, 9] and batch.n_targets == 2
+    wide = collate(seqs, pad_id=0, width=5)  # padded further for CUDA graph replay (trainer.graphs.padded_length)
+    assert wide.input_ids.tolist() == [[5, 6, 7, 0, 0], [8, 0, 0, 0, 0]]
+    assert wide.labels.tolist() == [[-100, 6, 7, -100, -100], [8, -100, -100, -100, -100]]
+    assert wide.position_ids.tolist() == [[0, 1, 2, 3, 4]] * 2 and wide.plain_positions
+    assert wide.n_targets == batch.n_targets and collate(seqs, pad_id=0, width=2).input_ids.shape == (2, 3)
 
 
 def test_step_plan_visits_every_sequence_once_per_epoch_in_a_seeded_order():

@@ -28,7 +28,7 @@ from trainer.data import (
     resolve_template,
     step_plan,
 )
-from trainer.graphs import unsupported_reason
+from trainer.graphs import padded_length, unsupported_reason
 from trainer.loop import (
     ModelCheckError,
     TrainingDiverged,
@@ -375,3 +375,13 @@ def test_cuda_graphs_on_cpu_say_they_are_off_and_train_as_without(tiny, tmp_path
         text = console.file.getvalue()
     assert "--cuda-graphs is off for this run: they need a CUDA GPU" in text
     assert losses[0] == losses[1] and len(losses[0]) == 2
+
+
+def test_graph_rows_are_padded_to_four_lengths_per_doubling_up_to_max_seq_len():
+    assert [padded_length(n, 2048) for n in (1, 50, 64, 65, 100, 128, 129, 1000, 1025, 1999)] == \
+        [16, 64, 64, 80, 112, 128, 160, 1024, 1280, 2048]
+    assert padded_length(2000, 1990) == 2000 and padded_length(300, 310) == 310  # not past max_seq_len...
+    assert padded_length(70, 64) == 70  # ...nor below the longest row
+    lengths = {padded_length(n, 4096) for n in range(1, 4097)}
+    assert len(lengths) == 4 + 4 * 6  # 16, 32, 48, 64, then four per doubling up to 4096
+    assert all(padded_length(n, 4096) < 1.25 * n for n in range(64, 4097))
