@@ -353,6 +353,7 @@ class RunResult:
     truncated: int
     dropped: int
     repaired_tokens: dict[int, str] = field(default_factory=dict)
+    graphs: dict[str, int] | None = None  # --cuda-graphs: shapes captured, micro-batches replayed of all
 
     @property
     def first_loss(self) -> float:
@@ -379,6 +380,10 @@ class RunResult:
             f"throughput     {self.tokens_per_s:,.0f} tokens/s, {self.tokens:,} tokens in {self.wall_s:.1f} s",
             f"peak memory    {self.peak_mem / 2**30:.2f} GiB",
         ]
+        if self.graphs is not None:
+            g = self.graphs
+            lines.append(f"cuda graphs    {g['replayed']:,} of {g['micro_batches']:,} micro-batches replayed, "
+                         f"{g['shapes']} shape(s) captured")
         if self.repaired_tokens:
             shown = ", ".join(list(self.repaired_tokens.values())[:6])
             lines.append(f"repaired       {len(self.repaired_tokens)} untrained token rows in memory: {shown}")
@@ -505,7 +510,7 @@ def _train(cfg: TrainConfig, console, resume: bool, dp: DataParallel | None) -> 
         torch.cuda.reset_peak_memory_stats(device)
     trained = wrap(model, dp) if dp is not None else model
     with collector_frozen():
-        run_steps(trained, sequences, plan, optimizer, scheduler, cfg, out=out, pad_id=pad_id, device=device,
+        ran = run_steps(trained, sequences, plan, optimizer, scheduler, cfg, out=out, pad_id=pad_id, device=device,
                   dtype=dtype, console=console, progress=progress, dp=dp,
                   save=lambda: save_checkpoint(out, model, optimizer, scheduler, progress, settings=settings,
                                                base_model=str(model_dir), dp=dp))
@@ -514,7 +519,7 @@ def _train(cfg: TrainConfig, console, resume: bool, dp: DataParallel | None) -> 
     losses = [loss for loss, skipped in progress.history if not skipped]
     run = RunResult(out, adapter_dir, len(plan), losses, progress.skipped, progress.tokens, progress.wall_s,
                     peak_memory(device), data.rows, len(data.examples), len(sequences), data.truncated,
-                    data.dropped_no_targets, repaired)
+                    data.dropped_no_targets, repaired, ran["graphs"])
     if main:
         save_adapter(model, adapter_dir, settings, base_model=str(model_dir))
         write_loss_plot(out / "loss.png", steps, losses)
@@ -530,7 +535,8 @@ def run_steps(model: nn.Module, sequences: list[TrainSequence], plan: list[list[
     `save()` every cfg.save_steps steps (on every rank: it gathers their random states to rank 0);
     raise TrainingDiverged after max_bad_steps bad steps in a row.
 
-    `progress` is updated in place; the result holds its history, skipped steps, tokens and wall time."""
+    `progress` is updated in place; the result holds its history, skipped steps, tokens and wall time, and
+    with --cuda-graphs the shapes captured and micro-batches replayed (else None)."""
     progress = progress if progress is not None else Progress()
     main = dp is None or dp.is_main
     bad_run = [list(rows) for rows in progress.bad_run_rows]
@@ -544,6 +550,7 @@ def run_steps(model: nn.Module, sequences: list[TrainSequence], plan: list[list[
         write_atomic(metrics_path, "".join(line + "\n" for line in kept))
     metrics = open(metrics_path, "a", encoding="utf-8") if main else None
     graphs = _graphs(model, optimizer, cfg, device, dtype, dp, console)
+    micro_batches = 0
     try:
         with _Progress(len(plan), console, cfg.logging_steps) as bar:
             for step in range(progress.step + 1, len(plan) + 1):
@@ -552,6 +559,7 @@ def run_steps(model: nn.Module, sequences: list[TrainSequence], plan: list[list[
                 # unpacked rows of lengths that repeat, for graph replay
                 pad_up_to = cfg.max_seq_len if graphs is not None and not cfg.packing else None
                 batches = _micro_batches(sequences, micro, pad_id, cfg.batch_size, dp, pad_up_to)
+                micro_batches += len(batches)
                 try:
                     r = train_step(model, batches, optimizer, scheduler, max_grad_norm=cfg.max_grad_norm,
                                    autocast_dtype=dtype, device=device, dp=dp, graphs=graphs)
@@ -590,8 +598,10 @@ def run_steps(model: nn.Module, sequences: list[TrainSequence], plan: list[list[
         if metrics is not None:
             metrics.close()
     progress.wall_s = progress.wall_s + time.perf_counter() - start
+    graph_counts = None if graphs is None else {"shapes": len(graphs.captured), "replayed": graphs.replays,
+                                                "micro_batches": micro_batches}
     return {"history": progress.history, "skipped": progress.skipped, "tokens": progress.tokens,
-            "wall_s": progress.wall_s}
+            "wall_s": progress.wall_s, "graphs": graph_counts}
 
 
 def _graphs(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, device: torch.device,

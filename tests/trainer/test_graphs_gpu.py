@@ -100,6 +100,7 @@ def test_trainer_run_with_cuda_graphs_trains_like_without(tmp_path):
     """The CLI end to end on the GPU: the demo's repaired checkpoint and chats (rows of many lengths, so several
     shapes are captured; lm_head trained as a whole module), `trainer run` with and without --cuda-graphs."""
     import json
+    import re
     import subprocess
     import sys
     from pathlib import Path
@@ -124,6 +125,13 @@ def test_trainer_run_with_cuda_graphs_trains_like_without(tmp_path):
         assert (out / "adapter" / "adapter_model.safetensors").is_file()
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         losses[flag] = [r["loss"] for r in records]
+        summary = (out / "summary.txt").read_text()
+        if flag == "--cuda-graphs":  # padded to repeating lengths, every micro-batch is replayed (captures too)
+            replayed, total, shapes = map(int, re.search(r"cuda graphs +(\d+) of (\d+) micro-batches replayed, "
+                                                         r"(\d+) shape", summary).groups())
+            assert total == replayed == 24 and 1 <= shapes <= 4, summary
+        else:
+            assert "cuda graphs" not in summary
     eager, graphs = losses["--no-cuda-graphs"], losses["--cuda-graphs"]
     assert len(eager) == len(graphs) == 12 and graphs[-1] < graphs[0]
     for step, (a, b) in enumerate(zip(graphs, eager, strict=True)):
