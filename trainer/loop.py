@@ -645,9 +645,12 @@ def _micro_batches(sequences: list[TrainSequence], step: list[list[int]], pad_id
     """Each micro-batch's rows, padded to its longest; with `pad_up_to` (max_seq_len), to the length
     trainer.graphs.padded_length gives (four lengths per doubling, up to pad_up_to)."""
     if dp is None:
-        return [collate([sequences[i] for i in mb], pad_id,
-                        padded_length(max(len(sequences[i].input_ids) for i in mb), pad_up_to) if pad_up_to else None)
-                for mb in step]
+        batches = []
+        for mb in step:
+            rows = [sequences[i] for i in mb]
+            width = padded_length(max(len(s.input_ids) for s in rows), pad_up_to) if pad_up_to else None
+            batches.append(collate(rows, pad_id, width))
+        return batches
     mine = shard_step(step, dp.rank, dp.world_size, batch_size)
     if mine:
         return [collate([sequences[i] for i in mb], pad_id) for mb in mine]
