@@ -117,7 +117,7 @@ class Ours:
             from trainer.graphs import MicroBatchGraphs
 
             self.graphs = MicroBatchGraphs(model, trainable_parameters(model), autocast_dtype=torch.bfloat16,
-                                           device=self.device)
+                                           device=self.device, max_tokens=s.batch * s.seq)
             assert self.graphs.reason is None, self.graphs.reason
 
     def step(self, micro: list[torch.Tensor]) -> float:

@@ -12,11 +12,16 @@ A replay equals the eager run because everything it reads lives at the addresses
 - nothing inside waits for the GPU: the fused cross-entropy keeps every row while capturing (ignored
   targets get no loss or gradient in its kernel), and the labels' range is checked here on the host.
 
+Offloaded checkpointing is captured too: each layer's input goes to a pinned host buffer of its own,
+sized for `max_tokens` and allocated once, so a replay's copies land where the capture's did
+(trainer.checkpointing.ActivationOffloader's static buffers).
+
 Not captured (those micro-batches run eagerly, as before): packed rows (the decoder looks for document
 boundaries on the GPU and waits for the answer), attention that needs a mask or a score softcap
-(FlexAttention; Gemma 2, sliding windows shorter than the batch), offloaded checkpointing (host copies),
-LoRA dropout, data parallelism. A capture that fails warns once and leaves its shape to the eager path.
-trainer.loop pads unpacked rows to the lengths of `padded_length`, so that shapes repeat.
+(FlexAttention; Gemma 2, sliding windows shorter than the batch), LoRA dropout, data parallelism, and with
+offload micro-batches of more than `max_tokens` tokens. A capture that fails warns once and leaves its
+shape to the eager path. trainer.loop pads unpacked rows to the lengths of `padded_length`, so that shapes
+repeat.
 
 Memory: the graphs' temporaries live in one private pool shared by every captured shape (replays never
 overlap). torch counts them as reserved, not allocated, outside the capture: compare reserved memory.
@@ -66,15 +71,21 @@ class _Captured:
     loss: torch.Tensor
 
 
-def unsupported_reason(model: nn.Module) -> str | None:
-    """Why `model`'s micro-batches cannot be captured at all, or None (see the module docstring)."""
+def _offloader(model: nn.Module):
+    """The ActivationOffloader of `model`'s layers under offloaded checkpointing, else None."""
     from trainer.checkpointing import OffloadedLayer
 
+    layers = [layer for layer in model.model.layers if isinstance(layer, OffloadedLayer)]
+    return layers[0].offloader if layers else None
+
+
+def unsupported_reason(model: nn.Module, max_tokens: int | None = None) -> str | None:
+    """Why `model`'s micro-batches cannot be captured at all, or None (see the module docstring)."""
     decoder = getattr(model, "model", None)
     if decoder is None or not hasattr(decoder, "layers"):
         return "not a trainer CausalLM"
-    if any(isinstance(layer, OffloadedLayer) for layer in decoder.layers):
-        return "offloaded gradient checkpointing copies to and from host memory"
+    if _offloader(model) is not None and not max_tokens:
+        return "offloaded gradient checkpointing needs the largest micro-batch's token count for its host buffers"
     if any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
         return "LoRA dropout"
     if model.spec.attn_softcap is not None:
@@ -87,14 +98,20 @@ class MicroBatchGraphs:
 
     `run(batch, num_items)` replays the shape's graph (capturing it first) and returns the loss, or None
     where that batch must take the eager path. The gradients of `params` are created (zero) on first use
-    and must afterwards be zeroed in place, never set to None.
+    and must afterwards be zeroed in place, never set to None. Under offloaded checkpointing `max_tokens`
+    (rows x length of the largest micro-batch to capture) sizes the host buffers: the layers' inputs,
+    max_tokens x hidden each, in pinned host memory for as long as the model's offloader lives.
     """
 
     def __init__(self, model: nn.Module, params: list[nn.Parameter], *, autocast_dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, max_tokens: int | None = None):
         assert device.type == "cuda", device
         self.model, self.params, self.autocast_dtype, self.device = model, params, autocast_dtype, device
-        self.reason = unsupported_reason(model)
+        self.reason = unsupported_reason(model, max_tokens)
+        self.max_tokens = max_tokens
+        self.offloader = _offloader(model) if self.reason is None else None
+        if self.offloader is not None:
+            self.offloader.static_capacity = max_tokens * model.spec.hidden_size
         self.captured: dict[tuple[int, ...], _Captured] = {}
         self.failed: set[tuple[int, ...]] = set()
         self.pool = torch.cuda.graph_pool_handle()
@@ -109,6 +126,8 @@ class MicroBatchGraphs:
         shape = tuple(batch.input_ids.shape)
         if shape in self.failed or (shape not in self.captured and len(self.captured) >= MAX_SHAPES):
             return False
+        if self.offloader is not None and batch.input_ids.numel() > self.max_tokens:
+            return False  # more than the host buffers hold
         windows = [w for w in self.model.spec.sliding_windows if w is not None]
         return not any(w < shape[1] for w in windows)  # a window shorter than the rows needs a mask
 

@@ -614,7 +614,9 @@ def _graphs(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig
     graphs = None
     if why is None:
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        graphs = MicroBatchGraphs(model, params, autocast_dtype=dtype, device=device)
+        # rows are padded up to max_seq_len at most, so no micro-batch is larger than this
+        graphs = MicroBatchGraphs(model, params, autocast_dtype=dtype, device=device,
+                                  max_tokens=cfg.batch_size * cfg.max_seq_len)
         why = graphs.reason
     if why is not None:
         console.print(f"--cuda-graphs is off for this run: {why}")

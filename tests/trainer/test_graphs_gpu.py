@@ -24,14 +24,19 @@ from trainer.models import load_model
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 CUDA = torch.device("cuda") if torch.cuda.is_available() else None
 
-# family, 4-bit base, gradient checkpointing, compute dtype
+# family, 4-bit base, gradient checkpointing, compute dtype, max_tokens (offload's host buffers)
 CASES = {
-    "llama_nf4_checkpointed_bf16": ("llama", True, "on", torch.bfloat16),
-    "llama_16bit_fp32": ("llama", False, "off", torch.float32),
-    "mistral_nf4_bf16": ("mistral", True, "off", torch.bfloat16),
-    "qwen2_nf4_checkpointed_bf16": ("qwen2", True, "on", torch.bfloat16),
-    "gemma_nf4_checkpointed_bf16": ("gemma", True, "on", torch.bfloat16),
-    "phi3_nf4_bf16": ("phi3", True, "off", torch.bfloat16),
+    "llama_nf4_checkpointed_bf16": ("llama", True, "on", torch.bfloat16, None),
+    "llama_16bit_fp32": ("llama", False, "off", torch.float32, None),
+    "mistral_nf4_bf16": ("mistral", True, "off", torch.bfloat16, None),
+    "qwen2_nf4_checkpointed_bf16": ("qwen2", True, "on", torch.bfloat16, None),
+    "gemma_nf4_checkpointed_bf16": ("gemma", True, "on", torch.bfloat16, None),
+    "phi3_nf4_bf16": ("phi3", True, "off", torch.bfloat16, None),
+    # both shapes fit the host buffers: both captured, the packed micro-batch uses them eagerly in between
+    "llama_nf4_offload_bf16": ("llama", True, "offload", torch.bfloat16, 320),
+    # 2 x 160 does not fit: it runs eagerly (fresh pinned copies) between replays of 3 x 97
+    "qwen2_nf4_offload_small_buffers_bf16": ("qwen2", True, "offload", torch.bfloat16, 300),
+    "llama_16bit_offload_fp32": ("llama", False, "offload", torch.float32, 320),
 }
 
 
@@ -54,7 +59,8 @@ def _steps(packed_step: bool) -> list[list[Batch]]:
     return steps
 
 
-def _train(model_dir, four_bit: bool, gc: str, dtype: torch.dtype, steps, graphs: bool):
+def _train(model_dir, four_bit: bool, gc: str, dtype: torch.dtype, steps, graphs: bool,
+           max_tokens: int | None = None):
     torch.manual_seed(0)
     model = load_model(model_dir, dtype=torch.bfloat16 if dtype == torch.bfloat16 else torch.float32,
                        device="cuda", load_in_4bit=four_bit)
@@ -70,7 +76,8 @@ def _train(model_dir, four_bit: bool, gc: str, dtype: torch.dtype, steps, graphs
     # plain SGD: each step's update is the clipped gradient itself, so comparing updates compares gradients
     opt = torch.optim.SGD(params, lr=0.5)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    runner = MicroBatchGraphs(model, params, autocast_dtype=dtype, device=CUDA) if graphs else None
+    runner = (MicroBatchGraphs(model, params, autocast_dtype=dtype, device=CUDA, max_tokens=max_tokens)
+              if graphs else None)
     losses = [train_step(model, step, opt, sched, max_grad_norm=1.0, autocast_dtype=dtype, device=CUDA,
                          graphs=runner).loss for step in steps]
     updates = {n: p.detach().double().cpu() - start[n] for n, p in model.named_parameters() if p.requires_grad}
@@ -79,15 +86,16 @@ def _train(model_dir, four_bit: bool, gc: str, dtype: torch.dtype, steps, graphs
 
 @pytest.mark.parametrize("case", CASES)
 def test_graph_replay_trains_like_the_eager_step(tmp_path, case):
-    family, four_bit, gc, dtype = CASES[case]
+    family, four_bit, gc, dtype, max_tokens = CASES[case]
     hf_checkpoint(tmp_path, family, hidden_size=256, intermediate_size=512, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     packed = family == "llama"
     steps = _steps(packed)
     eager_losses, eager_updates, _ = _train(tmp_path, four_bit, gc, dtype, steps, graphs=False)
-    losses, updates, runner = _train(tmp_path, four_bit, gc, dtype, steps, graphs=True)
-    assert runner.reason is None and sorted(runner.captured) == [(2, 160), (3, 97)]
-    assert runner.replays == 6  # the packed micro-batch took the eager path
+    losses, updates, runner = _train(tmp_path, four_bit, gc, dtype, steps, graphs=True, max_tokens=max_tokens)
+    fits = [s for s in [(2, 160), (3, 97)] if max_tokens is None or s[0] * s[1] <= max_tokens]
+    assert runner.reason is None and sorted(runner.captured) == fits
+    assert runner.replays == 3 * len(fits)  # the packed micro-batch, and any too large, took the eager path
     tol = 1e-5 if dtype == torch.float32 else 3e-3
     for step, (a, b) in enumerate(zip(losses, eager_losses, strict=True)):
         assert abs(a - b) <= tol * abs(b), f"step {step}: {a} vs {b}"
@@ -96,8 +104,9 @@ def test_graph_replay_trains_like_the_eager_step(tmp_path, case):
         assert err <= 10 * tol, f"{name}: update differs by {err:.2e} (relative)"
 
 
-@pytest.mark.parametrize("packing", [False, True], ids=["rows", "packed"])
-def test_trainer_run_with_cuda_graphs_trains_like_without(tmp_path, packing):
+@pytest.mark.parametrize(("packing", "gc"), [(False, "on"), (True, "on"), (False, "offload")],
+                         ids=["rows", "packed", "rows-offload"])
+def test_trainer_run_with_cuda_graphs_trains_like_without(tmp_path, packing, gc):
     """The CLI end to end on the GPU: the demo's repaired checkpoint and chats (rows of many lengths, padded to
     a few; lm_head trained as a whole module), `trainer run` with and without --cuda-graphs. Packed rows run
     eagerly under --cuda-graphs (trainer.graphs), and must train as they do without it."""
@@ -120,7 +129,7 @@ def test_trainer_run_with_cuda_graphs_trains_like_without(tmp_path, packing):
                str(tmp_path / "chats.jsonl"), "--out", str(out), "--device", "cuda", "--max-steps", "12",
                "--batch-size", "8", "--grad-accum", "2", "--lr", "2e-3", "--warmup-steps", "2",
                "--max-seq-len", "256" if packing else "64", "--modules-to-save", "lm_head",
-               "--gradient-checkpointing", "on", "--packing" if packing else "--no-packing", flag]
+               "--gradient-checkpointing", gc, "--packing" if packing else "--no-packing", flag]
         proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
                               timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
