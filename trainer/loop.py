@@ -621,6 +621,11 @@ def _graphs(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig
     if why is not None:
         console.print(f"--cuda-graphs is off for this run: {why}")
         return None
+    if graphs.offloader is not None:
+        decoder = model.model
+        host = len(decoder.layers) * graphs.offloader.static_capacity * decoder.embed_tokens.weight.element_size()
+        console.print(f"--cuda-graphs with offload: the layer inputs go to {host / 2**30:.2f} GiB of pinned host "
+                      f"memory (layers x batch size x max sequence length x hidden)")
     return graphs
 
 

@@ -121,6 +121,12 @@ def mlp_uses_kernel(x: torch.Tensor, *projections: nn.Module | None) -> bool:
     return all(m.uses_kernel(x) for m in adapted) if adapted else kernels_enabled(x)
 
 
+def projections_use_kernel(x: torch.Tensor, *projections: nn.Module) -> bool:
+    """Whether projections of one input x (q, k, v) should run as one trainer.kernels.lora_fused.lora_projections
+    call: every one a LoRALinear that takes its fused path."""
+    return all(isinstance(m, LoRALinear) and m.uses_kernel(x) for m in projections)
+
+
 def _is_linear(module: nn.Module) -> bool:
     if isinstance(module, nn.Linear):
         return True

@@ -31,6 +31,7 @@ from trainer.kernels.lora_fused import (  # noqa: E402
     gated_backward_in_place,
     lora_linear,
     lora_mlp,
+    lora_projections,
 )
 from trainer.kernels.rope import apply_rope, rotatable_in_place  # noqa: E402
 from trainer.lora import LoRALinear, LoRASettings, apply_lora, lora_modules, mlp_uses_kernel  # noqa: E402
@@ -139,6 +140,86 @@ def test_lora_linear_matches_float64_and_the_plain_path(lead, bias, kind, mode):
     y64 = linear64(x64, m, autocast)
     ref = [y64.detach(), *torch.autograd.grad(y64, [x64, m.A64, m.B64], dy.double())]
     check(fused, plain, ref, ["y", "dx", "dA", "dB"], autocast)
+
+
+@pytest.mark.parametrize("alphas", [(12.0, 12.0, 12.0), (12.0, 5.0, 20.0)], ids=["one-scale", "three-scales"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", ["linear", "nf4"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_lora_projections_match_float64_and_the_plain_path(bias, kind, mode, alphas):
+    """q, k and v of one input (outputs 160, 48, 48) through lora_projections: one Function where every product
+    runs in one dtype, three lora_linear calls where not (float32 weights under bf16 autocast), against
+    LoRALinear's plain path and float64."""
+    torch.manual_seed(seed(bias, kind, mode, alphas))
+    dtype, autocast = MODES[mode]
+    outs = (160, 48, 48)
+    mods = [adapted(base_linear(96, n, kind, dtype, bias), alpha=alpha) for n, alpha in zip(outs, alphas)]
+    x = torch.randn(2, 7, 96, device=device()).to(dtype).requires_grad_()
+    dys = [torch.randn(2, 7, n, device=device()) for n in outs]
+    params = [x] + [p for m in mods for p in (m.lora_A.weight, m.lora_B.weight)]
+
+    def outputs_and_grads(fn):
+        with torch.autocast(device().type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            ys = fn()
+        grads = torch.autograd.grad(ys, params, [dy.to(y.dtype) for dy, y in zip(dys, ys)])
+        return [y.detach() for y in ys] + list(grads), {type(y.grad_fn).__name__ for y in ys}
+
+    for m in mods:
+        m.use_kernel = False
+    plain, _ = outputs_and_grads(lambda: [m(x) for m in mods])
+    fused, nodes = outputs_and_grads(lambda: lora_projections(x, tuple(mods)))
+    one_dtype = mode != "fp32+autocast"
+    assert nodes == {"LoRAProjectionsFunctionBackward" if one_dtype else "LoRALinearFunctionBackward"}
+
+    x64 = _r(x, autocast)
+    for m in mods:
+        m.A64, m.B64 = _r(m.lora_A.weight, autocast), _r(m.lora_B.weight, autocast)
+    ys64 = [linear64(x64, m, autocast) for m in mods]
+    leaves = [x64] + [t for m in mods for t in (m.A64, m.B64)]
+    ref = [y.detach() for y in ys64] + list(torch.autograd.grad(ys64, leaves, [dy.double() for dy in dys]))
+    names = ["q", "k", "v", "dx", "q.A", "q.B", "k.A", "k.B", "v.A", "v.B"]
+    check(fused, plain, ref, names, autocast)
+
+
+def test_lora_projections_save_x_its_stacked_lora_product_and_the_factors_only():
+    torch.manual_seed(5)
+    mods = tuple(adapted(base_linear(96, n, "nf4", torch.float32)) for n in (160, 48, 48))
+    x = torch.randn(37, 96, device=device(), requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        lora_projections(x, mods)
+    shapes = sorted(tuple(t.shape) for t in saved)
+    factors = [(8, 96), (160, 8), (8, 96), (48, 8), (8, 96), (48, 8)]
+    assert shapes == sorted([(37, 96), (37, 24), *factors]), shapes  # x, x [A_q; A_k; A_v]^T, the A's and B's
+
+
+def test_lora_projections_stack_the_a_factors_once_per_cast_scope():
+    """bf16 bases under bf16 autocast (the training setting): within one cached_factor_casts scope, two
+    forward/backward passes make one stacked copy of the three A's and one copy of each B, and give the same
+    outputs and gradients, bit for bit, as without the cache."""
+    import trainer.kernels.lora_fused as lora_fused
+
+    torch.manual_seed(6)
+    mods = tuple(adapted(base_linear(96, n, "linear", torch.bfloat16)) for n in (160, 48, 48))
+    x = torch.randn(2, 7, 96, device=device(), dtype=torch.bfloat16, requires_grad=True)
+    params = [x] + [p for m in mods for p in (m.lora_A.weight, m.lora_B.weight)]
+
+    def two_passes(cached: bool):
+        results, entries = [], None
+        with cached_factor_casts() if cached else contextlib.nullcontext():
+            for _ in range(2):
+                with torch.autocast(device().type, dtype=torch.bfloat16):
+                    ys = lora_projections(x, mods)
+                assert type(ys[0].grad_fn).__name__ == "LoRAProjectionsFunctionBackward"
+                results += [y.detach() for y in ys] + list(torch.autograd.grad([y.sum() for y in ys], params))
+            if cached:
+                entries = len(lora_fused._CASTS)
+        return results, entries
+
+    cached, entries = two_passes(cached=True)
+    assert entries == 1 + 3
+    plain, _ = two_passes(cached=False)
+    assert all(torch.equal(a, b) for a, b in zip(cached, plain))
 
 
 def test_lora_linear_on_a_bf16_base_without_autocast_keeps_the_lora_product_in_float32():
@@ -510,7 +591,8 @@ def test_factor_casts_are_made_once_per_step_and_change_no_gradient(tiny_models,
         return losses, grads, entries
 
     losses, grads, entries = two_micro_batches(cached=True)
-    assert entries == len(grads)  # 2 layers x 7 linears x (A, B)
+    # 2 layers x 7 linears x (A, B); float32 weights under bf16 autocast: q, k and v run apart (lora_projections)
+    assert entries == len(grads)
     ref_losses, ref_grads, _ = two_micro_batches(cached=False)
     assert all(torch.equal(a, b) for a, b in zip(losses, ref_losses))
     for name in grads:

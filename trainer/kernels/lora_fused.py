@@ -162,6 +162,19 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return copy
 
 
+def _stacked_cast(ts: tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The factors stacked along dim 0, in dtype: one new tensor, cached like _cast's copies (by the factors'
+    memory and versions) while cached_factor_casts is open."""
+    key = ("stacked", tuple((t.data_ptr(), t.shape, t.stride()) for t in ts), dtype)
+    hit = None if _CASTS is None else _CASTS.get(key)
+    if hit is not None and hit[1] == tuple(t._version for t in ts):
+        return hit[2]
+    stacked = torch.cat([t.detach().to(dtype) for t in ts])
+    if _CASTS is not None:
+        _CASTS[key] = (ts, tuple(t._version for t in ts), stacked)
+    return stacked
+
+
 @dataclass(frozen=True)
 class _Plan:
     """dtypes of one projection: base product, LoRA products, output; and the input's."""
@@ -324,6 +337,98 @@ def lora_linear(x: torch.Tensor, base: nn.Module, lora_A: torch.Tensor, lora_B: 
     """
     assert not any(p.requires_grad for p in base.parameters()), "the base layer must be frozen"
     return LoRALinearFunction.apply(x, lora_A, lora_B, base, scaling, _plan(x.dtype, x.device.type, base, lora_A))
+
+
+class LoRAProjectionsFunction(torch.autograd.Function):
+    """Several LoRA projections of one input (q, k and v): (y_i = x W_i^T + b_i + s x A_i^T B_i^T for each i).
+
+    Apart, each projection reads x for its own x A_i^T in forward and for its own dA_i in backward, writes
+    its own LoRA term of dX, and autograd then adds the three [tokens x in] gradients. Here the A's are
+    stacked: x A^T is one product (x read once), dA is one product, and dX is one buffer that starts as
+    (dY B) A over the stacked rank and takes each dY_i W_i in place. Saved: x, x A^T and the factors.
+    Only where every projection runs all its products in one dtype (plan.base == plan.out == plan.lora ==
+    plan.x: under autocast, or a 16-bit base without autocast in its own dtype); lora_projections falls
+    back to one lora_linear each otherwise.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bases: tuple[nn.Module, ...], scales: tuple[float, ...], plan: _Plan,
+                *factors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x2 = x.reshape(-1, x.shape[-1])
+        As, Bs = factors[0::2], factors[1::2]
+        ranks = [A.shape[0] for A in As]
+        with _no_autocast(x.device.type):
+            xa = torch.mm(x2, _stacked_cast(As, plan.lora).t())  # [N, sum of ranks]
+            outs = []
+            for base, B, xa_i, scale in zip(bases, Bs, xa.split(ranks, dim=1), scales, strict=True):
+                w = dense_weight(base, plan.base)
+                y = torch.empty((*x.shape[:-1], w.shape[0]), dtype=plan.out, device=x.device)
+                y2 = y.view(-1, w.shape[0])
+                # as in _project: the LoRA term written first, the base product accumulated onto it
+                if base.bias is None:
+                    y2.addmm_(xa_i, _cast(B, plan.lora).t(), beta=0, alpha=scale)
+                else:
+                    torch.addmm(base.bias.to(plan.base), xa_i, _cast(B, plan.lora).t(), alpha=scale, out=y2)
+                y2.addmm_(x2, w.t())
+                outs.append(y)
+        ctx.save_for_backward(x, xa, *factors)
+        ctx.bases, ctx.scales, ctx.plan, ctx.ranks = bases, scales, plan, ranks
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *dys: torch.Tensor | None):
+        x, xa, *factors = ctx.saved_tensors
+        bases, scales, plan, ranks = ctx.bases, ctx.scales, ctx.plan, ctx.ranks
+        As, Bs = factors[0::2], factors[1::2]
+        x2 = x.reshape(-1, x.shape[-1])
+        need_x, need_factor = ctx.needs_input_grad[0], ctx.needs_input_grad[4:]
+        grads: list[torch.Tensor | None] = [None] * len(factors)
+        dx = None
+        with _no_autocast(x.device.type):
+            dy2s = [None if dy is None else dy.reshape(-1, dy.shape[-1]) for dy in dys]
+            # One scale for all (the usual case) goes into the products' float32 epilogues, as lora_linear
+            # applies it; different ones scale each dY_i B_i first.
+            common = scales[0] if len(set(scales)) == 1 else 1.0
+            # dY_i B_i side by side: [N, sum of ranks] (a projection without a gradient adds zeros)
+            parts = []
+            for dy2, B, r, scale in zip(dy2s, Bs, ranks, scales, strict=True):
+                if dy2 is None:
+                    parts.append(torch.zeros((x2.shape[0], r), dtype=plan.lora, device=x.device))
+                    continue
+                parts.append(torch.mm(dy2, _cast(B, plan.lora)))
+                if scale != common:
+                    parts[-1].mul_(scale / common)
+            dyB = torch.cat(parts, dim=1)
+            if need_x:
+                dx = torch.empty_like(x2).addmm_(dyB, _stacked_cast(As, plan.lora), beta=0, alpha=common)
+                for dy2, base in zip(dy2s, bases, strict=True):
+                    if dy2 is not None:
+                        dx.addmm_(dy2, dense_weight(base, plan.base))
+                dx = dx.view(x.shape)
+            if any(need_factor[0::2]):
+                dA = torch.empty((sum(ranks), x2.shape[1]), dtype=plan.lora, device=x.device)
+                dA.addmm_(dyB.t(), x2, beta=0, alpha=common)  # [sum of ranks, in]
+                for i, (dA_i, A) in enumerate(zip(dA.split(ranks), As, strict=True)):
+                    grads[2 * i] = dA_i.to(A.dtype, copy=True) if need_factor[2 * i] else None
+            for i, (dy2, xa_i, B, scale) in enumerate(zip(dy2s, xa.split(ranks, dim=1), Bs, scales, strict=True)):
+                if dy2 is not None and need_factor[2 * i + 1]:
+                    grads[2 * i + 1] = _grad_B(dy2, xa_i, B, scale, plan)
+        return (dx, None, None, None, *grads)
+
+
+def lora_projections(x: torch.Tensor, modules: tuple[nn.Module, ...]) -> tuple[torch.Tensor, ...]:
+    """(m(x) for m in modules), LoRALinear's without dropout over frozen bases, as one Function (see
+    LoRAProjectionsFunction) where all run in one dtype, else as one lora_linear each."""
+    projections = [_projection(m) for m in modules]
+    for base, A, _, _ in projections:
+        assert A is not None, "every projection must be LoRA-adapted"
+        assert not any(p.requires_grad for p in base.parameters()), "base layers must be frozen"
+    plans = {_plan(x.dtype, x.device.type, base, A) for base, A, _, _ in projections}
+    plan = plans.pop() if len(plans) == 1 else None
+    if plan is None or not plan.base == plan.out == plan.lora == plan.x:
+        return tuple(lora_linear(x, base, A, B, scale) for base, A, B, scale in projections)
+    return LoRAProjectionsFunction.apply(x, tuple(p[0] for p in projections), tuple(p[3] for p in projections),
+                                         plan, *(t for p in projections for t in p[1:3]))
 
 
 @triton.jit

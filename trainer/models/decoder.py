@@ -105,7 +105,7 @@ class Attention(nn.Module):
             q, k, v = self.qkv_proj(x).split([s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim,
                                               s.num_kv_heads * s.head_dim], dim=-1)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q, k, v = self._qkv(x)
         # Rotated while still the projections' own [B, T, H * D] tensors, so the kernel can work in place
         # (Phi-3's split q, k are views of qkv and are rotated out of place: see kernels/rope.py).
         q, k = apply_rope(q, k, cos, sin, s.head_dim)
@@ -114,6 +114,19 @@ class Attention(nn.Module):
         v = v.view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)
         out = attention(q, k, v, mask, scale=s.attn_scale, softcap=s.attn_softcap)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, s.num_heads * s.head_dim))
+
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # imported here: trainer.lora imports trainer.models.ops, and so this package, at its top
+        from trainer.lora import projections_use_kernel
+
+        if projections_use_kernel(x, self.q_proj, self.k_proj, self.v_proj):
+            # one Function for the three: x read once for their LoRA-A products, one input gradient
+            # (imported here: the kernels module imports Triton, which reads TRITON_INTERPRET)
+            from trainer.kernels.lora_fused import lora_projections
+
+            return lora_projections(x, (self.q_proj, self.k_proj, self.v_proj))
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
 
 class MLP(nn.Module):
