@@ -159,21 +159,28 @@ def test_in_place_rope_is_refused_by_autograd_when_q_was_saved_before_the_rotati
 def test_in_place_rope_trains_with_lora_on_q_and_k_under_checkpointing(tmp_path, monkeypatch, mode, lora_dropout):
     """Through the real decoder: LoRA on q_proj and k_proj, gradient checkpointing on (recompute) and
     offload; loss and LoRA gradients equal the plain path's without checkpointing. (Without checkpointing:
-    test_rms_norm.py's decoder test.) With dropout LoRALinear takes its plain path; without, the LoRA-fused
-    projection (trainer/kernels/lora_fused.py), whose output must be its own tensor for the rotation to
-    overwrite it."""
+    test_rms_norm.py's decoder test.) With dropout LoRALinear takes its plain path; without, q, k and v run as
+    one LoRA-fused Function (trainer/kernels/lora_fused.py, lora_projections), whose outputs must be tensors of
+    their own for the rotation to overwrite them."""
     model = tiny_decoder(tmp_path, "llama", lora_dropout=lora_dropout)
     monkeypatch.setenv("TRAINER_KERNELS", "0")
     ref_loss, ref_grads = loss_and_trainable_grads(model)
     set_gradient_checkpointing(model, mode)
     monkeypatch.setenv("TRAINER_KERNELS", kernels_on())
-    # (q_proj's output, a copy taken before the rotation, the node that made it), once more per recompute
+    # (the q projection, a copy taken before the rotation, the node that made it), once more per recompute
+    import trainer.models.decoder as decoder
+
     projections = []
-    model.model.layers[1].self_attn.q_proj.register_forward_hook(
-        lambda m, args, out: projections.append((out, out.detach().clone(), type(out.grad_fn).__name__)))
+    real_rope = decoder.apply_rope
+
+    def recording_rope(q, k, *args):
+        projections.append((q, q.detach().clone(), type(q.grad_fn).__name__))
+        return real_rope(q, k, *args)
+
+    monkeypatch.setattr(decoder, "apply_rope", recording_rope)
     loss, grads = loss_and_trainable_grads(model)
     made_by = {node for _, _, node in projections}
-    assert ("LoRALinearFunctionBackward" in made_by) == (lora_dropout == 0.0), made_by
+    assert ("LoRAProjectionsFunctionBackward" in made_by) == (lora_dropout == 0.0), made_by
     assert projections and not any(torch.equal(out, before) for out, before, _ in projections), "not in place"
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
     assert grads.keys() == ref_grads.keys()
