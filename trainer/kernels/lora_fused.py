@@ -125,7 +125,7 @@ def dense_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
 # saves detached aliases), which share the data and the version counter. The entry holds the tensor, so its
 # memory cannot be reused by another tensor while the entry lives. A module global, not thread-local:
 # backward runs on the autograd engine's thread.
-_CASTS: dict[tuple, tuple[torch.Tensor, int, torch.Tensor]] | None = None
+_CASTS: dict[tuple, tuple[tuple[torch.Tensor, ...], tuple[int, ...], torch.Tensor]] | None = None
 
 
 @contextmanager
@@ -147,32 +147,31 @@ def cached_factor_casts(*, fresh: bool = False) -> Iterator[None]:
         _CASTS = outer
 
 
+def _cached_copy(sources: tuple[torch.Tensor, ...], dtype: torch.dtype, make) -> torch.Tensor:
+    """make(), a copy of `sources` in dtype: while cached_factor_casts is open, made once and reused as long as
+    the sources (by memory) are unchanged (by version)."""
+    if _CASTS is None:
+        return make()
+    key = (tuple((t.data_ptr(), t.shape, t.stride()) for t in sources), dtype)
+    versions = tuple(t._version for t in sources)
+    hit = _CASTS.get(key)
+    if hit is not None and hit[1] == versions:
+        return hit[2]
+    copy = make()
+    _CASTS[key] = (sources, versions, copy)
+    return copy
+
+
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """t in dtype: t itself, a copy cached by cached_factor_casts (same tensor, unchanged since), or a new copy."""
     if t.dtype == dtype:
         return t
-    if _CASTS is None:
-        return t.to(dtype)
-    key = (t.data_ptr(), t.shape, t.stride(), dtype)
-    hit = _CASTS.get(key)
-    if hit is not None and hit[1] == t._version:
-        return hit[2]
-    copy = t.detach().to(dtype)
-    _CASTS[key] = (t, t._version, copy)
-    return copy
+    return _cached_copy((t,), dtype, lambda: t.detach().to(dtype))
 
 
 def _stacked_cast(ts: tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor:
-    """The factors stacked along dim 0, in dtype: one new tensor, cached like _cast's copies (by the factors'
-    memory and versions) while cached_factor_casts is open."""
-    key = ("stacked", tuple((t.data_ptr(), t.shape, t.stride()) for t in ts), dtype)
-    hit = None if _CASTS is None else _CASTS.get(key)
-    if hit is not None and hit[1] == tuple(t._version for t in ts):
-        return hit[2]
-    stacked = torch.cat([t.detach().to(dtype) for t in ts])
-    if _CASTS is not None:
-        _CASTS[key] = (ts, tuple(t._version for t in ts), stacked)
-    return stacked
+    """The factors stacked along dim 0, in dtype: one new tensor, cached like _cast's copies."""
+    return _cached_copy(ts, dtype, lambda: torch.cat([t.detach().to(dtype) for t in ts]))
 
 
 @dataclass(frozen=True)
@@ -209,8 +208,10 @@ def _add_product(target: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: 
 
 
 def _project(x2: torch.Tensor, base: nn.Module, A: torch.Tensor | None, B: torch.Tensor | None, scale: float,
-             plan: _Plan, lead: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(x2 W^T + b + s x2 A^T B^T in plan.out, x2 A^T in plan.lora or None without LoRA) for x2 [N, in].
+             plan: _Plan, lead: tuple[int, ...] | None = None,
+             xa: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(x2 W^T + b + s x2 A^T B^T in plan.out, x2 A^T in plan.lora or None without LoRA) for x2 [N, in];
+    `xa`, where the caller has x2 A^T already (lora_projections), is used instead of computing it.
 
     The output is a new [*lead, out] tensor (lead defaults to (N,)) written through a 2-D view, so it is
     never itself a view: the decoder's RoPE may then rotate a q or k projection in place (autograd
@@ -226,7 +227,7 @@ def _project(x2: torch.Tensor, base: nn.Module, A: torch.Tensor | None, B: torch
         # LoRA term first, written (b + s xa B^T), then the base product accumulated onto it: the big matmul
         # reads y in its epilogue, hidden under its arithmetic, where adding the LoRA term afterwards re-reads
         # and re-writes all of y in a memory-bound pass (bench/lora_order.py).
-        xa = _lora_x(x2, A, plan)
+        xa = _lora_x(x2, A, plan) if xa is None else xa
         if bias is None:
             y2.addmm_(xa, _cast(B, plan.lora).t(), beta=0, alpha=scale)  # beta=0: y2's old contents are ignored
         else:
@@ -359,18 +360,8 @@ class LoRAProjectionsFunction(torch.autograd.Function):
         ranks = [A.shape[0] for A in As]
         with _no_autocast(x.device.type):
             xa = torch.mm(x2, _stacked_cast(As, plan.lora).t())  # [N, sum of ranks]
-            outs = []
-            for base, B, xa_i, scale in zip(bases, Bs, xa.split(ranks, dim=1), scales, strict=True):
-                w = dense_weight(base, plan.base)
-                y = torch.empty((*x.shape[:-1], w.shape[0]), dtype=plan.out, device=x.device)
-                y2 = y.view(-1, w.shape[0])
-                # as in _project: the LoRA term written first, the base product accumulated onto it
-                if base.bias is None:
-                    y2.addmm_(xa_i, _cast(B, plan.lora).t(), beta=0, alpha=scale)
-                else:
-                    torch.addmm(base.bias.to(plan.base), xa_i, _cast(B, plan.lora).t(), alpha=scale, out=y2)
-                y2.addmm_(x2, w.t())
-                outs.append(y)
+            outs = [_project(x2, base, A, B, scale, plan, lead=x.shape[:-1], xa=xa_i)[0]
+                    for base, A, B, xa_i, scale in zip(bases, As, Bs, xa.split(ranks, dim=1), scales, strict=True)]
         ctx.save_for_backward(x, xa, *factors)
         ctx.bases, ctx.scales, ctx.plan, ctx.ranks = bases, scales, plan, ranks
         return tuple(outs)
@@ -400,14 +391,13 @@ class LoRAProjectionsFunction(torch.autograd.Function):
                     parts[-1].mul_(scale / common)
             dyB = torch.cat(parts, dim=1)
             if need_x:
-                dx = torch.empty_like(x2).addmm_(dyB, _stacked_cast(As, plan.lora), beta=0, alpha=common)
+                dx = _scaled_product(dyB, _stacked_cast(As, plan.lora), common, plan.x)
                 for dy2, base in zip(dy2s, bases, strict=True):
                     if dy2 is not None:
                         dx.addmm_(dy2, dense_weight(base, plan.base))
                 dx = dx.view(x.shape)
             if any(need_factor[0::2]):
-                dA = torch.empty((sum(ranks), x2.shape[1]), dtype=plan.lora, device=x.device)
-                dA.addmm_(dyB.t(), x2, beta=0, alpha=common)  # [sum of ranks, in]
+                dA = _scaled_product(dyB.t(), x2, common, plan.lora)  # [sum of ranks, in]
                 for i, (dA_i, A) in enumerate(zip(dA.split(ranks), As, strict=True)):
                     grads[2 * i] = dA_i.to(A.dtype, copy=True) if need_factor[2 * i] else None
             for i, (dy2, xa_i, B, scale) in enumerate(zip(dy2s, xa.split(ranks, dim=1), Bs, scales, strict=True)):

@@ -115,7 +115,6 @@ class Attention(nn.Module):
         out = attention(q, k, v, mask, scale=s.attn_scale, softcap=s.attn_softcap)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, s.num_heads * s.head_dim))
 
-
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # imported here: trainer.lora imports trainer.models.ops, and so this package, at its top
         from trainer.lora import projections_use_kernel
