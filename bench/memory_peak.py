@@ -94,13 +94,8 @@ def reserved_by_pool(snapshot: dict) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shape", default="llama3-8b", choices=list(train.SHAPES))
-    ap.add_argument("--gc", default="on", choices=["off", "on", "offload"])
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--accum", type=int, default=4)
+    train.add_setting_arguments(ap)
     ap.add_argument("--steps", type=int, default=2, help="optimizer steps recorded (the peak is over all)")
-    ap.add_argument("--cache", default=str(ROOT / "bench" / "cache"))
     ap.add_argument("--json", help="write the breakdown here")
     ap.add_argument("--top", type=int, default=25, help="call sites to print")
     ap.add_argument("--stacks", default="python", choices=["python", "all", "none"],

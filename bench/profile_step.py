@@ -195,15 +195,10 @@ def find_syncs(step) -> dict[str, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shape", default="llama3-8b", choices=list(train.SHAPES))
-    ap.add_argument("--gc", default="on", choices=["off", "on", "offload"])
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--accum", type=int, default=4)
+    train.add_setting_arguments(ap)
     ap.add_argument("--warmup", type=int, default=3, help="optimizer steps before profiling")
     ap.add_argument("--steps", type=int, default=2, help="profiled optimizer steps")
     ap.add_argument("--peak-tflops", type=float, default=785.0)
-    ap.add_argument("--cache", default=str(ROOT / "bench" / "cache"))
     ap.add_argument("--json", help="write the breakdown here")
     ap.add_argument("--trace", help="also write a Chrome trace (large)")
     ap.add_argument("--cuda-graphs", action="store_true",

@@ -66,14 +66,10 @@ def mode_context(mode: str):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shape", default="llama3-8b", choices=list(train.SHAPES))
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--accum", type=int, default=4)
+    train.add_setting_arguments(ap, gc=False)
     ap.add_argument("--blocks", type=int, default=2, help="blocks per mode, alternating")
     ap.add_argument("--steps-per-block", type=int, default=6)
     ap.add_argument("--modes", default="default,frozen")
-    ap.add_argument("--cache", default=str(train.ROOT / "bench" / "cache"))
     ap.add_argument("--json")
     args = ap.parse_args()
     modes = args.modes.split(",")

@@ -297,18 +297,26 @@ def _write_json(path: str, meta: dict, results: dict) -> None:
     tmp.replace(path)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_setting_arguments(ap: argparse.ArgumentParser, *, gc: bool = True) -> None:
+    """The run settings every step benchmark takes: model shape, batch, sequence, accumulation, model cache
+    and (with gc) our gradient checkpointing mode."""
     ap.add_argument("--shape", default="llama3-8b", choices=list(SHAPES))
-    ap.add_argument("--steps", type=int, default=6, help="timed optimizer steps (0: --max-seq only)")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--accum", type=int, default=4)
-    ap.add_argument("--cache", default=os.environ.get("BENCH_CACHE", str(ROOT / "bench" / "cache")))
+    ap.add_argument("--cache", default=os.environ.get("BENCH_CACHE", str(ROOT / "bench" / "cache")),
+                    help="where generated random-weight models are kept (default: $BENCH_CACHE or bench/cache)")
+    if gc:
+        ap.add_argument("--gc", default="on", choices=["off", "on", "offload"],
+                        help="our gradient checkpointing mode (the HF stack always uses its own)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_setting_arguments(ap)
+    ap.add_argument("--steps", type=int, default=6, help="timed optimizer steps (0: --max-seq only)")
     ap.add_argument("--json", help="results file, written (after each variant: a cut-off run keeps the rest)")
     ap.add_argument("--markdown", action="store_true", help="also print a README-ready markdown table")
-    ap.add_argument("--gc", default="on", choices=["off", "on", "offload"],
-                    help="our gradient checkpointing mode (the HF stack always uses its own)")
     ap.add_argument("--only", help="run only the variants whose name contains this text "
                                    "(or, comma-separated, one of these texts: --only Triton,Liger)")
     ap.add_argument("--report", nargs="+", metavar="JSON",
