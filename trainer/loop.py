@@ -32,7 +32,7 @@ from torch import nn
 from healer.checkpoint import Checkpoint
 from healer.errors import CheckpointError, OutputError
 from trainer.checkpointing import set_gradient_checkpointing
-from trainer.config import TrainConfig, validate
+from trainer.config import ConfigError, TrainConfig, validate
 from trainer.data import (
     IGNORE_INDEX,
     Batch,
@@ -46,7 +46,7 @@ from trainer.data import (
 )
 from trainer.distributed import DataParallel, from_environment, shard_step, shutdown, wrap
 from trainer.graphs import MicroBatchGraphs, forward_backward, padded_length
-from trainer.lora import LoRASettings, apply_lora, save_adapter, trainable_parameters
+from trainer.lora import LoRASettings, apply_lora, save_adapter, trainable_parameters, use_fp8_products
 from trainer.resume import Progress, save_checkpoint
 
 RUN_MARKER = "run.json"
@@ -469,6 +469,8 @@ def _train(cfg: TrainConfig, console, resume: bool, dp: DataParallel | None) -> 
 
     device = dp.device if dp is not None else resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    if cfg.fp8:
+        _check_fp8(device, dtype)  # before minutes of model loading
     torch.manual_seed(cfg.seed)
     model = load_model(model_dir, dtype=dtype, device=device, load_in_4bit=cfg.load_in_4bit)
     vocab_rows = model.model.embed_tokens.num_embeddings
@@ -483,6 +485,9 @@ def _train(cfg: TrainConfig, console, resume: bool, dp: DataParallel | None) -> 
     settings = apply_lora(model, LoRASettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora,
                                               list(cfg.target_modules), list(cfg.modules_to_save)))
     set_gradient_checkpointing(model, cfg.gradient_checkpointing)
+    if cfg.fp8:
+        marked = use_fp8_products(model)
+        console.print(f"--fp8: forward products of {marked} NF4 base layers in e4m3 (backward in {str(dtype)[6:]})")
     model.train()
 
     sequences = pack(data.examples, cfg.max_seq_len) if cfg.packing else as_sequences(data.examples)
@@ -602,6 +607,17 @@ def run_steps(model: nn.Module, sequences: list[TrainSequence], plan: list[list[
                                                 "micro_batches": micro_batches}
     return {"history": progress.history, "skipped": progress.skipped, "tokens": progress.tokens,
             "wall_s": progress.wall_s, "graphs": graph_counts}
+
+
+def _check_fp8(device: torch.device, dtype: torch.dtype) -> None:
+    """A ConfigError saying why --fp8 cannot run here, if it cannot."""
+    from trainer.models.ops import kernels_enabled
+
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        raise ConfigError("--fp8 needs a CUDA GPU with FP8 matmuls (compute capability 8.9 or newer: Ada, Hopper)")
+    if dtype not in (torch.bfloat16, torch.float16) or not kernels_enabled(torch.empty(0, device=device)):
+        raise ConfigError("--fp8 runs in the fused kernels under bfloat16 or float16 (--dtype bfloat16; not with "
+                          "TRAINER_KERNELS=0)")
 
 
 def _graphs(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, device: torch.device,

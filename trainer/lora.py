@@ -127,6 +127,17 @@ def projections_use_kernel(x: torch.Tensor, *projections: nn.Module) -> bool:
     return all(isinstance(m, LoRALinear) and m.uses_kernel(x) for m in projections)
 
 
+def use_fp8_products(model: nn.Module) -> int:
+    """Mark the NF4 base layer of every LoRALinear for e4m3 forward products (trainer.kernels.lora_fused
+    reads the mark where its fused paths run; see trainer.kernels.fp8). Returns how many were marked."""
+    marked = 0
+    for module in lora_modules(model).values():
+        if getattr(module.base_layer.weight, "quant_state", None) is not None:
+            module.base_layer.fp8_products = True
+            marked += 1
+    return marked
+
+
 def _is_linear(module: nn.Module) -> bool:
     if isinstance(module, nn.Linear):
         return True

@@ -37,7 +37,7 @@ KEEP = 2
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # settings a resumed run may change: they alter neither tensor shapes nor the data plan
 RESUME_OVERRIDABLE = ("device", "logging_steps", "save_steps", "max_bad_steps", "gradient_checkpointing",
-                      "cuda_graphs")
+                      "cuda_graphs", "fp8")
 
 
 class ResumeError(HealerError):

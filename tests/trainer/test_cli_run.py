@@ -136,3 +136,12 @@ def test_non_finite_weights_trip_the_nan_guard_with_exit_1(llama2, chat_data, tm
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [x["skipped"] for x in records] == [True, True] and all(len(x["rows"]) == 2 for x in records)
     assert not (tmp_path / "run" / "adapter").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without an FP8 GPU")
+def test_trainer_run_fp8_without_an_fp8_gpu_is_a_one_line_error(llama2, chat_data, tmp_path):
+    r = invoke("--model", str(llama2), "--data", str(chat_data), "--out", str(tmp_path / "run"), "--fp8",
+               "--template", "llama-2")
+    assert r.exit_code == 2
+    assert "--fp8 needs a CUDA GPU with FP8 matmuls" in one_line_error(r)
+    assert not (tmp_path / "run").exists()

@@ -56,9 +56,12 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
+from trainer.kernels.fp8 import E4M3, quantize_rows
 from trainer.kernels.gated_act import ACTIVATIONS, act_and_grad, gated_activation, tile_grid
-from trainer.kernels.nf4 import NF4_GPU_BLOCKSIZES, dequantize_nf4
+from trainer.kernels.nf4 import NF4_GPU_BLOCKSIZES, dequantize_nf4, row_absmax
+from trainer.kernels.triton_math import E4M3_MAX
 
 # Triton reads TRITON_INTERPRET when the kernels below are decorated: the in-place kernel runs on CPU
 # tensors only if that was set then.
@@ -118,6 +121,33 @@ def dense_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     else:  # bitsandbytes has no CPU kernel writing into a given tensor
         out.copy_(torch.ops.bitsandbytes.dequantize_4bit.default(*args))
     return out
+
+
+# weight -> (448 / row_absmax [out], row_absmax / 448 as [1, out]): the e4m3 weight's row scales, computed once
+# (the base is frozen) and kept as long as the weight
+_FP8_SCALES = WeakIdKeyDictionary()
+
+
+def uses_fp8(base: nn.Module) -> bool:
+    """Whether base's forward products may run in e4m3: marked by trainer.lora.use_fp8_products, and an NF4
+    weight that trainer.kernels.nf4 dequantizes (on CUDA, or under the interpreter)."""
+    w = base.weight
+    qs = getattr(w, "quant_state", None)
+    return (getattr(base, "fp8_products", False) and qs is not None and qs.quant_type == "nf4"
+            and qs.blocksize in NF4_GPU_BLOCKSIZES and (w.is_cuda or _INTERPRET))
+
+
+def fp8_weight(base: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(base's NF4 weight [out, in] in e4m3, each row scaled to fill e4m3's range; the row scales [1, out]
+    float32): the second operand and scale_b of torch._scaled_mm. The matrix is a workspace view, valid
+    until the next fp8_weight call on that device."""
+    w = base.weight
+    qs = w.quant_state
+    scales = _FP8_SCALES.get(w)
+    if scales is None:
+        amax = row_absmax(w, qs).clamp(min=1e-12)
+        scales = _FP8_SCALES[w] = (E4M3_MAX / amax, (amax / E4M3_MAX).view(1, -1))
+    return dequantize_nf4(w, qs, _workspace(qs.shape, E4M3, w.device), row_scale=scales[0]), scales[1]
 
 
 # While cached_factor_casts() is open: (data pointer, shape, strides, dtype) -> (tensor, its version, its copy
@@ -182,6 +212,7 @@ class _Plan:
     lora: torch.dtype
     out: torch.dtype
     x: torch.dtype
+    fp8: bool = False  # the forward's base product in e4m3 (uses_fp8), the backward's in `base`
 
 
 def _plan(x_dtype: torch.dtype, device_type: str, base: nn.Module, lora_A: torch.Tensor | None) -> _Plan:
@@ -192,7 +223,10 @@ def _plan(x_dtype: torch.dtype, device_type: str, base: nn.Module, lora_A: torch
         # Linear4bit casts x to its compute dtype, multiplies (autocast applies inside), and returns
         # the result in x's dtype.
         compute = getattr(base, "compute_dtype", None) or x_dtype
-        return _Plan(cast or compute, lora, x_dtype, x_dtype)
+        dtype = cast or compute
+        # e4m3 products return bf16 or fp16, and the base product must land in that dtype (see _project)
+        fp8 = dtype in (torch.bfloat16, torch.float16) and dtype == x_dtype == lora and uses_fp8(base)
+        return _Plan(dtype, lora, x_dtype, x_dtype, fp8)
     if cast is None:
         assert x_dtype == base.weight.dtype, (x_dtype, base.weight.dtype)
     dtype = cast or base.weight.dtype
@@ -208,18 +242,33 @@ def _add_product(target: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: 
 
 
 def _project(x2: torch.Tensor, base: nn.Module, A: torch.Tensor | None, B: torch.Tensor | None, scale: float,
-             plan: _Plan, lead: tuple[int, ...] | None = None,
-             xa: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+             plan: _Plan, lead: tuple[int, ...] | None = None, xa: torch.Tensor | None = None,
+             x8: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(x2 W^T + b + s x2 A^T B^T in plan.out, x2 A^T in plan.lora or None without LoRA) for x2 [N, in];
-    `xa`, where the caller has x2 A^T already (lora_projections), is used instead of computing it.
+    `xa`, where the caller has x2 A^T already (lora_projections), is used instead of computing it, and so
+    is `x8`, x2 quantized by fp8.quantize_rows, under plan.fp8.
 
     The output is a new [*lead, out] tensor (lead defaults to (N,)) written through a 2-D view, so it is
     never itself a view: the decoder's RoPE may then rotate a q or k projection in place (autograd
     forbids in-place changes to a view that a custom Function returned).
     """
+    n = x2.shape[0]
+    if plan.fp8:
+        w8, w_scale = fp8_weight(base)
+        y = torch.empty((*(lead if lead is not None else (n,)), w8.shape[0]), dtype=plan.out, device=x2.device)
+        y2 = y.view(n, w8.shape[0])
+        xq, x_scale = quantize_rows(x2) if x8 is None else x8
+        # the LoRA term cannot be accumulated onto by _scaled_mm (no beta), so it is added after
+        torch._scaled_mm(xq, w8.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=plan.out, out=y2)
+        if base.bias is not None:
+            y2.add_(base.bias.to(plan.out))
+        if A is None:
+            return y, None
+        xa = _lora_x(x2, A, plan) if xa is None else xa
+        y2.addmm_(xa, _cast(B, plan.lora).t(), alpha=scale)
+        return y, xa
     w = dense_weight(base, plan.base)
     bias = None if base.bias is None else base.bias.to(plan.base)
-    n = x2.shape[0]
     y = torch.empty((*(lead if lead is not None else (n,)), w.shape[0]), dtype=plan.out, device=x2.device)
     y2 = y.view(n, w.shape[0])
     xb = x2.to(plan.base)
@@ -360,7 +409,8 @@ class LoRAProjectionsFunction(torch.autograd.Function):
         ranks = [A.shape[0] for A in As]
         with _no_autocast(x.device.type):
             xa = torch.mm(x2, _stacked_cast(As, plan.lora).t())  # [N, sum of ranks]
-            outs = [_project(x2, base, A, B, scale, plan, lead=x.shape[:-1], xa=xa_i)[0]
+            x8 = quantize_rows(x2) if plan.fp8 else None  # once for the three
+            outs = [_project(x2, base, A, B, scale, plan, lead=x.shape[:-1], xa=xa_i, x8=x8)[0]
                     for base, A, B, xa_i, scale in zip(bases, As, Bs, xa.split(ranks, dim=1), scales, strict=True)]
         ctx.save_for_backward(x, xa, *factors)
         ctx.bases, ctx.scales, ctx.plan, ctx.ranks = bases, scales, plan, ranks
@@ -471,6 +521,11 @@ def _projection(module: nn.Module) -> Projection:
     return module, None, None, 0.0
 
 
+def _shared_x8(x2: torch.Tensor, plans: tuple[_Plan, ...] | list[_Plan]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """x2 in e4m3 once for gate and up when both run e4m3 (a separate quantization each otherwise)."""
+    return quantize_rows(x2) if all(p.fp8 for p in plans) and len(plans) > 1 else None
+
+
 class LoRAMLPFunction(torch.autograd.Function):
     """down(act(gate(x)) * up(x)), each projection optionally LoRA-adapted; see lora_mlp.
 
@@ -485,8 +540,9 @@ class LoRAMLPFunction(torch.autograd.Function):
         n_in = len(bases) - 1
         with _no_autocast(x.device.type):
             outs, xas = [], []
+            x8 = _shared_x8(x2, plans[:n_in])
             for i in range(n_in):
-                y, xa = _project(x2, bases[i], factors[2 * i], factors[2 * i + 1], scales[i], plans[i])
+                y, xa = _project(x2, bases[i], factors[2 * i], factors[2 * i + 1], scales[i], plans[i], x8=x8)
                 outs.append(y)
                 xas.append(xa)
             gate, up = outs if n_in == 2 else outs[0].chunk(2, dim=-1)
@@ -521,7 +577,8 @@ class LoRAMLPFunction(torch.autograd.Function):
                 grads[-1] = _grad_B(dy2, ha, B, scales[-1], plans[-1])
             dh = _input_grad(dy2, bases[-1], A, dyB, scales[-1], plans[-1])
             if ctx.recompute:
-                outs = [_project(x2, bases[i], factors[2 * i], factors[2 * i + 1], scales[i], plans[i])[0]
+                x8 = _shared_x8(x2, plans[:n_in])
+                outs = [_project(x2, bases[i], factors[2 * i], factors[2 * i + 1], scales[i], plans[i], x8=x8)[0]
                         for i in range(n_in)]
             else:
                 outs = list(kept)

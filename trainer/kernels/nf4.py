@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 from torch.utils.weak import WeakIdKeyDictionary
 
-from trainer.kernels.triton_math import cdiv
+from trainer.kernels.triton_math import cdiv, e4m3_bits
 
 # Triton reads TRITON_INTERPRET when the kernel below is decorated (at import).
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -55,19 +55,20 @@ _BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # those bnb's quantize_
 # the GPU test run stopped with "CUDA error: misaligned address" (not investigated yet), so larger
 # blocksizes keep bitsandbytes' own path in dense_weight; the interpreter (CI) passes them all.
 NF4_GPU_BLOCKSIZES = (32, 64, 128)
-_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn)
 
 _CODES: dict[tuple[str, torch.device], torch.Tensor] = {}
-# weight -> ((out dtype, out shape, elements_per_program, num_warps), the quant state, grid, arguments after
-# the packed codes and before out, (n, n_blocks), constexpr keywords). Nothing in a value refers to the weight
-# itself (the quant state does not), or the entry would keep its key alive.
+# weight -> (the quant state, {(out dtype, out shape, elements_per_program, num_warps, row_scale's address):
+# (grid, arguments after the packed codes and before out, sizes, constexpr keywords)}). Nothing in a value
+# refers to the weight itself (the quant state does not), or the entry would keep its key alive.
 _LAUNCHES = WeakIdKeyDictionary()  # by identity: a tensor's == compares elements
 
 
 @triton.jit
-def _dequantize_4bit(packed_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset_ptr, out_ptr, n_elements,
-                     n_blocks, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, ROWS: tl.constexpr,
-                     NESTED: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+def _dequantize_4bit(packed_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset_ptr, row_scale_ptr, out_ptr,
+                     n_elements, n_blocks, n_cols, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
+                     ROWS: tl.constexpr, NESTED: tl.constexpr, ROW_SCALED: tl.constexpr,
+                     BF16_BY_BITS: tl.constexpr, E4M3_BY_BITS: tl.constexpr):
     HALF: tl.constexpr = BLOCKSIZE // 2
     blocks = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # absmax block of each row
     block_mask = blocks < n_blocks
@@ -85,7 +86,12 @@ def _dequantize_4bit(packed_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, o
     values = tl.interleave(high, low)  # [ROWS, BLOCKSIZE]: element 2i from the high nibble of byte i
     elem_idx = blocks[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
     mask = elem_idx < n_elements
-    if BF16_BY_BITS:
+    if ROW_SCALED:  # times the output row's scale (rounded again): a block lies within one row
+        row_scale = tl.load(row_scale_ptr + blocks * BLOCKSIZE // n_cols, mask=block_mask, other=0.0)
+        values = values * row_scale[:, None]
+    if E4M3_BY_BITS:
+        tl.store(out_ptr + elem_idx, e4m3_bits(values), mask=mask)
+    elif BF16_BY_BITS:
         bits = values.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # round to nearest, ties to even (finite inputs)
         tl.store(out_ptr + elem_idx, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
@@ -104,29 +110,56 @@ def _code(quant_type: str, device: torch.device) -> torch.Tensor:
     return _CODES[key]
 
 
-def dequantize_nf4(weight: torch.Tensor, quant_state, out: torch.Tensor, *, elements_per_program: int = _ELEMENTS,
-                   num_warps: int = _WARPS) -> torch.Tensor:
+def dequantize_nf4(weight: torch.Tensor, quant_state, out: torch.Tensor, *, row_scale: torch.Tensor | None = None,
+                   elements_per_program: int = _ELEMENTS, num_warps: int = _WARPS) -> torch.Tensor:
     """Write the bitsandbytes 4-bit weight `weight` (packed codes, e.g. a Params4bit) with its QuantState into
     `out` ([*quant_state.shape], bf16/fp16/fp32, contiguous) and return `out`: the values of
     bitsandbytes.functional.dequantize_4bit, bit for bit. NF4 or FP4, double-quantized (nested) or not.
 
+    With `row_scale` (float32, one per output row) each value is multiplied by its row's entry in float32
+    before the cast; out may then be float8_e4m3fn (trainer.kernels.fp8: row_scale = 448 / row_absmax).
+
     elements_per_program (a power of two) and num_warps set the launch shape; bench/nf4_dequant.py sweeps them.
     """
-    key = (out.dtype, out.shape, elements_per_program, num_warps)
-    launch = _LAUNCHES.get(weight)
-    if launch is None or launch[0] != key or launch[1] is not quant_state:
-        launch = _LAUNCHES[weight] = (key, quant_state, *_launch(weight, quant_state, out, elements_per_program,
-                                                                   num_warps))
-    _, _, grid, args, sizes, meta = launch
+    key = (out.dtype, out.shape, elements_per_program, num_warps, None if row_scale is None else row_scale.data_ptr())
+    launches = _LAUNCHES.get(weight)
+    if launches is None or launches[0] is not quant_state:
+        launches = _LAUNCHES[weight] = (quant_state, {})
+    launch = launches[1].get(key)
+    if launch is None:  # one per key: the forward (e4m3) and the backward (bf16) alternate on one weight
+        launch = launches[1][key] = _launch(weight, quant_state, out, row_scale, elements_per_program, num_warps)
+    grid, args, sizes, meta = launch
     if grid is not None:
         assert out.is_contiguous() and out.device == weight.device, "out: contiguous, on the weight's device"
         packed = weight if weight.dtype == torch.uint8 else weight.view(torch.uint8)  # any quant_storage dtype
-        _dequantize_4bit[grid](packed, *args, out, *sizes, **meta)
+        target = out.view(torch.uint8) if meta["E4M3_BY_BITS"] else out
+        _dequantize_4bit[grid](packed, *args, target, *sizes, **meta)
     return out
 
 
-def _launch(weight: torch.Tensor, quant_state, out: torch.Tensor, elements_per_program: int, num_warps: int):
-    """(grid, arguments between the codes and out, (n, n_blocks), constexpr keywords) of weight's launch,
+def row_absmax(weight: torch.Tensor, quant_state) -> torch.Tensor:
+    """The largest magnitude dequantize_nf4 can write in each output row, float32 [rows]: the row's largest
+    block scale times the code's largest magnitude (1 for nf4 and fp4). Exact when that code occurs in
+    the row, as it does after bnb's quantize_4bit (each block's largest element becomes +-1); never below.
+    Needs no dequantized matrix: the block scales alone (nested: dequantized as the kernel does)."""
+    qs = quant_state
+    rows, cols = qs.shape
+    n_blocks = cdiv(rows * cols, qs.blocksize)
+    absmax = qs.absmax[:n_blocks]
+    if qs.nested:
+        s2 = qs.state2
+        absmax2 = s2.absmax.repeat_interleave(s2.blocksize)[:n_blocks]
+        absmax = s2.code[absmax.long()] * absmax2 + qs.offset  # product rounded, then the sum: as the kernel
+    absmax = absmax.float()
+    code_max = _code(qs.quant_type, absmax.device).abs().max()
+    if cols % qs.blocksize:  # blocks straddle rows: the whole matrix's largest for every row
+        return (absmax.max() * code_max).expand(rows).contiguous()
+    return absmax.view(rows, cols // qs.blocksize).amax(dim=1) * code_max
+
+
+def _launch(weight: torch.Tensor, quant_state, out: torch.Tensor, row_scale: torch.Tensor | None,
+            elements_per_program: int, num_warps: int):
+    """(grid, arguments between the codes and out, (n, n_blocks, n_cols), constexpr keywords) of weight's launch,
     after checking that the kernel handles it; grid None when there is nothing to write."""
     qs = quant_state
     assert qs.quant_type in ("nf4", "fp4"), f"quant_type {qs.quant_type!r}: only bitsandbytes' nf4 and fp4"
@@ -143,7 +176,14 @@ def _launch(weight: torch.Tensor, quant_state, out: torch.Tensor, elements_per_p
     assert packed.numel() >= (n + 1) // 2, (packed.numel(), n)
     assert qs.absmax.numel() >= n_blocks, (qs.absmax.numel(), n_blocks)
     if n == 0:
-        return None, (), (), {}
+        return None, (), (), {"E4M3_BY_BITS": False}
+    e4m3 = out.dtype == torch.float8_e4m3fn
+    assert row_scale is not None or not e4m3, "an e4m3 output needs row_scale (448 / row_absmax)"
+    if row_scale is not None:
+        # a block straddling two rows (in_features not a multiple of the blocksize) takes its first row's
+        # scale: row_absmax then gives every row the same one
+        assert row_scale.dtype == torch.float32 and row_scale.is_contiguous(), (row_scale.dtype, row_scale.stride())
+        assert row_scale.shape == (qs.shape[0],) and row_scale.device == out.device, (row_scale.shape, qs.shape)
     code = _code(qs.quant_type, out.device)
     if qs.nested:
         s2 = qs.state2
@@ -158,6 +198,8 @@ def _launch(weight: torch.Tensor, quant_state, out: torch.Tensor, elements_per_p
         args = (qs.absmax, code, code, code, code)  # placeholders: NESTED=False never reads the last three
         blocksize2 = 1
     rows = max(1, elements_per_program // qs.blocksize)
+    args = (*args, code if row_scale is None else row_scale)  # placeholder: ROW_SCALED=False never reads it
     meta = dict(BLOCKSIZE=qs.blocksize, BLOCKSIZE2=blocksize2, ROWS=rows, NESTED=qs.nested,
-                BF16_BY_BITS=_INTERPRET and out.dtype == torch.bfloat16, num_warps=num_warps, enable_fp_fusion=False)
-    return (cdiv(n_blocks, rows),), args, (n, n_blocks), meta
+                ROW_SCALED=row_scale is not None, BF16_BY_BITS=_INTERPRET and out.dtype == torch.bfloat16,
+                E4M3_BY_BITS=_INTERPRET and e4m3, num_warps=num_warps, enable_fp_fusion=False)
+    return (cdiv(n_blocks, rows),), args, (n, n_blocks, qs.shape[-1]), meta
