@@ -86,12 +86,12 @@ def same_lora_init(model: torch.nn.Module) -> int:
 class Ours:
     """Our trainer: load_model in NF4, apply_lora, --gc mode, trainer.loop.train_step, paged 8-bit AdamW."""
 
-    def __init__(self, model_dir: Path, s: Settings, graphs: bool = False):
+    def __init__(self, model_dir: Path, s: Settings, graphs: bool = False, fp8: bool = False):
         import bitsandbytes as bnb
 
         from trainer.checkpointing import set_gradient_checkpointing
         from trainer.distributed import from_environment, wrap
-        from trainer.lora import LoRASettings, apply_lora, trainable_parameters
+        from trainer.lora import LoRASettings, apply_lora, trainable_parameters, use_fp8_products
         from trainer.models import load_model
 
         # under torchrun: one rank per GPU, each with its own micro-batches
@@ -103,6 +103,8 @@ class Ours:
         self.after_load_gib = _gib("memory_allocated")
         apply_lora(model, LoRASettings(r=LORA_RANK, alpha=float(LORA_RANK), target_modules=LORA_TARGETS))
         same_lora_init(model)
+        if fp8:  # as trainer run --fp8
+            use_fp8_products(model)
         self.gc = s.gc
         self.set_gc = set_gradient_checkpointing
         set_gradient_checkpointing(model, s.gc)
@@ -344,6 +346,7 @@ def run(name: str, model_dir: Path, s: Settings) -> dict:
 VARIANTS = {
     "ours, Triton kernels": Ours,
     "ours, Triton kernels + CUDA graphs": lambda model_dir, s: Ours(model_dir, s, graphs=True),
+    "ours, Triton + CUDA graphs + FP8": lambda model_dir, s: Ours(model_dir, s, graphs=True, fp8=True),
     "ours, plain PyTorch": Ours,  # the parent sets TRAINER_KERNELS=0 for this one
     "HF transformers+PEFT": HFStack,
     "HF+PEFT + Liger-Kernel": lambda model_dir, s: HFStack(model_dir, s, liger=True),
