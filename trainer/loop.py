@@ -615,8 +615,8 @@ def _check_fp8(device: torch.device, dtype: torch.dtype) -> None:
 
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
         raise ConfigError("--fp8 needs a CUDA GPU with FP8 matmuls (compute capability 8.9 or newer: Ada, Hopper)")
-    if dtype not in (torch.bfloat16, torch.float16) or not kernels_enabled(torch.empty(0, device=device)):
-        raise ConfigError("--fp8 runs in the fused kernels under bfloat16 or float16 (--dtype bfloat16; not with "
+    if dtype != torch.bfloat16 or not kernels_enabled(torch.empty(0, device=device)):
+        raise ConfigError("--fp8 runs in the fused kernels under bfloat16 (--dtype bfloat16 or auto; not with "
                           "TRAINER_KERNELS=0)")
 
 

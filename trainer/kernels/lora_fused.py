@@ -133,8 +133,10 @@ def uses_fp8(base: nn.Module) -> bool:
     weight that trainer.kernels.nf4 dequantizes (on CUDA, or under the interpreter)."""
     w = base.weight
     qs = getattr(w, "quant_state", None)
+    # cuBLAS's e4m3 products want both sizes of the weight in multiples of 16
     return (getattr(base, "fp8_products", False) and qs is not None and qs.quant_type == "nf4"
-            and qs.blocksize in NF4_GPU_BLOCKSIZES and (w.is_cuda or _INTERPRET))
+            and qs.blocksize in NF4_GPU_BLOCKSIZES and (w.is_cuda or _INTERPRET)
+            and qs.shape[0] % 16 == 0 and qs.shape[1] % 16 == 0)
 
 
 def fp8_weight(base: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,8 +226,8 @@ def _plan(x_dtype: torch.dtype, device_type: str, base: nn.Module, lora_A: torch
         # the result in x's dtype.
         compute = getattr(base, "compute_dtype", None) or x_dtype
         dtype = cast or compute
-        # e4m3 products return bf16 or fp16, and the base product must land in that dtype (see _project)
-        fp8 = dtype in (torch.bfloat16, torch.float16) and dtype == x_dtype == lora and uses_fp8(base)
+        # row-scaled e4m3 products return bf16 only, and the base product must land in that dtype (_project)
+        fp8 = dtype == x_dtype == lora == torch.bfloat16 and uses_fp8(base)
         return _Plan(dtype, lora, x_dtype, x_dtype, fp8)
     if cast is None:
         assert x_dtype == base.weight.dtype, (x_dtype, base.weight.dtype)
