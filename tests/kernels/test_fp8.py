@@ -294,3 +294,16 @@ def test_a_decoder_with_fp8_products_trains_like_the_bf16_one(tmp_path, monkeypa
     assert relative_error(loss8, loss16) < 2e-3, (loss8, loss16)
     errs = {n: relative_error(grads8[n], grads16[n]) for n in grads16}
     assert max(errs.values()) < 0.15 and 0 < sum(errs.values()) / len(errs) < 0.08, errs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_in,n_out", [(4096, 14336), (14336, 4096), (4096, 1024)], ids=str)
+def test_lora_linear_fp8_full_size(n_in, n_out):
+    """Llama-3-8B sizes at 2 x 2048 tokens on the GPU: cuBLAS's row-scaled e4m3 product with the hardware casts,
+    against float64 products of the same operands."""
+    torch.manual_seed(n_in + n_out)
+    m = fp8_linear(n_in, n_out)
+    x = torch.randn(2, 2048, n_in, device="cuda", dtype=torch.bfloat16)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = lora_linear(x, m.base_layer, m.lora_A.weight, m.lora_B.weight, m.scaling)
+    assert relative_error(y, fp8_reference(x, m) + lora64(x, m)) < BF16_BOUND
