@@ -38,6 +38,10 @@ autocast casts them for the plain matmuls) and A, B get float32 gradients; witho
 base product runs in the base dtype and the LoRA product in float32. An nn.Linear base returns the
 product's dtype; a Linear4bit returns its input's dtype, as bitsandbytes does.
 
+With a base marked by trainer.lora.use_fp8_products (`--fp8`), _Plan.fp8 runs the forward's base product
+(and the recompute's) in e4m3 instead (see trainer.kernels.fp8); the LoRA term and bias are added after it,
+since torch._scaled_mm cannot accumulate onto y. The backward is unchanged.
+
 LoRA dropout is not handled here: with dropout the LoRA branch sees dropout(x), so dA needs the mask
 or the dropped x (another [tokens x in] tensor per projection, the memory this saves); LoRALinear
 keeps the plain path when dropout > 0.
