@@ -18,7 +18,7 @@ from trainer.checkpointing import set_gradient_checkpointing
 from trainer.data import IGNORE_INDEX, Batch
 from trainer.graphs import MicroBatchGraphs
 from trainer.loop import train_step
-from trainer.lora import LoRASettings, apply_lora, lora_modules, trainable_parameters
+from trainer.lora import LoRASettings, apply_lora, lora_modules, trainable_parameters, use_fp8_products
 from trainer.models import load_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -60,7 +60,7 @@ def _steps(packed_step: bool) -> list[list[Batch]]:
 
 
 def _train(model_dir, four_bit: bool, gc: str, dtype: torch.dtype, steps, graphs: bool,
-           max_tokens: int | None = None):
+           max_tokens: int | None = None, fp8: bool = False):
     torch.manual_seed(0)
     model = load_model(model_dir, dtype=torch.bfloat16 if dtype == torch.bfloat16 else torch.float32,
                        device="cuda", load_in_4bit=four_bit)
@@ -69,6 +69,8 @@ def _train(model_dir, four_bit: bool, gc: str, dtype: torch.dtype, steps, graphs
     with torch.no_grad():  # B != 0: every LoRA product counts from the first step
         for m in lora_modules(model).values():
             m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=gen) * 0.05)
+    if fp8:
+        assert use_fp8_products(model) > 0
     set_gradient_checkpointing(model, gc)
     model.train()
     params = trainable_parameters(model)
@@ -102,6 +104,28 @@ def test_graph_replay_trains_like_the_eager_step(tmp_path, case):
     for name, ref in eager_updates.items():
         err = ((updates[name] - ref).norm() / ref.norm()).item()
         assert err <= 10 * tol, f"{name}: update differs by {err:.2e} (relative)"
+
+
+@pytest.mark.parametrize("gc", ["on", "offload"])
+def test_fp8_forward_products_replay_like_their_eager_step(tmp_path, gc):
+    """--fp8 under CUDA graphs: the e4m3 casts and products (and the row scales made in the warm-up) captured
+    and replayed, against the same FP8 model run eagerly; and the FP8 run near the bf16 one."""
+    hf_checkpoint(tmp_path, "llama", hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    steps = _steps(False)
+    max_tokens = 320 if gc == "offload" else None
+    eager_losses, eager_updates, _ = _train(tmp_path, True, gc, torch.bfloat16, steps, graphs=False, fp8=True)
+    losses, updates, runner = _train(tmp_path, True, gc, torch.bfloat16, steps, graphs=True, max_tokens=max_tokens,
+                                     fp8=True)
+    assert runner.reason is None and runner.replays == 6
+    for step, (a, b) in enumerate(zip(losses, eager_losses, strict=True)):
+        assert abs(a - b) <= 3e-3 * abs(b), f"step {step}: {a} vs {b}"
+    for name, ref in eager_updates.items():
+        err = ((updates[name] - ref).norm() / ref.norm()).item()
+        assert err <= 3e-2, f"{name}: update differs by {err:.2e} (relative)"
+    bf16_losses, _, _ = _train(tmp_path, True, gc, torch.bfloat16, steps, graphs=False)
+    for a, b in zip(losses, bf16_losses, strict=True):
+        assert abs(a - b) <= 2e-2 * abs(b), (losses, bf16_losses)
 
 
 @pytest.mark.parametrize(("packing", "gc"), [(False, "on"), (True, "on"), (False, "offload")],
