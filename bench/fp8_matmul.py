@@ -8,6 +8,9 @@ result's error against float64: relative Frobenius norm of the difference.
 
     python bench/fp8_matmul.py [--tokens 4096] [--json out.json]
 
+A second table times the trainer's own pieces (needs bitsandbytes): the NF4 weight dequantized to bf16 and to
+e4m3, fp8.quantize_rows, and a whole LoRA projection's forward with and without --fp8.
+
 The GPU runs each product back to back for a second before timing, so the clock is where a training step
 holds it (power-capped on the H100, bench/KERNEL_NOTES.md).
 """
@@ -16,8 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max
@@ -106,14 +113,58 @@ def main() -> None:
         }
         rows.append(row)
         print(" | ".join(f"{k}: {v:.4g}" if isinstance(v, float) else str(v) for k, v in row.items()), flush=True)
+    table(rows)
+    kernel_rows = ours(args.tokens)
+    table(kernel_rows)
+    if args.json:
+        meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": args.tokens}
+        with open(args.json, "w") as f:
+            json.dump({**meta, "rows": rows, "ours": kernel_rows}, f, indent=2)
+
+
+def table(rows: list[dict]) -> None:
     keys = list(rows[0])
     print("\n| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
     for r in rows:
         print("| " + " | ".join(f"{r[k]:.4g}" if isinstance(r[k], float) else r[k] for k in keys) + " |")
-    if args.json:
-        meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": args.tokens}
-        with open(args.json, "w") as f:
-            json.dump({**meta, "rows": rows}, f, indent=2)
+
+
+def ours(tokens: int) -> list[dict]:
+    """The trainer's own pieces on an NF4 weight (bitsandbytes, double-quantized, blocksize 64): dequantizing
+    to bf16 (what the bf16 path does) and to e4m3 with row scales (--fp8), quantize_rows of the input, and a
+    whole LoRA projection's forward (r = 32, bf16 autocast) both ways."""
+    import bitsandbytes as bnb
+    from torch import nn
+
+    from trainer.kernels.fp8 import quantize_rows
+    from trainer.kernels.lora_fused import dense_weight, fp8_weight, lora_linear
+    from trainer.lora import LoRALinear
+
+    rows = []
+    for name, (out_f, in_f) in SHAPES.items():
+        lin = nn.Linear(in_f, out_f, bias=False, device="cuda", dtype=torch.bfloat16)
+        q = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
+                              compress_statistics=True)
+        q.weight = bnb.nn.Params4bit(lin.weight.data.cpu(), requires_grad=False, quant_type="nf4",
+                                     compress_statistics=True)
+        q = q.cuda().requires_grad_(False)
+        m = LoRALinear(q, 32, 32.0).cuda()
+        x = torch.randn(tokens, in_f, device="cuda", dtype=torch.bfloat16)
+
+        def forward(fp8: bool, m=m, x=x):
+            m.base_layer.fp8_products = fp8
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                return lora_linear(x, m.base_layer, m.lora_A.weight, m.lora_B.weight, m.scaling)
+
+        row = {"projection": name,
+               "nf4 -> bf16 ms": timed(lambda q=q: dense_weight(q, torch.bfloat16)),
+               "nf4 -> e4m3 ms": timed(lambda q=q: fp8_weight(q)),
+               "quantize_rows(x) ms": timed(lambda x=x: quantize_rows(x)),
+               "LoRA fwd bf16 ms": timed(lambda: forward(False)),
+               "LoRA fwd fp8 ms": timed(lambda: forward(True))}
+        rows.append(row)
+        print(" | ".join(f"{k}: {v:.4g}" if isinstance(v, float) else str(v) for k, v in row.items()), flush=True)
+    return rows
 
 
 if __name__ == "__main__":
