@@ -249,12 +249,9 @@ def test_a_decoder_with_fp8_products_trains_like_the_bf16_one(tmp_path, monkeypa
     forward product (q/k/v, o, gate/up, down; recomputed ones too) is an e4m3 one, and loss and LoRA gradients
     stay within FP8's error of the unmarked model's."""
     import builders
+    from test_lora_fused import decoder_loss_and_grads
 
     import trainer.kernels.lora_fused as lf
-    from trainer.checkpointing import set_gradient_checkpointing
-    from trainer.data import IGNORE_INDEX
-    from trainer.lora import lora_modules
-    from trainer.models import load_model
 
     builders.save_tiny_model(tmp_path / "m", "llama", 128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     products = []
@@ -262,24 +259,10 @@ def test_a_decoder_with_fp8_products_trains_like_the_bf16_one(tmp_path, monkeypa
     monkeypatch.setattr(lf, "fp8_weight", lambda base: products.append(base) or original(base))
 
     def step(fp8: bool):
-        model = load_model(tmp_path / "m", dtype=torch.bfloat16, device=device(), load_in_4bit=True)
-        torch.manual_seed(0)
-        apply_lora(model, LoRASettings(r=4, alpha=8))
-        with torch.no_grad():
-            for m in lora_modules(model).values():
-                m.lora_B.weight.normal_(0, 0.05)
-                m.use_kernel = True
-        if fp8:
-            assert use_fp8_products(model) == 14  # 2 layers x 7 linears
-        set_gradient_checkpointing(model, checkpointing)
-        model.train()
-        ids = torch.randint(3, 128, (2, 17), generator=torch.Generator().manual_seed(1)).to(device())
-        labels = ids.clone()
-        labels[:, :5] = IGNORE_INDEX
-        with torch.autocast(device().type, dtype=torch.bfloat16):
-            loss = model(ids, labels=labels).loss
-        loss.backward()
-        return loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+        loss, grads, _ = decoder_loss_and_grads(tmp_path / "m", fused=True, checkpointing=checkpointing,
+                                                load_in_4bit=True, autocast=torch.bfloat16, dtype=torch.bfloat16,
+                                                fp8=fp8)
+        return loss, grads
 
     loss16, grads16 = step(False)
     assert products == []

@@ -34,7 +34,14 @@ from trainer.kernels.lora_fused import (  # noqa: E402
     lora_projections,
 )
 from trainer.kernels.rope import apply_rope, rotatable_in_place  # noqa: E402
-from trainer.lora import LoRALinear, LoRASettings, apply_lora, lora_modules, mlp_uses_kernel  # noqa: E402
+from trainer.lora import (  # noqa: E402
+    LoRALinear,
+    LoRASettings,
+    apply_lora,
+    lora_modules,
+    mlp_uses_kernel,
+    use_fp8_products,
+)
 from trainer.models import load_model, ops  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
@@ -459,25 +466,31 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def adapted_model(path: Path, *, fused: bool, checkpointing: str, load_in_4bit: bool = False) -> nn.Module:
-    """The tiny model at path with LoRA r=4 on every linear (B nonzero), every LoRALinear forced onto its fused
-    path (`fused`, the decoder's MLP then runs lora_mlp) or its plain one, in a checkpointing mode."""
-    model = load_model(path, dtype=torch.float32, device=device(), load_in_4bit=load_in_4bit)
+def adapted_model(path: Path, *, fused: bool, checkpointing: str, load_in_4bit: bool = False,
+                  dtype: torch.dtype = torch.float32, fp8: bool = False) -> nn.Module:
+    """The tiny model at path, weights in dtype, with LoRA r=4 on every linear (B nonzero), every LoRALinear
+    forced onto its fused path (`fused`, the decoder's MLP then runs lora_mlp) or its plain one, in a
+    checkpointing mode; with `fp8` its NF4 bases marked for e4m3 forward products (trainer.lora.use_fp8_products)."""
+    model = load_model(path, dtype=dtype, device=device(), load_in_4bit=load_in_4bit)
     torch.manual_seed(0)
     apply_lora(model, LoRASettings(r=4, alpha=8))
     with torch.no_grad():
         for m in lora_modules(model).values():
             m.lora_B.weight.normal_(0, 0.05)
             m.use_kernel = fused
+    if fp8:
+        assert use_fp8_products(model) == len(lora_modules(model))
     set_gradient_checkpointing(model, checkpointing)
     return model
 
 
 def decoder_loss_and_grads(path: Path, *, fused: bool, checkpointing: str, load_in_4bit: bool = False,
-                           autocast: torch.dtype | None = None):
+                           autocast: torch.dtype | None = None, dtype: torch.dtype = torch.float32,
+                           fp8: bool = False):
     """(loss, LoRA grads, the autograd node of every MLP output built with grad enabled) for one step of
     adapted_model(path, ...)."""
-    model = adapted_model(path, fused=fused, checkpointing=checkpointing, load_in_4bit=load_in_4bit)
+    model = adapted_model(path, fused=fused, checkpointing=checkpointing, load_in_4bit=load_in_4bit, dtype=dtype,
+                          fp8=fp8)
     mlp_nodes = []
 
     def record(module, args, out):
