@@ -64,7 +64,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from trainer.kernels.fp8 import E4M3, quantize_rows
 from trainer.kernels.gated_act import ACTIVATIONS, act_and_grad, gated_activation, tile_grid
-from trainer.kernels.nf4 import NF4_GPU_BLOCKSIZES, dequantize_nf4, row_absmax
+from trainer.kernels.nf4 import NF4_GPU_BLOCKSIZES, block_scales, dequantize_nf4, row_absmax
 from trainer.kernels.triton_math import E4M3_MAX
 
 # Triton reads TRITON_INTERPRET when the kernels below are decorated: the in-place kernel runs on CPU
@@ -114,12 +114,7 @@ def dense_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
         # One launch instead of bnb's three (nested absmax, + offset, 4-bit), same values bit for bit, in
         # about half the host time per call (bench/nf4_dequant.py; training is host-bound on the H100).
         return dequantize_nf4(w, qs, out)
-    absmax = qs.absmax
-    if qs.nested:
-        import bitsandbytes.functional as bnbf
-
-        absmax = bnbf.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
-    args = (w, absmax.float(), qs.blocksize, qs.quant_type, list(qs.shape), dtype)
+    args = (w, block_scales(qs), qs.blocksize, qs.quant_type, list(qs.shape), dtype)
     if w.is_cuda:
         torch.ops.bitsandbytes.dequantize_4bit.out(*args, out=out)
     else:  # bitsandbytes has no CPU kernel writing into a given tensor

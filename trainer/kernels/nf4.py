@@ -137,20 +137,25 @@ def dequantize_nf4(weight: torch.Tensor, quant_state, out: torch.Tensor, *, row_
     return out
 
 
+def block_scales(quant_state) -> torch.Tensor:
+    """Each absmax block's scale in float32; a nested absmax dequantized as bitsandbytes does
+    (dequantize_blockwise, then + offset), which the kernel matches bit for bit."""
+    qs = quant_state
+    if not qs.nested:
+        return qs.absmax.float()
+    import bitsandbytes.functional as bnbf
+
+    return (bnbf.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset).float()
+
+
 def row_absmax(weight: torch.Tensor, quant_state) -> torch.Tensor:
     """The largest magnitude dequantize_nf4 can write in each output row, float32 [rows]: the row's largest
     block scale times the code's largest magnitude (1 for nf4 and fp4). Exact when that code occurs in
     the row, as it does after bnb's quantize_4bit (each block's largest element becomes +-1); never below.
-    Needs no dequantized matrix: the block scales alone (nested: dequantized as the kernel does)."""
+    Needs no dequantized matrix: the block scales alone (block_scales)."""
     qs = quant_state
     rows, cols = qs.shape
-    n_blocks = cdiv(rows * cols, qs.blocksize)
-    absmax = qs.absmax[:n_blocks]
-    if qs.nested:
-        s2 = qs.state2
-        absmax2 = s2.absmax.repeat_interleave(s2.blocksize)[:n_blocks]
-        absmax = s2.code[absmax.long()] * absmax2 + qs.offset  # product rounded, then the sum: as the kernel
-    absmax = absmax.float()
+    absmax = block_scales(qs)[:cdiv(rows * cols, qs.blocksize)]
     code_max = _code(qs.quant_type, absmax.device).abs().max()
     if cols % qs.blocksize:  # blocks straddle rows: the whole matrix's largest for every row
         return (absmax.max() * code_max).expand(rows).contiguous()
@@ -176,7 +181,7 @@ def _launch(weight: torch.Tensor, quant_state, out: torch.Tensor, row_scale: tor
     assert packed.numel() >= (n + 1) // 2, (packed.numel(), n)
     assert qs.absmax.numel() >= n_blocks, (qs.absmax.numel(), n_blocks)
     if n == 0:
-        return None, (), (), {"E4M3_BY_BITS": False}
+        return None, (), (), {}
     e4m3 = out.dtype == torch.float8_e4m3fn
     assert row_scale is not None or not e4m3, "an e4m3 output needs row_scale (448 / row_absmax)"
     if row_scale is not None:
