@@ -254,10 +254,10 @@ def _project(x2: torch.Tensor, base: nn.Module, A: torch.Tensor | None, B: torch
     forbids in-place changes to a view that a custom Function returned).
     """
     n = x2.shape[0]
+    y = torch.empty((*(lead if lead is not None else (n,)), base.out_features), dtype=plan.out, device=x2.device)
+    y2 = y.view(n, base.out_features)
     if plan.fp8:
         w8, w_scale = fp8_weight(base)
-        y = torch.empty((*(lead if lead is not None else (n,)), w8.shape[0]), dtype=plan.out, device=x2.device)
-        y2 = y.view(n, w8.shape[0])
         xq, x_scale = quantize_rows(x2) if x8 is None else x8
         # the LoRA term cannot be accumulated onto by _scaled_mm (no beta), so it is added after
         torch._scaled_mm(xq, w8.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=plan.out, out=y2)
@@ -270,8 +270,6 @@ def _project(x2: torch.Tensor, base: nn.Module, A: torch.Tensor | None, B: torch
         return y, xa
     w = dense_weight(base, plan.base)
     bias = None if base.bias is None else base.bias.to(plan.base)
-    y = torch.empty((*(lead if lead is not None else (n,)), w.shape[0]), dtype=plan.out, device=x2.device)
-    y2 = y.view(n, w.shape[0])
     xb = x2.to(plan.base)
     if A is not None and plan.base == plan.out == plan.lora:
         # LoRA term first, written (b + s xa B^T), then the base product accumulated onto it: the big matmul
