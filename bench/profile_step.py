@@ -49,6 +49,7 @@ from trainer.loop import collector_frozen  # noqa: E402
 # first match wins; names as CUDA/Triton report them
 KERNEL_CATEGORIES = [
     ("NF4 dequantize", r"dequant|kDequantize"),
+    ("FP8 casts (Triton)", r"quantize_rows"),
     ("attention", r"flash|fmha|flex|attention|sdpa"),
     ("cross-entropy (Triton)", r"cross_entropy|_ce_|lse|logsumexp"),
     ("norms (Triton)", r"rms_norm|rmsnorm"),
@@ -84,7 +85,7 @@ def matmul_role(dims: tuple[int, int, int], cfg: dict, rank: int) -> str:
 
 
 # where the two matrices sit among an op's recorded input shapes (addmm/baddbmm: after the addend)
-_MATRIX_ARGS = {"aten::mm": (0, 1), "aten::bmm": (0, 1), "aten::addmm": (1, 2), "aten::addmm_": (1, 2),
+_MATRIX_ARGS = {"aten::_scaled_mm": (0, 1), "aten::mm": (0, 1), "aten::bmm": (0, 1), "aten::addmm": (1, 2), "aten::addmm_": (1, 2),
                 "aten::baddbmm": (1, 2)}
 
 
@@ -130,6 +131,7 @@ def breakdown(prof: profile, cfg: dict, rank: int, steps: int) -> dict:
         us = sum(k.duration for k in e.kernels)
         dims = _dims(e.name, e.input_shapes or [])
         role = "unparsed shapes" if dims is None else matmul_role(dims, cfg, rank)
+        role += " (e4m3)" if e.name == "aten::_scaled_mm" else ""
         by_role[role][0] += us
         by_role[role][1] += 2.0 * math.prod(dims) if dims else 0.0
     return {
@@ -204,13 +206,14 @@ def main() -> None:
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="micro-batches by CUDA graph replay (trainer.graphs); matmul roles then go unnamed, "
                          "since no aten op runs on the host during a replay")
+    ap.add_argument("--fp8", action="store_true", help="FP8 forward products, as trainer run --fp8")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU: the breakdown is of GPU kernel time")
     model_dir = train.generate(args.shape, Path(args.cache) / f"train-{args.shape}")
     cfg = train.model_config(args.shape)
     s = train_variants.Settings(args.warmup + args.steps, args.batch, args.seq, args.accum, args.gc)
-    v = train_variants.Ours(model_dir, s, graphs=args.cuda_graphs)
+    v = train_variants.Ours(model_dir, s, graphs=args.cuda_graphs, fp8=args.fp8)
     gen = torch.Generator().manual_seed(1)
     batches = [train_variants.micro_batches(gen, v.vocab, s.batch, s.seq, s.accum)
                for _ in range(args.warmup + args.steps)]
@@ -236,7 +239,7 @@ def main() -> None:
     tokens = s.batch * s.seq * s.accum
     flops = train.flops_per_token(cfg, s.seq) * tokens
     r = {"shape": args.shape, "gc": args.gc, "device": torch.cuda.get_device_name(),
-         "title": f"{args.shape}, {torch.cuda.get_device_name()}, ours with kernels, gc {args.gc}, "
+         "title": f"{args.shape}, {torch.cuda.get_device_name()}, ours with kernels{', FP8' if args.fp8 else ''}, gc {args.gc}, "
                   f"{s.batch} x {s.seq} x accum {s.accum}, {args.steps} profiled steps after {args.warmup}",
          "wall_ms": wall * 1e3, "profiled_wall_ms": profiled_wall * 1e3, "syncs": syncs, "tokens_per_s": tokens / wall, "peak_tflops": args.peak_tflops,
          "model_tflop_per_step": flops / 1e12, "mfu": flops / wall / (args.peak_tflops * 1e12),

@@ -260,7 +260,10 @@ def _project(x2: torch.Tensor, base: nn.Module, A: torch.Tensor | None, B: torch
         w8, w_scale = fp8_weight(base)
         xq, x_scale = quantize_rows(x2) if x8 is None else x8
         # the LoRA term cannot be accumulated onto by _scaled_mm (no beta), so it is added after
-        torch._scaled_mm(xq, w8.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=plan.out, out=y2)
+        # fast accumulation (Hopper's FP8 MMA without its periodic promotion to float32): forward products only,
+        # as torchao's float8 training does; its error is small beside the operands' e4m3 rounding
+        torch._scaled_mm(xq, w8.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=plan.out, out=y2,
+                         use_fast_accum=True)
         if base.bias is not None:
             y2.add_(base.bias.to(plan.out))
         if A is None:

@@ -155,7 +155,10 @@ def row_absmax(weight: torch.Tensor, quant_state) -> torch.Tensor:
     Needs no dequantized matrix: the block scales alone (block_scales)."""
     qs = quant_state
     rows, cols = qs.shape
-    absmax = block_scales(qs)[:cdiv(rows * cols, qs.blocksize)]
+    # abs: a nested scale can dequantize below zero (a block far smaller than the mean, whose 8-bit
+    # quantization error is larger than itself); its values then carry the flipped sign, and their
+    # magnitudes that scale's
+    absmax = block_scales(qs)[:cdiv(rows * cols, qs.blocksize)].abs()
     code_max = _code(qs.quant_type, absmax.device).abs().max()
     if cols % qs.blocksize:  # blocks straddle rows: the whole matrix's largest for every row
         return (absmax.max() * code_max).expand(rows).contiguous()
