@@ -29,6 +29,7 @@ from trainer.kernels.lora_fused import (  # noqa: E402
     clear_workspaces,
     dense_weight,
     gated_backward_in_place,
+    gated_lora_activation,
     lora_linear,
     lora_mlp,
     lora_projections,
@@ -404,6 +405,30 @@ def test_gated_backward_in_place_matches_float64(halves, activation):
     h64 = ops.gated_activation(g64, u64, activation)
     dg64, du64 = torch.autograd.grad(h64, (g64, u64), dh.double())
     gated_backward_in_place(gate, up, dh, activation)
+    assert_close(gate, dg64, torch.bfloat16, "dgate")
+    assert_close(up, du64, torch.bfloat16, "dup")
+    assert_close(dh, h64, torch.bfloat16, "h")
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("rows,cols,ranks", [(37, 130, (8, 8)), (300, 260, (32, 16)), (5, 16, (40, 3))], ids=str)
+def test_gated_kernels_add_the_lora_terms_on_their_tiles(rows, cols, ranks, activation):
+    # gate and up hold the base products only; g = gate + s_g xa_g B_g^T (u likewise) in float64 is the reference
+    # for both the forward (h) and the in-place backward (dgate, dup, h). Sizes off the 64 x 128 tiles, a row
+    # count past one program's four tiles, ranks below, at and past the padded 16 and 32
+    torch.manual_seed(seed("gated lora", rows, cols, ranks, activation))
+    dev = device()
+    gate, up, dh = ((torch.randn(rows, cols, device=dev) * k).to(torch.bfloat16) for k in (3, 1, 1))
+    (ra, rb), (sg, su) = ranks, (0.5, 2.0)
+    xa_g, xa_u = (torch.randn(rows, r, device=dev).to(torch.bfloat16) for r in (ra, rb))
+    b_g, b_u = (torch.randn(cols, r, device=dev).div(r**0.5).to(torch.bfloat16) for r in (ra, rb))
+    lora = (xa_g, b_g, sg, xa_u, b_u, su)
+    g64 = (gate.double() + sg * xa_g.double() @ b_g.double().t()).requires_grad_()
+    u64 = (up.double() + su * xa_u.double() @ b_u.double().t()).requires_grad_()
+    h64 = ops.gated_activation(g64, u64, activation)
+    dg64, du64 = torch.autograd.grad(h64, (g64, u64), dh.double())
+    assert_close(gated_lora_activation(gate, up, lora, activation), h64, torch.bfloat16, "h (forward)")
+    gated_backward_in_place(gate, up, dh, activation, lora=lora)
     assert_close(gate, dg64, torch.bfloat16, "dgate")
     assert_close(up, du64, torch.bfloat16, "dup")
     assert_close(dh, h64, torch.bfloat16, "h")

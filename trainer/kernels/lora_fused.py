@@ -40,7 +40,10 @@ product's dtype; a Linear4bit returns its input's dtype, as bitsandbytes does.
 
 With a base marked by trainer.lora.use_fp8_products (`--fp8`), _Plan.fp8 runs the forward's base product
 (and the recompute's) in e4m3 instead (see trainer.kernels.fp8); the LoRA term and bias are added after it,
-since torch._scaled_mm cannot accumulate onto y. The backward is unchanged.
+since torch._scaled_mm cannot accumulate onto y. In the gated MLP, gate's and up's LoRA terms are instead
+computed on each tile of the activation kernels (tl.dot of the [rows x r] and [r x cols] factor tiles) and
+added in float32 there, so the [tokens x intermediate] outputs are not read and written once more each.
+The backward's products are unchanged.
 
 LoRA dropout is not handled here: with dropout the LoRA branch sees dropout(x), so dA needs the mask
 or the dropped x (another [tokens x in] tensor per projection, the memory this saves); LoRALinear
@@ -65,7 +68,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from trainer.kernels.fp8 import E4M3, quantize_rows
 from trainer.kernels.gated_act import ACTIVATIONS, act_and_grad, gated_activation, tile_grid
 from trainer.kernels.nf4 import NF4_GPU_BLOCKSIZES, block_scales, dequantize_nf4, row_absmax
-from trainer.kernels.triton_math import E4M3_MAX
+from trainer.kernels.triton_math import E4M3_MAX, cdiv, next_power_of_2
 
 # Triton reads TRITON_INTERPRET when the kernels below are decorated: the in-place kernel runs on CPU
 # tensors only if that was set then.
@@ -474,30 +477,121 @@ def lora_projections(x: torch.Tensor, modules: tuple[nn.Module, ...]) -> tuple[t
 
 
 @triton.jit
-def _gated_bwd_in_place(gate_ptr, up_ptr, dh_ptr, gate_row_stride, up_row_stride, dh_row_stride, n_rows, n_cols,
-                        ACT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """gate <- dh * up * act'(gate), up <- dh * act(gate), dh <- act(gate) * up (the forward's h)."""
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)[:, None]
+def _lora_term_t(b_ptr, cols, n_cols, rank, RANK: tl.constexpr):
+    """B^T [RANK, BLOCK] for the tile's columns (B [n_cols, rank] contiguous; padded ranks read zero)."""
+    k = tl.arange(0, RANK)[:, None]
+    return tl.load(b_ptr + cols * rank + k, mask=(cols < n_cols) & (k < rank), other=0.0)
+
+
+@triton.jit
+def _lora_term(xa_ptr, bt, rows, n_rows, rank, scale, RANK: tl.constexpr):
+    """s (x A^T) B^T for the tile's rows, float32 [ROWS, BLOCK] (xa [n_rows, rank] contiguous)."""
+    k = tl.arange(0, RANK)[None, :]
+    xa = tl.load(xa_ptr + rows * rank + k, mask=(rows < n_rows) & (k < rank), other=0.0)
+    # float32 operands: exact for the 16-bit factors (8 or 10 mantissa bits fit tf32's 10, which a GPU's float32
+    # tl.dot uses), and Triton's interpreter multiplies bf16 operands wrongly
+    return scale * tl.dot(xa.to(tl.float32), bt.to(tl.float32))
+
+
+@triton.jit
+def _gated_lora_fwd(gate_ptr, up_ptr, out_ptr, xag_ptr, bg_ptr, xau_ptr, bu_ptr, scale_g, scale_u,
+                    gate_row_stride, up_row_stride, n_rows, n_cols, rank_g, rank_u, ACT: tl.constexpr,
+                    RANK_G: tl.constexpr, RANK_U: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                    ROW_TILES: tl.constexpr):
+    """out = act(g) * u with g = gate + s_g (xa_g B_g^T), u = up + s_u (xa_u B_u^T): the LoRA terms added in
+    float32 on the tile, never written (see gated_lora_activation). A program takes ROW_TILES tiles down
+    one column block, so its B tiles are read once for all of them."""
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)[None, :]
-    mask = (rows < n_rows) & (cols < n_cols)
-    g_ptrs = gate_ptr + rows * gate_row_stride + cols
-    u_ptrs = up_ptr + rows * up_row_stride + cols
-    d_ptrs = dh_ptr + rows * dh_row_stride + cols
-    g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(u_ptrs, mask=mask, other=0.0).to(tl.float32)
-    d = tl.load(d_ptrs, mask=mask, other=0.0).to(tl.float32)
-    a, da = act_and_grad(g, ACT)
-    tl.store(g_ptrs, (d * u * da).to(gate_ptr.dtype.element_ty), mask=mask)
-    tl.store(u_ptrs, (d * a).to(up_ptr.dtype.element_ty), mask=mask)
-    tl.store(d_ptrs, (a * u).to(dh_ptr.dtype.element_ty), mask=mask)
+    btg = _lora_term_t(bg_ptr, cols, n_cols, rank_g, RANK_G)
+    btu = _lora_term_t(bu_ptr, cols, n_cols, rank_u, RANK_U)
+    for t in tl.static_range(ROW_TILES):
+        rows = (tl.program_id(0).to(tl.int64) * ROW_TILES + t) * ROWS + tl.arange(0, ROWS)[:, None]
+        mask = (rows < n_rows) & (cols < n_cols)
+        g = tl.load(gate_ptr + rows * gate_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(up_ptr + rows * up_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        g += _lora_term(xag_ptr, btg, rows, n_rows, rank_g, scale_g, RANK_G)
+        u += _lora_term(xau_ptr, btu, rows, n_rows, rank_u, scale_u, RANK_U)
+        a, _ = act_and_grad(g, ACT)
+        tl.store(out_ptr + rows * n_cols + cols, (a * u).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def gated_backward_in_place(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor, activation: str) -> None:
+@triton.jit
+def _gated_bwd_in_place(gate_ptr, up_ptr, dh_ptr, xag_ptr, bg_ptr, xau_ptr, bu_ptr, scale_g, scale_u,
+                        gate_row_stride, up_row_stride, dh_row_stride, n_rows, n_cols, rank_g, rank_u,
+                        ACT: tl.constexpr, LORA: tl.constexpr, RANK_G: tl.constexpr, RANK_U: tl.constexpr,
+                        ROWS: tl.constexpr, BLOCK: tl.constexpr, ROW_TILES: tl.constexpr):
+    """gate <- dh * up * act'(gate), up <- dh * act(gate), dh <- act(gate) * up (the forward's h); with LORA,
+    gate and up hold the base products only and the LoRA terms are added on the tile, as in _gated_lora_fwd."""
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)[None, :]
+    if LORA:
+        btg = _lora_term_t(bg_ptr, cols, n_cols, rank_g, RANK_G)
+        btu = _lora_term_t(bu_ptr, cols, n_cols, rank_u, RANK_U)
+    for t in tl.static_range(ROW_TILES):
+        rows = (tl.program_id(0).to(tl.int64) * ROW_TILES + t) * ROWS + tl.arange(0, ROWS)[:, None]
+        mask = (rows < n_rows) & (cols < n_cols)
+        g_ptrs = gate_ptr + rows * gate_row_stride + cols
+        u_ptrs = up_ptr + rows * up_row_stride + cols
+        d_ptrs = dh_ptr + rows * dh_row_stride + cols
+        g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(u_ptrs, mask=mask, other=0.0).to(tl.float32)
+        d = tl.load(d_ptrs, mask=mask, other=0.0).to(tl.float32)
+        if LORA:
+            g += _lora_term(xag_ptr, btg, rows, n_rows, rank_g, scale_g, RANK_G)
+            u += _lora_term(xau_ptr, btu, rows, n_rows, rank_u, scale_u, RANK_U)
+        a, da = act_and_grad(g, ACT)
+        tl.store(g_ptrs, (d * u * da).to(gate_ptr.dtype.element_ty), mask=mask)
+        tl.store(u_ptrs, (d * a).to(up_ptr.dtype.element_ty), mask=mask)
+        tl.store(d_ptrs, (a * u).to(dh_ptr.dtype.element_ty), mask=mask)
+
+
+# Tiles of the LoRA-fused gated kernels: tl.dot needs 16 rows or more; 64 x 128 with 8 warps, four tiles per
+# program so that each [128 x r] B tile is read once per 256 rows
+_LORA_ROWS, _LORA_BLOCK, _LORA_ROW_TILES = 64, 128, 4
+
+GatedLoRA = tuple[torch.Tensor, torch.Tensor, float, torch.Tensor, torch.Tensor, float]  # xa_g, B_g, s_g, xa_u, B_u, s_u
+
+
+def _lora_launch(n_rows: int, n_cols: int, lora: GatedLoRA | None) -> tuple[tuple, tuple, dict]:
+    """(grid, the LoRA arguments, constexpr keywords) of a gated kernel over [n_rows, n_cols]."""
+    if lora is None:
+        grid, rows, block = tile_grid(n_rows, n_cols)
+        return grid, (None, None, None, None, 1.0, 1.0), dict(LORA=False, RANK_G=16, RANK_U=16, ROWS=rows, BLOCK=block,
+                                                             ROW_TILES=1)
+    xa_g, b_g, s_g, xa_u, b_u, s_u = lora
+    for xa, b in ((xa_g, b_g), (xa_u, b_u)):
+        assert xa.is_contiguous() and b.is_contiguous() and xa.shape == (n_rows, b.shape[1]), (xa.shape, b.shape)
+        assert b.shape[0] == n_cols and xa.dtype == b.dtype, (b.shape, n_cols, xa.dtype, b.dtype)
+        assert b.dtype in (torch.bfloat16, torch.float16), f"{b.dtype}: the kernels' tf32 products are exact for 16-bit only"
+    grid = (cdiv(n_rows, _LORA_ROWS * _LORA_ROW_TILES), cdiv(n_cols, _LORA_BLOCK))
+    meta = dict(LORA=True, RANK_G=max(16, next_power_of_2(b_g.shape[1])), RANK_U=max(16, next_power_of_2(b_u.shape[1])),
+                ROWS=_LORA_ROWS, BLOCK=_LORA_BLOCK, ROW_TILES=_LORA_ROW_TILES)
+    return grid, (xa_g, b_g, xa_u, b_u, s_g, s_u), meta
+
+
+def gated_lora_activation(gate: torch.Tensor, up: torch.Tensor, lora: GatedLoRA, activation: str) -> torch.Tensor:
+    """act(g) * u, [rows, n] in gate's dtype, for g = gate + s_g xa_g B_g^T and u = up + s_u xa_u B_u^T with
+    gate and up the base products only: the rank-r LoRA terms are computed on each tile (tl.dot) and added in
+    float32, instead of a separate pass that reads and writes all of gate and up (needed under --fp8, where
+    _scaled_mm cannot accumulate onto its output). No autograd: LoRAMLPFunction's forward."""
+    assert gate.shape == up.shape and gate.dim() == 2 and gate.stride(1) == up.stride(1) == 1, (gate.shape, up.shape)
+    n_rows, n_cols = gate.shape
+    out = torch.empty((n_rows, n_cols), dtype=gate.dtype, device=gate.device)
+    if out.numel():
+        grid, (xa_g, b_g, xa_u, b_u, s_g, s_u), meta = _lora_launch(n_rows, n_cols, lora)
+        del meta["LORA"]
+        _gated_lora_fwd[grid](gate, up, out, xa_g, b_g, xa_u, b_u, s_g, s_u, gate.stride(0), up.stride(0), n_rows,
+                              n_cols, b_g.shape[1], b_u.shape[1], ACT=ACTIVATIONS[activation], num_warps=8, **meta)
+    return out
+
+
+def gated_backward_in_place(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor, activation: str,
+                            lora: GatedLoRA | None = None) -> None:
     """For h = act(gate) * up: overwrite gate with dL/dgate, up with dL/dup and dh (= dL/dh) with h.
 
     All three are [..., n] with unit column stride (gate and up may be the two halves of one fused
     projection output); no memory is allocated, which is the point: the MLP backward holds three
-    [tokens x intermediate] tensors at its peak instead of six.
+    [tokens x intermediate] tensors at its peak instead of six. With `lora`, gate and up are the base
+    products only and the LoRA terms are added on the tile, as gated_lora_activation does.
     """
     assert gate.shape == up.shape == dh.shape, (gate.shape, up.shape, dh.shape)
     assert gate.is_cuda or _INTERPRET, "the Triton kernel needs a GPU (or TRITON_INTERPRET=1 at import)"
@@ -506,9 +600,12 @@ def gated_backward_in_place(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tens
     assert g2.stride(1) == u2.stride(1) == d2.stride(1) == 1
     n_rows = g2.shape[0]
     if n_rows and n_cols:
-        grid, rows, block = tile_grid(n_rows, n_cols)
-        _gated_bwd_in_place[grid](g2, u2, d2, g2.stride(0), u2.stride(0), d2.stride(0), n_rows, n_cols,
-                                  ACT=ACTIVATIONS[activation], ROWS=rows, BLOCK=block, num_warps=8)
+        grid, (xa_g, b_g, xa_u, b_u, s_g, s_u), meta = _lora_launch(n_rows, n_cols, lora)
+        if lora is None:  # placeholders: LORA=False never reads them
+            xa_g = b_g = xa_u = b_u = g2
+        ranks = (1, 1) if lora is None else (b_g.shape[1], b_u.shape[1])
+        _gated_bwd_in_place[grid](g2, u2, d2, xa_g, b_g, xa_u, b_u, s_g, s_u, g2.stride(0), u2.stride(0), d2.stride(0),
+                                  n_rows, n_cols, *ranks, ACT=ACTIVATIONS[activation], num_warps=8, **meta)
 
 
 Projection = tuple[nn.Module, torch.Tensor | None, torch.Tensor | None, float]  # base, A, B, scaling
@@ -521,6 +618,17 @@ def _projection(module: nn.Module) -> Projection:
         assert isinstance(module.lora_dropout, nn.Identity), "LoRA dropout: use the plain path"
         return module.base_layer, module.lora_A.weight, module.lora_B.weight, module.scaling
     return module, None, None, 0.0
+
+
+def _lora_on_tiles(plans, factors) -> bool:
+    """Whether gate's and up's LoRA terms go into the gated kernels (gated_lora_activation) instead of onto
+    their outputs: under --fp8, where _scaled_mm cannot accumulate onto its output and adding each term
+    afterwards is a pass that reads and writes all of gate and up (2 x 117 MB each at 4,096 tokens, Llama-3-8B)."""
+    return len(plans) == 2 and all(p.fp8 for p in plans) and all(f is not None for f in factors)
+
+
+def _gated_lora(xas, factors, scales, plans) -> GatedLoRA:
+    return (xas[0], _cast(factors[1], plans[0].lora), scales[0], xas[1], _cast(factors[3], plans[1].lora), scales[1])
 
 
 def _shared_x8(x2: torch.Tensor, plans: tuple[_Plan, ...] | list[_Plan]) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -543,12 +651,20 @@ class LoRAMLPFunction(torch.autograd.Function):
         with _no_autocast(x.device.type):
             outs, xas = [], []
             x8 = _shared_x8(x2, plans[:n_in])
+            fused = _lora_on_tiles(plans[:n_in], factors[:2 * n_in])
             for i in range(n_in):
-                y, xa = _project(x2, bases[i], factors[2 * i], factors[2 * i + 1], scales[i], plans[i], x8=x8)
+                A, B = factors[2 * i], factors[2 * i + 1]
+                if fused:  # the base product alone; its LoRA term is added inside the activation kernel
+                    y, xa = _project(x2, bases[i], None, None, scales[i], plans[i], x8=x8)[0], _lora_x(x2, A, plans[i])
+                else:
+                    y, xa = _project(x2, bases[i], A, B, scales[i], plans[i], x8=x8)
                 outs.append(y)
                 xas.append(xa)
             gate, up = outs if n_in == 2 else outs[0].chunk(2, dim=-1)
-            h = gated_activation(gate, up, activation)
+            if fused:
+                h = gated_lora_activation(gate, up, _gated_lora(xas, factors, scales, plans), activation)
+            else:
+                h = gated_activation(gate, up, activation)
             if recompute:
                 del outs, gate, up  # free them before the down product
             if output:
@@ -578,14 +694,17 @@ class LoRAMLPFunction(torch.autograd.Function):
             if B is not None and need_factor[-1]:
                 grads[-1] = _grad_B(dy2, ha, B, scales[-1], plans[-1])
             dh = _input_grad(dy2, bases[-1], A, dyB, scales[-1], plans[-1])
+            fused = _lora_on_tiles(plans[:n_in], factors[:2 * n_in])  # then outs are the base products alone
             if ctx.recompute:
                 x8 = _shared_x8(x2, plans[:n_in])
-                outs = [_project(x2, bases[i], factors[2 * i], factors[2 * i + 1], scales[i], plans[i], x8=x8)[0]
-                        for i in range(n_in)]
+                outs = [_project(x2, bases[i], *((None, None) if fused else factors[2 * i:2 * i + 2]), scales[i],
+                                 plans[i], x8=x8)[0] for i in range(n_in)]
             else:
                 outs = list(kept)
             gate, up = outs if n_in == 2 else outs[0].chunk(2, dim=-1)
-            gated_backward_in_place(gate, up, dh, ctx.activation)  # gate, up, dh now hold dgate, dup, h
+            # gate, up, dh now hold dgate, dup, h
+            gated_backward_in_place(gate, up, dh, ctx.activation,
+                                    lora=_gated_lora(xas, factors, scales, plans) if fused else None)
             if A is not None and need_factor[-2]:
                 grads[-2] = _grad_A(dyB, dh, A, scales[-1], plans[-1])
             del dh, gate, up
