@@ -38,18 +38,19 @@ if which.startswith("quantize_rows"):
                     constexprs={"BLOCK": 16384 if one_pass else fp8._BLOCK_MAX, "ONE_PASS": one_pass,
                                 "BY_BITS": False})
     options = {"num_warps": 16 if one_pass else 8}
-elif which == "gated backward, LoRA on tiles":  # no GPU-only branch, but tl.dot's shapes are checked here only
+elif which.startswith("gated backward"):  # no GPU-only branch, but tl.dot's shapes are checked here only
     from trainer.kernels import lora_fused as lf
+    lora = which.endswith("LoRA on tiles")
     src = ASTSource(lf._gated_bwd_in_place,
-                    signature={**{n: "*bf16" for n in ("gate_ptr", "up_ptr", "dh_ptr", "xag_ptr", "bg_ptr", "xau_ptr",
-                                                       "bu_ptr")},
-                               "scale_g": "fp32", "scale_u": "fp32", "gate_row_stride": "i32", "up_row_stride": "i32",
-                               "dh_row_stride": "i32", "n_rows": "i32", "n_cols": "i32", "rank_g": "i32",
-                               "rank_u": "i32", "ACT": "constexpr", "LORA": "constexpr", "RANK_G": "constexpr",
-                               "RANK_U": "constexpr", "ROWS": "constexpr", "BLOCK": "constexpr",
-                               "ROW_TILES": "constexpr"},
-                    constexprs={"ACT": 0, "LORA": True, "RANK_G": 32, "RANK_U": 32, "ROWS": lf._LORA_ROWS,
-                                "BLOCK": lf._LORA_BLOCK, "ROW_TILES": lf._LORA_ROW_TILES})
+                    signature={"gate_ptr": "*bf16", "up_ptr": "*bf16", "dh_ptr": "*bf16", "gate_row_stride": "i32",
+                               "up_row_stride": "i32", "dh_row_stride": "i32", "n_rows": "i32", "n_cols": "i32",
+                               "xag_ptr": "*bf16", "bg_ptr": "*bf16", "xau_ptr": "*bf16", "bu_ptr": "*bf16",
+                               "scale_g": "fp32", "scale_u": "fp32", "rank_g": "i32", "rank_u": "i32",
+                               "ACT": "constexpr", "LORA": "constexpr", "RANK_G": "constexpr", "RANK_U": "constexpr",
+                               "ROWS": "constexpr", "BLOCK": "constexpr", "ROW_TILES": "constexpr"},
+                    constexprs={"ACT": 0, "LORA": lora, "RANK_G": 32, "RANK_U": 32,
+                                "ROWS": lf._LORA_ROWS if lora else 1, "BLOCK": lf._LORA_BLOCK if lora else 2048,
+                                "ROW_TILES": lf._LORA_ROW_TILES if lora else 1})
     options = {"num_warps": 8}
 else:  # the NF4 dequantization writing e4m3 with per-row scales, nested absmax
     src = ASTSource(nf4._dequantize_4bit,
@@ -70,7 +71,7 @@ print(json.dumps({"cubin_bytes": len(kernel.asm["cubin"]), "casts": sorted(set(r
 
 
 @pytest.mark.parametrize("kernel", ["quantize_rows, one pass", "quantize_rows, two passes", "nf4 to e4m3",
-                                    "gated backward, LoRA on tiles"])
+                                    "gated backward, LoRA on tiles", "gated backward, plain"])
 def test_gpu_branch_compiles_for_sm90(kernel):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -79,5 +80,5 @@ def test_gpu_branch_compiles_for_sm90(kernel):
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     assert info["target"] == "sm_90a" and info["cubin_bytes"] > 0, info
-    if "LoRA" not in kernel:  # float32 -> e4m3 rounded to nearest even, saturated at +-448 (as e4m3_bits does)
+    if "gated" not in kernel:  # float32 -> e4m3 rounded to nearest even, saturated at +-448 (as e4m3_bits does)
         assert "cvt.rn.satfinite.e4m3x2.f32" in info["casts"], info["casts"]

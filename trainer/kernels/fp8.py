@@ -40,6 +40,15 @@ _E4M3_MAX_C = tl.constexpr(E4M3_MAX)  # a jitted function reads a global only as
 
 
 @triton.jit
+def _store_e4m3(ptrs, v, mask, BY_BITS: tl.constexpr):
+    """float32 v into e4m3 memory: the hardware cast, or under the interpreter its bits (ptrs then uint8)."""
+    if BY_BITS:
+        tl.store(ptrs, e4m3_bits(v), mask=mask)
+    else:
+        tl.store(ptrs, v.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _quantize_rows(x_ptr, out_ptr, scale_ptr, n_cols, x_row_stride, out_row_stride, BLOCK: tl.constexpr,
                    ONE_PASS: tl.constexpr, BY_BITS: tl.constexpr):
     """One program per row: m = max |x|, out = e4m3(x * (448 / m)), scale = m / 448 (float32, rounded
@@ -54,11 +63,7 @@ def _quantize_rows(x_ptr, out_ptr, scale_ptr, n_cols, x_row_stride, out_row_stri
         v = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
         m = tl.maximum(tl.max(tl.abs(v), axis=0), 1e-12)  # an all-zero row (padding) gets a harmless scale
         tl.store(scale_ptr + row, tl.math.div_rn(m, _E4M3_MAX_C))
-        v = v * tl.math.div_rn(_E4M3_MAX_C, m)
-        if BY_BITS:
-            tl.store(out_row + cols, e4m3_bits(v), mask=mask)
-        else:
-            tl.store(out_row + cols, v.to(out_ptr.dtype.element_ty), mask=mask)
+        _store_e4m3(out_row + cols, v * tl.math.div_rn(_E4M3_MAX_C, m), mask, BY_BITS)
     else:
         amax = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK):
@@ -71,11 +76,7 @@ def _quantize_rows(x_ptr, out_ptr, scale_ptr, n_cols, x_row_stride, out_row_stri
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < n_cols
-            v = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32) * inv
-            if BY_BITS:
-                tl.store(out_row + cols, e4m3_bits(v), mask=mask)
-            else:
-                tl.store(out_row + cols, v.to(out_ptr.dtype.element_ty), mask=mask)
+            _store_e4m3(out_row + cols, tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32) * inv, mask, BY_BITS)
 
 
 def quantize_rows(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -262,7 +262,6 @@ def _project(x2: torch.Tensor, base: nn.Module, A: torch.Tensor | None, B: torch
     if plan.fp8:
         w8, w_scale = fp8_weight(base)
         xq, x_scale = quantize_rows(x2) if x8 is None else x8
-        # the LoRA term cannot be accumulated onto by _scaled_mm (no beta), so it is added after
         # fast accumulation (Hopper's FP8 MMA without its periodic promotion to float32): forward products only,
         # as torchao's float8 training does; its error is small beside the operands' e4m3 rounding
         torch._scaled_mm(xq, w8.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=plan.out, out=y2,
@@ -272,6 +271,7 @@ def _project(x2: torch.Tensor, base: nn.Module, A: torch.Tensor | None, B: torch
         if A is None:
             return y, None
         xa = _lora_x(x2, A, plan) if xa is None else xa
+        # the LoRA term cannot be accumulated onto by _scaled_mm (no beta), so it is added after
         y2.addmm_(xa, _cast(B, plan.lora).t(), alpha=scale)
         return y, xa
     w = dense_weight(base, plan.base)
@@ -494,10 +494,23 @@ def _lora_term(xa_ptr, bt, rows, n_rows, rank, scale, RANK: tl.constexpr):
 
 
 @triton.jit
-def _gated_lora_fwd(gate_ptr, up_ptr, out_ptr, xag_ptr, bg_ptr, xau_ptr, bu_ptr, scale_g, scale_u,
-                    gate_row_stride, up_row_stride, n_rows, n_cols, rank_g, rank_u, ACT: tl.constexpr,
-                    RANK_G: tl.constexpr, RANK_U: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
-                    ROW_TILES: tl.constexpr):
+def _gate_up_tile(gate_ptr, up_ptr, gate_row_stride, up_row_stride, rows, cols, mask, n_rows, xag_ptr, xau_ptr,
+                  btg, btu, scale_g, scale_u, rank_g, rank_u, LORA: tl.constexpr, RANK_G: tl.constexpr,
+                  RANK_U: tl.constexpr):
+    """g and u of one tile in float32: gate's and up's values, with LORA plus s (x A^T) B^T each (btg, btu:
+    the column block's B^T tiles from _lora_term_t). The forward and the backward read them alike."""
+    g = tl.load(gate_ptr + rows * gate_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(up_ptr + rows * up_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    if LORA:
+        g += _lora_term(xag_ptr, btg, rows, n_rows, rank_g, scale_g, RANK_G)
+        u += _lora_term(xau_ptr, btu, rows, n_rows, rank_u, scale_u, RANK_U)
+    return g, u
+
+
+@triton.jit
+def _gated_lora_fwd(gate_ptr, up_ptr, out_ptr, gate_row_stride, up_row_stride, n_rows, n_cols, xag_ptr, bg_ptr,
+                    xau_ptr, bu_ptr, scale_g, scale_u, rank_g, rank_u, ACT: tl.constexpr, RANK_G: tl.constexpr,
+                    RANK_U: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, ROW_TILES: tl.constexpr):
     """out = act(g) * u with g = gate + s_g (xa_g B_g^T), u = up + s_u (xa_u B_u^T): the LoRA terms added in
     float32 on the tile, never written (see gated_lora_activation). A program takes ROW_TILES tiles down
     one column block, so its B tiles are read once for all of them."""
@@ -507,40 +520,35 @@ def _gated_lora_fwd(gate_ptr, up_ptr, out_ptr, xag_ptr, bg_ptr, xau_ptr, bu_ptr,
     for t in tl.static_range(ROW_TILES):
         rows = (tl.program_id(0).to(tl.int64) * ROW_TILES + t) * ROWS + tl.arange(0, ROWS)[:, None]
         mask = (rows < n_rows) & (cols < n_cols)
-        g = tl.load(gate_ptr + rows * gate_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(up_ptr + rows * up_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        g += _lora_term(xag_ptr, btg, rows, n_rows, rank_g, scale_g, RANK_G)
-        u += _lora_term(xau_ptr, btu, rows, n_rows, rank_u, scale_u, RANK_U)
+        g, u = _gate_up_tile(gate_ptr, up_ptr, gate_row_stride, up_row_stride, rows, cols, mask, n_rows, xag_ptr,
+                             xau_ptr, btg, btu, scale_g, scale_u, rank_g, rank_u, True, RANK_G, RANK_U)
         a, _ = act_and_grad(g, ACT)
         tl.store(out_ptr + rows * n_cols + cols, (a * u).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _gated_bwd_in_place(gate_ptr, up_ptr, dh_ptr, xag_ptr, bg_ptr, xau_ptr, bu_ptr, scale_g, scale_u,
-                        gate_row_stride, up_row_stride, dh_row_stride, n_rows, n_cols, rank_g, rank_u,
-                        ACT: tl.constexpr, LORA: tl.constexpr, RANK_G: tl.constexpr, RANK_U: tl.constexpr,
-                        ROWS: tl.constexpr, BLOCK: tl.constexpr, ROW_TILES: tl.constexpr):
+def _gated_bwd_in_place(gate_ptr, up_ptr, dh_ptr, gate_row_stride, up_row_stride, dh_row_stride, n_rows, n_cols,
+                        xag_ptr, bg_ptr, xau_ptr, bu_ptr, scale_g, scale_u, rank_g, rank_u, ACT: tl.constexpr,
+                        LORA: tl.constexpr, RANK_G: tl.constexpr, RANK_U: tl.constexpr, ROWS: tl.constexpr,
+                        BLOCK: tl.constexpr, ROW_TILES: tl.constexpr):
     """gate <- dh * up * act'(gate), up <- dh * act(gate), dh <- act(gate) * up (the forward's h); with LORA,
     gate and up hold the base products only and the LoRA terms are added on the tile, as in _gated_lora_fwd."""
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)[None, :]
+    btg = None  # unread without LORA
+    btu = None
     if LORA:
         btg = _lora_term_t(bg_ptr, cols, n_cols, rank_g, RANK_G)
         btu = _lora_term_t(bu_ptr, cols, n_cols, rank_u, RANK_U)
     for t in tl.static_range(ROW_TILES):
         rows = (tl.program_id(0).to(tl.int64) * ROW_TILES + t) * ROWS + tl.arange(0, ROWS)[:, None]
         mask = (rows < n_rows) & (cols < n_cols)
-        g_ptrs = gate_ptr + rows * gate_row_stride + cols
-        u_ptrs = up_ptr + rows * up_row_stride + cols
+        g, u = _gate_up_tile(gate_ptr, up_ptr, gate_row_stride, up_row_stride, rows, cols, mask, n_rows, xag_ptr,
+                             xau_ptr, btg, btu, scale_g, scale_u, rank_g, rank_u, LORA, RANK_G, RANK_U)
         d_ptrs = dh_ptr + rows * dh_row_stride + cols
-        g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(u_ptrs, mask=mask, other=0.0).to(tl.float32)
         d = tl.load(d_ptrs, mask=mask, other=0.0).to(tl.float32)
-        if LORA:
-            g += _lora_term(xag_ptr, btg, rows, n_rows, rank_g, scale_g, RANK_G)
-            u += _lora_term(xau_ptr, btu, rows, n_rows, rank_u, scale_u, RANK_U)
         a, da = act_and_grad(g, ACT)
-        tl.store(g_ptrs, (d * u * da).to(gate_ptr.dtype.element_ty), mask=mask)
-        tl.store(u_ptrs, (d * a).to(up_ptr.dtype.element_ty), mask=mask)
+        tl.store(gate_ptr + rows * gate_row_stride + cols, (d * u * da).to(gate_ptr.dtype.element_ty), mask=mask)
+        tl.store(up_ptr + rows * up_row_stride + cols, (d * a).to(up_ptr.dtype.element_ty), mask=mask)
         tl.store(d_ptrs, (a * u).to(dh_ptr.dtype.element_ty), mask=mask)
 
 
@@ -551,21 +559,22 @@ _LORA_ROWS, _LORA_BLOCK, _LORA_ROW_TILES = 64, 128, 4
 GatedLoRA = tuple[torch.Tensor, torch.Tensor, float, torch.Tensor, torch.Tensor, float]  # xa_g, B_g, s_g, xa_u, B_u, s_u
 
 
-def _lora_launch(n_rows: int, n_cols: int, lora: GatedLoRA | None) -> tuple[tuple, tuple, dict]:
-    """(grid, the LoRA arguments, constexpr keywords) of a gated kernel over [n_rows, n_cols]."""
+def _lora_launch(g2: torch.Tensor, lora: GatedLoRA | None) -> tuple[tuple, tuple, dict]:
+    """(grid, the LoRA arguments (xa_g, B_g, xa_u, B_u, s_g, s_u, r_g, r_u), constexpr keywords) of a gated
+    kernel over g2's [rows, cols]; without LoRA, g2 stands in for the factors (LORA=False never reads them)."""
+    n_rows, n_cols = g2.shape
     if lora is None:
         grid, rows, block = tile_grid(n_rows, n_cols)
-        return grid, (None, None, None, None, 1.0, 1.0), dict(LORA=False, RANK_G=16, RANK_U=16, ROWS=rows, BLOCK=block,
-                                                             ROW_TILES=1)
+        return grid, (g2, g2, g2, g2, 1.0, 1.0, 1, 1), dict(RANK_G=16, RANK_U=16, ROWS=rows, BLOCK=block, ROW_TILES=1)
     xa_g, b_g, s_g, xa_u, b_u, s_u = lora
     for xa, b in ((xa_g, b_g), (xa_u, b_u)):
         assert xa.is_contiguous() and b.is_contiguous() and xa.shape == (n_rows, b.shape[1]), (xa.shape, b.shape)
         assert b.shape[0] == n_cols and xa.dtype == b.dtype, (b.shape, n_cols, xa.dtype, b.dtype)
         assert b.dtype in (torch.bfloat16, torch.float16), f"{b.dtype}: the kernels' tf32 products are exact for 16-bit only"
     grid = (cdiv(n_rows, _LORA_ROWS * _LORA_ROW_TILES), cdiv(n_cols, _LORA_BLOCK))
-    meta = dict(LORA=True, RANK_G=max(16, next_power_of_2(b_g.shape[1])), RANK_U=max(16, next_power_of_2(b_u.shape[1])),
+    meta = dict(RANK_G=max(16, next_power_of_2(b_g.shape[1])), RANK_U=max(16, next_power_of_2(b_u.shape[1])),
                 ROWS=_LORA_ROWS, BLOCK=_LORA_BLOCK, ROW_TILES=_LORA_ROW_TILES)
-    return grid, (xa_g, b_g, xa_u, b_u, s_g, s_u), meta
+    return grid, (xa_g, b_g, xa_u, b_u, s_g, s_u, b_g.shape[1], b_u.shape[1]), meta
 
 
 def gated_lora_activation(gate: torch.Tensor, up: torch.Tensor, lora: GatedLoRA, activation: str) -> torch.Tensor:
@@ -577,10 +586,9 @@ def gated_lora_activation(gate: torch.Tensor, up: torch.Tensor, lora: GatedLoRA,
     n_rows, n_cols = gate.shape
     out = torch.empty((n_rows, n_cols), dtype=gate.dtype, device=gate.device)
     if out.numel():
-        grid, (xa_g, b_g, xa_u, b_u, s_g, s_u), meta = _lora_launch(n_rows, n_cols, lora)
-        del meta["LORA"]
-        _gated_lora_fwd[grid](gate, up, out, xa_g, b_g, xa_u, b_u, s_g, s_u, gate.stride(0), up.stride(0), n_rows,
-                              n_cols, b_g.shape[1], b_u.shape[1], ACT=ACTIVATIONS[activation], num_warps=8, **meta)
+        grid, lora_args, meta = _lora_launch(gate, lora)
+        _gated_lora_fwd[grid](gate, up, out, gate.stride(0), up.stride(0), n_rows, n_cols, *lora_args,
+                              ACT=ACTIVATIONS[activation], num_warps=8, **meta)
     return out
 
 
@@ -600,12 +608,9 @@ def gated_backward_in_place(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tens
     assert g2.stride(1) == u2.stride(1) == d2.stride(1) == 1
     n_rows = g2.shape[0]
     if n_rows and n_cols:
-        grid, (xa_g, b_g, xa_u, b_u, s_g, s_u), meta = _lora_launch(n_rows, n_cols, lora)
-        if lora is None:  # placeholders: LORA=False never reads them
-            xa_g = b_g = xa_u = b_u = g2
-        ranks = (1, 1) if lora is None else (b_g.shape[1], b_u.shape[1])
-        _gated_bwd_in_place[grid](g2, u2, d2, xa_g, b_g, xa_u, b_u, s_g, s_u, g2.stride(0), u2.stride(0), d2.stride(0),
-                                  n_rows, n_cols, *ranks, ACT=ACTIVATIONS[activation], num_warps=8, **meta)
+        grid, lora_args, meta = _lora_launch(g2, lora)
+        _gated_bwd_in_place[grid](g2, u2, d2, g2.stride(0), u2.stride(0), d2.stride(0), n_rows, n_cols, *lora_args,
+                                  ACT=ACTIVATIONS[activation], LORA=lora is not None, num_warps=8, **meta)
 
 
 Projection = tuple[nn.Module, torch.Tensor | None, torch.Tensor | None, float]  # base, A, B, scaling
