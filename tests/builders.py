@@ -20,6 +20,19 @@ FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
     "gemma": dict(model_type="gemma", architectures=["GemmaForCausalLM"], head_dim=16),
     "gemma2": dict(model_type="gemma2", architectures=["Gemma2ForCausalLM"], head_dim=16),
     "phi3": dict(model_type="phi3", architectures=["Phi3ForCausalLM"]),
+    "qwen3": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], head_dim=32, tie_word_embeddings=True),
+    "gemma3_text": dict(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], head_dim=16,
+                        sliding_window=8, query_pre_attn_scalar=16),
+}
+
+# The families of the official repos whose tokenizer files tests/testdata.real_tokenizer fetches, and
+# the embedding rows their configs declare (Qwen3 pads its 151,669 tokens to 151,936 rows).
+REAL_TOKENIZER_MODELS: dict[str, tuple[str, int]] = {
+    "llama2": ("llama", 32000),
+    "llama3": ("llama", 128256),
+    "llama3_1": ("llama", 128256),
+    "gemma3": ("gemma3_text", 262144),
+    "qwen3": ("qwen3", 151936),
 }
 
 
@@ -131,6 +144,32 @@ def fast_checkpoint(out: Path, tokenizer_json: Path, *, family: str = "llama", v
         tc["chat_template"] = chat_template
     tc.update(tokenizer_config or {})
     write_json(out / "tokenizer_config.json", tc)
+    return out
+
+
+def real_checkpoint(out: Path, tokenizer_dir: Path, name: str, **config_overrides: Any) -> Path:
+    """A tiny model of `name`'s family around an official repo's tokenizer files, copied verbatim.
+
+    `name` is a key of REAL_TOKENIZER_MODELS; the token ids in config.json are the ones the files name.
+    """
+    from tokenizers import Tokenizer
+
+    family, vocab_size = REAL_TOKENIZER_MODELS[name]
+    vocab_size = config_overrides.pop("vocab_size", vocab_size)
+    tc = json.loads((tokenizer_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+
+    def token_id(key: str) -> int | None:
+        token = tc.get(key)
+        token = token.get("content") if isinstance(token, dict) else token
+        return tok.token_to_id(token) if token else None
+
+    ids = dict(bos_token_id=token_id("bos_token"), eos_token_id=token_id("eos_token"),
+               pad_token_id=token_id("pad_token"))
+    ids.update(config_overrides)
+    save_tiny_model(out, family, vocab_size, **ids)
+    for file in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(tokenizer_dir / file, out / file)
     return out
 
 

