@@ -242,9 +242,10 @@ def _train_config_options(fn):
               help="YAML file of settings (keys = the long option names with underscores); flags override it.")
 @click.option("--resume", "resume_dir", type=click.Path(path_type=Path),
               help="Continue the run dir RUN_DIR from its latest checkpoint, with its saved settings.")
+@click.option("--force", is_flag=True, help="Replace an earlier run (finished or failed) in --out.")
 @_train_config_options
 @friendly_errors
-def trainer_run(config_file: Path | None, resume_dir: Path | None, **settings) -> None:
+def trainer_run(config_file: Path | None, resume_dir: Path | None, force: bool, **settings) -> None:
     """Fine-tune --model on --data with LoRA / QLoRA; write the run dir --out.
 
     Exit status: 0 trained, 1 the NaN guard stopped the run, 2 bad input.
@@ -261,7 +262,7 @@ def trainer_run(config_file: Path | None, resume_dir: Path | None, **settings) -
     else:
         config = resolve_config(config_file, **settings)
     try:
-        result = train(config, resume=resume_dir is not None)
+        result = train(config, resume=resume_dir is not None, force=force, inputs=[config_file])
     except (TrainingDiverged, OutOfMemory) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(EXIT_FINDINGS)

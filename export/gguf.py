@@ -102,7 +102,7 @@ def to_gguf(source: str | Path, out: str | Path, quant: str = "f16", *, base: st
     vocab = build_vocab(src.tokenizer_dir, config)
     extras = extra_tensors(config)
     out = Path(out)
-    with atomic_output(out, force) as tmp:
+    with atomic_output(out, force, [Path(source), *src.inputs]) as tmp:
         w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[family.arch])
         w.add_name(src.base.path.name)
         w.add_file_type(int(ftype))

@@ -99,7 +99,7 @@ def merge(source: str | Path, out: str | Path, *, base: str | Path | None = None
 
     entries = [(n, tuple(src.shape(n)), cast_dtype(n)) for n in src.tensor_names()]
     shards = _plan_shards(entries, max_shard_size)
-    with atomic_output(out, force) as tmp:
+    with atomic_output(out, force, [Path(source), *src.inputs]) as tmp:
         tmp.mkdir()
         if len(shards) == 1:
             files = ["model.safetensors"]

@@ -3,38 +3,37 @@
 from __future__ import annotations
 
 import os
-import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from healer.errors import OutputError
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink(missing_ok=True)
+from healer.outputs import refuse_overlap, remove_stale_staging, staging_path
+from healer.outputs import remove as _remove
 
 
 @contextmanager
-def atomic_output(out: Path, force: bool) -> Iterator[Path]:
+def atomic_output(out: Path, force: bool, inputs: Iterable[Path | None] = ()) -> Iterator[Path]:
     """Yield a temp path beside `out`; it becomes `out` only if the body finishes.
 
     On any failure (including Ctrl-C) the temp path is removed, so no partial output is
-    ever left under the final name; an existing `out` is refused unless `force`.
+    ever left under the final name; an existing `out` is refused unless `force`, and an `out`
+    that is, contains or lies inside one of `inputs` always. Temp paths of killed earlier
+    runs (their pid gone) are removed first.
     """
+    refuse_overlap(out, inputs)
     if (out.exists() or out.is_symlink()) and not force:
         raise OutputError(f"{out} exists; pass --force to replace it")
     if not out.parent.is_dir():
         raise OutputError(f"{out.parent}: no such directory to write {out.name} into")
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    for tag in ("tmp", "old"):
+        remove_stale_staging(out, tag)
+    tmp = staging_path(out, "tmp")
     _remove(tmp)
     try:
         yield tmp
         if out.exists() or out.is_symlink():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            old = staging_path(out, "old")
             os.replace(out, old)
             os.replace(tmp, out)
             _remove(old)

@@ -155,6 +155,11 @@ class Source:
     def config(self) -> dict[str, Any]:
         return self.base.config
 
+    @property
+    def inputs(self) -> list[Path]:
+        """Every directory export reads: no output may be, contain or lie inside one of them."""
+        return [self.base.path, self.tokenizer_dir] + ([self.adapter.path] if self.adapter is not None else [])
+
     def tensor_names(self) -> list[str]:
         return self.base.tensor_names()
 

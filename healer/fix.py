@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import signal
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -26,11 +25,13 @@ from typing import Any
 from healer.checkpoint import Checkpoint
 from healer.doctor import diagnose, read_corpus
 from healer.errors import HealerError, OutputError
+from healer.outputs import refuse_overlap, remove, remove_stale_staging, staging_path
 from healer.report import Finding, Report
 
 REPORT_NAME = "healer_report.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+STAGING_TAG = "healer"
 BOS_IN_TEMPLATE = re.compile(r"\{\{-?\s*bos_token\s*-?\}\}")
 
 
@@ -205,6 +206,9 @@ def fix_fast_tokenizer(draft: Draft, findings: list[Finding], opts: Options) -> 
     wanted = [f for f in findings
               if f.check in ("tokenizer.missing_fast", "tokenizer.fast_mismatch", "tokenizer.loader_mismatch")]
     sp_edited = "tokenizer.model" in draft.files
+    if not ckpt.has_sentencepiece and any(f.check == "tokenizer.loader_mismatch" for f in wanted):
+        use_fast_class(draft, "tokenizer.loader_mismatch")  # tokenizer.json is the reference: load it as written
+        return
     if not ckpt.has_sentencepiece or not (wanted or sp_edited):
         return
     from healer.tokenizers.convert import convert_verified
@@ -239,22 +243,30 @@ def fix_fast_tokenizer(draft: Draft, findings: list[Finding], opts: Options) -> 
     if "add_bos_token" not in tc and wants_bos(ckpt, tc):
         tc["add_bos_token"] = True
         draft.write_json("tokenizer_config.json", tc)
-    if tc.get("tokenizer_class") != FAST_CLASS:
-        # transformers 5's LlamaTokenizer & co. swap tokenizer.json's normalizer and pre-tokenizer
-        # for their own (tokenizer.loader_mismatch); the generic class loads the file as written
-        before = tc.get("tokenizer_class")
-        tc["tokenizer_class"] = FAST_CLASS
-        draft.write_json("tokenizer_config.json", tc)
-        draft.change(check, "tokenizer_config.json", f"tokenizer_class = {FAST_CLASS}, so transformers loads the "
-                     "verified tokenizer.json as written", before, FAST_CLASS)
+    use_fast_class(draft, check)
+
+
+def use_fast_class(draft: Draft, check: str) -> None:
+    """tokenizer_class = PreTrainedTokenizerFast, so transformers loads tokenizer.json as written.
+
+    transformers 5's LlamaTokenizer & co. swap tokenizer.json's normalizer and pre-tokenizer
+    for their own (tokenizer.loader_mismatch); the generic class keeps the file's.
+    """
+    tc = draft.tokenizer_config
+    if tc.get("tokenizer_class") == FAST_CLASS:
+        return
+    before = tc.get("tokenizer_class")
+    tc["tokenizer_class"] = FAST_CLASS
+    draft.write_json("tokenizer_config.json", tc)
+    draft.change(check, "tokenizer_config.json", f"tokenizer_class = {FAST_CLASS}, so transformers loads "
+                 "tokenizer.json as written", before, FAST_CLASS)
 
 
 def wants_bos(ckpt: Checkpoint, tc: dict[str, Any]) -> bool:
     """Whether encode() should add BOS: configured, or the family is trained with it."""
-    from healer.tokenizers.checks import BOS_FAMILIES
+    from healer.tokenizers.bos import starts_with_bos
 
-    bos = ckpt.special_token("bos")
-    return bool(bos) and (tc.get("add_bos_token") is True or ckpt.model_type in BOS_FAMILIES)
+    return bool(ckpt.special_token("bos")) and starts_with_bos(ckpt.model_type, tc)
 
 
 def fix_bos_missing(draft: Draft, findings: list[Finding], opts: Options) -> None:
@@ -280,6 +292,25 @@ def fix_bos_missing(draft: Draft, findings: list[Finding], opts: Options) -> Non
                      old and old.get("type"), "TemplateProcessing")
 
 
+def fix_setting_ignored(draft: Draft, findings: list[Finding], opts: Options) -> None:
+    """Make tokenizer.json's post-processor do what add_bos_token / add_eos_token say."""
+    found = [f for f in findings if f.check == "tokenizer.setting_ignored"]
+    data = draft.read("tokenizer.json")
+    if not found or not data or any(f.check == "tokenizer.bos_missing" for f in findings):
+        return  # fix_bos_missing writes the post-processor with the configured EOS too
+    ckpt, tc = draft.ckpt, draft.tokenizer_config
+    tj = json.loads(data)
+    old = tj.get("post_processor")
+    bos, eos = ckpt.special_token("bos"), ckpt.special_token("eos")
+    add_bos = bool(bos) and tc.get("add_bos_token", wants_bos(ckpt, tc)) is True
+    tj["post_processor"] = special_post_processor(old, bos if add_bos else None, _token_id(tj, bos),
+                                                  eos if tc.get("add_eos_token") is True else None, _token_id(tj, eos))
+    draft.files["tokenizer.json"] = json.dumps(tj, ensure_ascii=False).encode("utf-8")
+    settings = ", ".join(f"{s['setting']} = {str(s['configured']).lower()}" for s in found[0].details["settings"])
+    draft.change("tokenizer.setting_ignored", "tokenizer.json", f"post-processor follows {settings}",
+                 old and old.get("type"), (tj["post_processor"] or {}).get("type"))
+
+
 def _token_id(tj: dict[str, Any], content: str | None) -> int | None:
     if content is None:
         return None
@@ -297,21 +328,36 @@ def _token_id(tj: dict[str, Any], content: str | None) -> int | None:
 def bos_post_processor(old: dict | None, bos: str, bos_id: int, add_eos: bool, eos: str | None,
                        eos_id: int | None) -> dict[str, Any]:
     """A TemplateProcessing that writes BOS (and EOS if configured), after a kept ByteLevel step."""
-    single = [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}]
-    pair = single + [{"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}]
-    specials = {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}}
-    if add_eos and eos is not None and eos_id is not None:
-        single = single + [{"SpecialToken": {"id": eos, "type_id": 0}}]
-        pair = pair[:2] + [{"SpecialToken": {"id": eos, "type_id": 0}}] + pair[2:] + [
-            {"SpecialToken": {"id": eos, "type_id": 1}}]
-        specials[eos] = {"id": eos, "ids": [eos_id], "tokens": [eos]}
-    template = {"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": specials}
-    # byte-level tokenizers need their ByteLevel post-processor for offsets; keep it in front
+    return special_post_processor(old, bos, bos_id, eos if add_eos else None, eos_id)
+
+
+def special_post_processor(old: dict | None, bos: str | None, bos_id: int | None, eos: str | None,
+                           eos_id: int | None) -> dict[str, Any] | None:
+    """A post-processor that writes `bos` before and `eos` after each sequence (None: not that one).
+
+    Byte-level tokenizers need their ByteLevel post-processor for offsets: it is kept in front.
+    """
     kept = []
     if old and old.get("type") == "ByteLevel":
         kept = [old]
     elif old and old.get("type") == "Sequence":
         kept = [p for p in old.get("processors", []) if p.get("type") == "ByteLevel"]
+    front = [{"SpecialToken": {"id": bos, "type_id": 0}}] if bos is not None and bos_id is not None else []
+    back = [{"SpecialToken": {"id": eos, "type_id": 0}}] if eos is not None and eos_id is not None else []
+    if not front and not back:
+        return kept[0] if kept else None
+
+    def with_type(items: list[dict], type_id: int) -> list[dict]:
+        return [{"SpecialToken": {**x["SpecialToken"], "type_id": type_id}} for x in items]
+
+    single = [*front, {"Sequence": {"id": "A", "type_id": 0}}, *back]
+    pair = single + [*with_type(front, 1), {"Sequence": {"id": "B", "type_id": 1}}, *with_type(back, 1)]
+    specials = {}
+    if front:
+        specials[bos] = {"id": bos, "ids": [bos_id], "tokens": [bos]}
+    if back:
+        specials[eos] = {"id": eos, "ids": [eos_id], "tokens": [eos]}
+    template = {"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": specials}
     return {"type": "Sequence", "processors": [*kept, template]} if kept else template
 
 
@@ -656,7 +702,7 @@ def fix_out_of_range(draft: Draft, findings: list[Finding], opts: Options) -> No
 
 
 PASS_ONE: list[Fix] = [fix_dangling_added_tokens, fix_out_of_range, fix_chatml, fix_template, fix_fast_tokenizer,
-                       fix_bos_missing, fix_double_bos, fix_pad, fix_eos_mismatch]
+                       fix_bos_missing, fix_setting_ignored, fix_double_bos, fix_pad, fix_eos_mismatch]
 
 
 def fix_untrained(draft: Draft, findings: list[Finding], opts: Options) -> None:
@@ -696,7 +742,7 @@ def repair(path: str | Path, out: str | Path, *, chatml: bool = False, template:
     """Repair the checkpoint at `path` into `out` (never touching `path`); returns what was done."""
     src = Checkpoint(path)
     out = Path(out)
-    _check_output(src.path, out, force)
+    _check_output(out, force, [src.path, corpus, dataset])
     opts = Options(chatml=chatml, template=template, corpus=read_corpus(corpus), all_untrained=all_untrained,
                    dataset=str(dataset) if dataset else None, out_of_range=out_of_range)
     assert out_of_range in ("auto", "grow", "drop"), out_of_range
@@ -721,9 +767,7 @@ def repair(path: str | Path, out: str | Path, *, chatml: bool = False, template:
             raise FixError(f"fix claimed to repair {', '.join(still)} but the output still fails "
                            f"{'it' if len(still) == 1 else 'them'}; nothing was written", report)
         (stage_two / REPORT_NAME).write_text(report.to_json(), encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(stage_two, out)
+        _replace(stage_two, out)
     report.written = True
     return report
 
@@ -757,9 +801,8 @@ def _plan(ckpt: Checkpoint, findings: list[Finding], opts: Options, fixes: list[
     return draft
 
 
-def _check_output(src: Path, out: Path, force: bool) -> None:
-    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
-        raise OutputError(f"{out}: output must be outside the input directory {src}")
+def _check_output(out: Path, force: bool, inputs: list[str | Path | None]) -> None:
+    refuse_overlap(out, inputs)
     if not out.parent.is_dir():
         raise OutputError(f"{out.parent}: parent directory of the output does not exist")
     if not os.access(out.parent, os.W_OK):
@@ -770,8 +813,16 @@ def _check_output(src: Path, out: Path, force: bool) -> None:
 
 @contextmanager
 def _staging(out: Path) -> Iterator[tuple[Path, Path]]:
-    """Two temp dirs beside `out`, removed on any exit, SIGTERM included."""
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.healer-", dir=out.parent))
+    """Two temp dirs beside `out`, removed on any exit, SIGTERM included.
+
+    The dir is named after this process (`.OUT.healer-PID`): what a SIGKILLed earlier run left
+    there is removed here once its process is gone.
+    """
+    for tag in (STAGING_TAG, f"{STAGING_TAG}-old"):
+        remove_stale_staging(out, tag)
+    stage = staging_path(out, STAGING_TAG)
+    remove(stage)
+    stage.mkdir()
     previous = signal.getsignal(signal.SIGTERM)
 
     def on_term(signum, frame):
@@ -787,9 +838,21 @@ def _staging(out: Path) -> Iterator[tuple[Path, Path]]:
         two.mkdir()
         yield one, two
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        remove(stage)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _replace(staged: Path, out: Path) -> None:
+    """Rename `staged` to `out`; an existing `out` (--force) is moved aside first and removed after."""
+    if out.exists() or out.is_symlink():
+        old = staging_path(out, f"{STAGING_TAG}-old")
+        remove(old)
+        os.replace(out, old)
+        os.replace(staged, out)
+        remove(old)
+    else:
+        os.replace(staged, out)
 
 
 def _write(draft: Draft, dest: Path) -> None:

@@ -31,6 +31,7 @@ from torch import nn
 
 from healer.checkpoint import Checkpoint
 from healer.errors import CheckpointError, OutputError
+from healer.outputs import refuse_overlap, remove
 from trainer.checkpointing import set_gradient_checkpointing
 from trainer.config import ConfigError, TrainConfig, validate
 from trainer.data import (
@@ -280,14 +281,40 @@ def is_run_dir(path: Path) -> bool:
         return False
 
 
-def check_out_dir(path: str | Path) -> Path:
-    """The run dir to use; OutputError if it is a file or a non-empty directory that is not a run dir."""
+def run_status(path: Path) -> str:
+    """What run.json says of the run: running (or killed while running), finished or failed."""
+    try:
+        return str(json.loads((path / RUN_MARKER).read_text(encoding="utf-8")).get("status", "finished"))
+    except (OSError, ValueError, AttributeError):
+        return "unknown"
+
+
+def check_out_dir(path: str | Path, *, resume: bool = False, force: bool = False) -> Path:
+    """The run dir to use; OutputError if it is a file or a non-empty directory that is not a run dir,
+    or an earlier run (finished, failed or killed) that neither `resume` nor `force` lets us touch."""
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise OutputError(f"{p}: exists and is not a directory")
-    if p.is_dir() and any(p.iterdir()) and not is_run_dir(p):
-        raise OutputError(f"{p}: directory is not empty and is not a trainer run dir; choose another --out")
+    if p.is_dir() and any(p.iterdir()):
+        if not is_run_dir(p):
+            raise OutputError(f"{p}: directory is not empty and is not a trainer run dir; choose another --out")
+        if not (resume or force):
+            raise OutputError(f"{p}: holds an earlier run ({run_status(p)}); pass --resume {p} to continue it, "
+                              f"--force to replace it, or choose another --out")
     return p
+
+
+def mark_run(out: Path, status: str, **fields: Any) -> None:
+    """Record the run's status in run.json, keeping what is there (best effort: the disk may be full)."""
+    try:
+        record = json.loads((out / RUN_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        record = {"kind": "trainer-run"}
+    record.update(status=status, **fields)
+    try:
+        write_atomic(out / RUN_MARKER, json.dumps(record) + "\n")
+    except OSError:
+        pass  # the run's own error is the one to report
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:
@@ -423,29 +450,34 @@ class _Progress:
         self.progress.console.print(f"[yellow]{text}[/yellow]")
 
 
-def train(config: TrainConfig, *, console=None, resume: bool = False) -> RunResult:
+def train(config: TrainConfig, *, console=None, resume: bool = False, force: bool = False,
+          inputs: Iterable[str | Path | None] = ()) -> RunResult:
     """Fine-tune config.model on config.data with LoRA / QLoRA and write the run dir at config.out.
 
     resume=True continues the run at config.out from its latest checkpoint (from the start if it has
-    none). Under torchrun (WORLD_SIZE > 1) the ranks train data-parallel and only rank 0 writes.
+    none); force=True replaces an earlier run there. An --out that is, contains or lies inside the
+    model, the data, the template file or one of `inputs` (e.g. the --config file) is refused either way.
+    Under torchrun (WORLD_SIZE > 1) the ranks train data-parallel and only rank 0 writes.
     """
     cfg = validate(config)
+    template_file = cfg.template if cfg.template and Path(cfg.template).is_file() else None
+    refuse_overlap(cfg.out, [cfg.model, cfg.data, template_file, *inputs], flag="--out")
     dp = from_environment(cfg.device)
     try:
-        return _train(cfg, console, resume, dp)
+        return _train(cfg, console, resume, dp, force)
     finally:
         shutdown(dp)
 
 
-def _train(cfg: TrainConfig, console, resume: bool, dp: DataParallel | None) -> RunResult:
+def _train(cfg: TrainConfig, console, resume: bool, dp: DataParallel | None, force: bool = False) -> RunResult:
     from rich.console import Console
 
     from trainer.models import ModelSpec, load_model
-    from trainer.resume import ResumeError, check_ranks, latest_checkpoint, load_checkpoint
+    from trainer.resume import ResumeError, check_ranks, latest_checkpoint
 
     main = dp is None or dp.is_main
     console = console or Console(stderr=True, quiet=not main)
-    out = check_out_dir(cfg.out)
+    out = check_out_dir(cfg.out, resume=resume, force=force)
     if resume and not is_run_dir(out):
         raise ResumeError(f"{out}: not a trainer run dir; nothing to resume")
     if resume and (latest := latest_checkpoint(out)) is not None:
@@ -497,11 +529,36 @@ def _train(cfg: TrainConfig, console, resume: bool, dp: DataParallel | None) -> 
 
     resolved = TrainConfig(**{**cfg.to_dict(), "model": str(model_dir), "data": str(Path(cfg.data).resolve()),
                               "out": str(out.resolve()), "target_modules": settings.target_modules})
+    if main and force and not resume and is_run_dir(out):
+        remove(out)  # --force: the earlier run goes (check_out_dir allows only a run dir here)
+    created = not out.exists()
+    try:
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+            write_atomic(out / RUN_MARKER, json.dumps({"kind": "trainer-run", "model": str(model_dir),
+                                                       "started": datetime.now(UTC).isoformat(),
+                                                       "status": "running"}) + "\n")
+            write_atomic(out / "config.yaml", resolved.to_yaml())
+        run = _run(cfg, model, settings, data, sequences, plan, pad_id, device, dtype, out, resume, console, dp,
+                   model_dir, repaired)
+    except BaseException as e:
+        if main and created and not is_run_dir(out):
+            remove(out)  # failed before run.json was written (e.g. a full disk): nothing worth keeping
+        elif main:
+            mark_run(out, "failed", error=str(e).splitlines()[0] if str(e) else type(e).__name__)
+        raise
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_atomic(out / RUN_MARKER, json.dumps({"kind": "trainer-run", "model": str(model_dir),
-                                                   "started": datetime.now(UTC).isoformat()}) + "\n")
-        write_atomic(out / "config.yaml", resolved.to_yaml())
+        mark_run(out, "finished")
+    return run
+
+
+def _run(cfg: TrainConfig, model: nn.Module, settings, data, sequences: list[TrainSequence], plan, pad_id: int,
+         device: torch.device, dtype: torch.dtype, out: Path, resume: bool, console, dp: DataParallel | None,
+         model_dir: Path, repaired: dict) -> RunResult:
+    """The part of a run that writes into the run dir: optimizer, steps, adapter, plot and summary."""
+    from trainer.resume import latest_checkpoint, load_checkpoint
+
+    main = dp is None or dp.is_main
 
     params = trainable_parameters(model)
     optimizer = build_optimizer(params, cfg, device)

@@ -317,7 +317,10 @@ def test_out_dir_must_be_empty_or_a_previous_run(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "run.json").write_text(json.dumps({"kind": "trainer-run"}))
     (tmp_path / "run" / "metrics.jsonl").write_text("")
-    assert check_out_dir(tmp_path / "run") == tmp_path / "run"
+    with pytest.raises(OutputError, match="--resume .* --force"):
+        check_out_dir(tmp_path / "run")
+    assert check_out_dir(tmp_path / "run", resume=True) == tmp_path / "run"
+    assert check_out_dir(tmp_path / "run", force=True) == tmp_path / "run"
 
 
 def test_the_collector_skips_what_was_alive_before_training_and_still_frees_new_cycles():

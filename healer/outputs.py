@@ -1,0 +1,84 @@
+"""Where a command may write, and the staging names it writes under first.
+
+One rule for every command (`healer fix`, `trainer run`, `trainer export`): an output that is,
+contains, or lies inside one of the command's inputs is refused, --force or not, because
+replacing it would remove or overwrite what the command reads. Staging files and dirs beside an
+output carry the writer's pid, so a later run can tell a crashed writer's leftovers (pid gone)
+from a live one's and remove them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+from healer.errors import OutputError
+
+
+def _real(path: str | Path) -> Path:
+    # resolve() follows symlinks, so `-o link-to-model` counts as the model itself
+    return Path(os.path.abspath(path)).resolve()
+
+
+def refuse_overlap(out: str | Path, inputs: Iterable[str | Path | None], *, flag: str = "-o") -> None:
+    """Raise OutputError if `out` is, contains, or lies inside any of `inputs` (None entries are skipped)."""
+    o = _real(out)
+    for given in inputs:
+        if given is None:
+            continue
+        i = _real(given)
+        if o == i:
+            where = "is the input"
+        elif i in o.parents:
+            where = "lies inside the input"
+        elif o in i.parents:
+            where = "contains the input"
+        else:
+            continue
+        raise OutputError(f"{out}: the output {where} {given}, which would be overwritten; "
+                          f"choose another {flag} (--force does not change this)")
+
+
+def staging_path(out: Path, tag: str) -> Path:
+    """`.OUT.TAG-PID` beside `out`: where this process builds `out` before renaming it into place."""
+    return out.parent / f".{out.name}.{tag}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove(path: Path) -> None:
+    """Remove a file, link or directory tree; nothing if it is not there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def remove_stale_staging(out: Path, tag: str) -> list[Path]:
+    """Remove `.OUT.TAG-PID...` entries beside `out` whose process is gone (a killed earlier run's)."""
+    prefix = f".{out.name}.{tag}-"
+    try:
+        entries = list(out.parent.iterdir())
+    except OSError:
+        return []
+    removed = []
+    for p in entries:
+        if not p.name.startswith(prefix):
+            continue
+        pid = p.name[len(prefix):].split("-", 1)[0].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            remove(p)
+            removed.append(p)
+    return removed
