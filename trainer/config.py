@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,12 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16")
 GRADIENT_CHECKPOINTING = ("off", "on", "offload")
 REQUIRED = ("model", "data", "out")
+# Bounds that catch a typo (an extra 000) before any memory is planned: no real run comes near them.
+MAX_EPOCHS = 10_000
+MAX_LORA_R = 65_536
+MAX_SEQ_LEN = 1 << 20
+MAX_PLANNED_SEQUENCES = 10_000_000  # the step plan holds one index per sequence per epoch
+MAX_LR = 10.0  # Adam moves each weight by about lr per step; far above this its update overflows float32
 
 
 class ConfigError(HealerError):
@@ -183,15 +190,27 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"setting {name} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("lr", "weight_decay", "max_grad_norm", "lora_alpha", "lora_dropout"):
+        if not math.isfinite(getattr(cfg, name)):
+            raise ConfigError(f"setting {name} must be a finite number, got {getattr(cfg, name)}")
+    for name, limit in (("epochs", MAX_EPOCHS), ("lora_r", MAX_LORA_R), ("max_seq_len", MAX_SEQ_LEN)):
+        if getattr(cfg, name) > limit:
+            raise ConfigError(f"setting {name} must be at most {limit:,}, got {getattr(cfg, name):,}")
+    if cfg.max_steps is not None and cfg.max_steps * cfg.batch_size * cfg.grad_accum > MAX_PLANNED_SEQUENCES:
+        raise ConfigError(f"setting max_steps {cfg.max_steps:,} x batch_size {cfg.batch_size} x grad_accum "
+                          f"{cfg.grad_accum} plans more than {MAX_PLANNED_SEQUENCES:,} sequences; lower --max-steps")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise ConfigError(f"setting max_steps must be at least 1, got {cfg.max_steps}")
     for name in ("warmup_steps", "save_steps"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"setting {name} must be 0 or more, got {getattr(cfg, name)}")
-    if not cfg.lr > 0:
-        raise ConfigError(f"setting lr must be positive, got {cfg.lr}")
+    if not 0 < cfg.lr <= MAX_LR:
+        raise ConfigError(f"setting lr must be positive and at most {MAX_LR}, got {cfg.lr}")
     if cfg.max_grad_norm < 0 or cfg.weight_decay < 0:
         raise ConfigError("settings max_grad_norm and weight_decay must be 0 or more")
+    if not cfg.lora_alpha > 0:
+        raise ConfigError(f"setting lora_alpha must be positive (the adapter's scale is alpha / r; 0 trains an "
+                          f"adapter that cannot change the model), got {cfg.lora_alpha}")
     if not 0 <= cfg.lora_dropout < 1:
         raise ConfigError(f"setting lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
     if not cfg.target_modules:

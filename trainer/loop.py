@@ -33,7 +33,7 @@ from healer.checkpoint import Checkpoint
 from healer.errors import CheckpointError, OutputError
 from healer.outputs import refuse_overlap, remove
 from trainer.checkpointing import set_gradient_checkpointing
-from trainer.config import ConfigError, TrainConfig, validate
+from trainer.config import MAX_PLANNED_SEQUENCES, ConfigError, TrainConfig, validate
 from trainer.data import (
     IGNORE_INDEX,
     Batch,
@@ -82,6 +82,22 @@ def check_model(model_dir: str | Path) -> None:
         for f in report.by_check(check):
             fix = f" Fix: {f.fix}" if f.fix else ""
             raise ModelCheckError(f"{model_dir}: {f.message}{fix}")
+
+
+def check_lora_rank(r: int, ckpt: Checkpoint) -> None:
+    """ConfigError for a rank wider than the model's layers: it adds parameters and memory, no capacity."""
+    hidden = ckpt.config.get("hidden_size")
+    if isinstance(hidden, int) and r > hidden:
+        raise ConfigError(f"setting lora_r {r:,} is larger than the model's hidden size {hidden} (a rank above the "
+                          f"layer width adds memory, not capacity); choose --lora-r {hidden} or less")
+
+
+def check_plan_size(cfg: TrainConfig, examples: int) -> None:
+    """ConfigError when --epochs over this dataset plans more sequences than MAX_PLANNED_SEQUENCES."""
+    planned = cfg.max_steps * cfg.batch_size * cfg.grad_accum if cfg.max_steps else cfg.epochs * examples
+    if planned > MAX_PLANNED_SEQUENCES:
+        raise ConfigError(f"setting epochs {cfg.epochs:,} over {examples:,} examples plans {planned:,} sequences "
+                          f"(at most {MAX_PLANNED_SEQUENCES:,}); lower --epochs or set --max-steps")
 
 
 def repair_untrained_rows(model: nn.Module, ckpt: Checkpoint, token_ids: Iterable[int], *,
@@ -177,6 +193,15 @@ class StepResult:
     skipped: bool
     rows: list[int]
     bad_rows: list[int]
+    # after the optimizer step: are the trained parameters still finite? A tensor, read by the caller at its
+    # next host sync (no extra sync per step); None for a skipped step
+    params_finite: torch.Tensor | None = None
+
+
+def params_finite(params: list[nn.Parameter]) -> torch.Tensor:
+    """True (a tensor) when every element of `params` is finite: one multi-tensor norm, no host sync."""
+    # the max norm, not the 2-norm: squares of large finite weights would overflow to inf
+    return torch.isfinite(torch.nn.utils.get_total_norm([p.detach() for p in params], math.inf, foreach=True))
 
 
 def _grads_finite(params: list[nn.Parameter]) -> torch.Tensor:
@@ -256,16 +281,19 @@ def train_step(model: nn.Module, micro_batches: list[Batch], optimizer: torch.op
     grad_norm = float(norm)
     ok = [bool(f) for f in torch.stack(finite).cpu()]
     skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+    after = None
     if not skipped:
         optimizer.step()
         scheduler.step()
+        # a finite gradient can still give a non-finite update (an overflowing lr, a huge Adam step)
+        after = params_finite(params)
     # captured graphs accumulate into the gradients where they are: keep them, zeroed
     optimizer.zero_grad(set_to_none=graphs is None)
     rows = [r for b in micro_batches for r in b.rows]
     # gradients accumulate: the first micro-batch that turned them non-finite is the culprit
     first_bad = next((i for i, f in enumerate(ok) if not f), None)
     bad_rows = micro_batches[first_bad].rows if first_bad is not None else (rows if skipped else [])
-    return StepResult(loss, grad_norm, lr, skipped, rows, list(bad_rows))
+    return StepResult(loss, grad_norm, lr, skipped, rows, list(bad_rows), after)
 
 
 # ----------------------------------------------------------------------------- run dir
@@ -487,6 +515,7 @@ def _train(cfg: TrainConfig, console, resume: bool, dp: DataParallel | None, for
     model_dir = Path(cfg.model).resolve()
     ckpt = Checkpoint(model_dir)
     ModelSpec.from_config(ckpt.config)  # an unsupported architecture fails before any work
+    check_lora_rank(cfg.lora_r, ckpt)
     check_model(model_dir)
     tokenizer = ckpt.hf_tokenizer()
     template = resolve_template(cfg.template, ckpt.chat_template, model_dir, bos_token=tokenizer.bos_token,
@@ -498,6 +527,7 @@ def _train(cfg: TrainConfig, console, resume: bool, dp: DataParallel | None, for
                       f"and were truncated")
     if data.dropped_no_targets:
         console.print(f"{data.dropped_no_targets} examples had no assistant tokens left and were dropped")
+    check_plan_size(cfg, len(data.examples))  # before the model is loaded or the plan allocated
 
     device = dp.device if dp is not None else resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
@@ -582,6 +612,8 @@ def _run(cfg: TrainConfig, model: nn.Module, settings, data, sequences: list[Tra
     run = RunResult(out, adapter_dir, len(plan), losses, progress.skipped, progress.tokens, progress.wall_s,
                     peak_memory(device), data.rows, len(data.examples), len(sequences), data.truncated,
                     data.dropped_no_targets, repaired, ran["graphs"])
+    if not bool(params_finite(params)):  # the guard's last word: never a non-finite adapter
+        raise TrainingDiverged(_diverged_params_message(len(plan), out), [len(plan)], [])
     if main:
         save_adapter(model, adapter_dir, settings, base_model=str(model_dir))
         write_loss_plot(out / "loss.png", steps, losses)
@@ -613,6 +645,14 @@ def run_steps(model: nn.Module, sequences: list[TrainSequence], plan: list[list[
     metrics = open(metrics_path, "a", encoding="utf-8") if main else None
     graphs = _graphs(model, optimizer, cfg, device, dtype, dp, console)
     micro_batches = 0
+    pending: tuple[int, torch.Tensor] | None = None  # (step, its params_finite flag), read one step late
+
+    def check_params() -> None:
+        nonlocal pending
+        if pending is not None and not bool(pending[1]):
+            raise TrainingDiverged(_diverged_params_message(pending[0], out), [pending[0]], [])
+        pending = None
+
     try:
         with _Progress(len(plan), console, cfg.logging_steps) as bar:
             for step in range(progress.step + 1, len(plan) + 1):
@@ -627,6 +667,9 @@ def run_steps(model: nn.Module, sequences: list[TrainSequence], plan: list[list[
                                    autocast_dtype=dtype, device=device, dp=dp, graphs=graphs)
                 except torch.OutOfMemoryError:
                     raise OutOfMemory(_oom_message(step, batches, cfg, out)) from None
+                check_params()  # the previous step's update, now that this step has synced
+                if r.params_finite is not None:
+                    pending = (step, r.params_finite)
                 step_tokens = sum(len(sequences[i].input_ids) for mb in micro for i in mb)
                 tps = step_tokens / max(time.perf_counter() - t0, 1e-9)
                 mem = peak_memory(device)
@@ -655,7 +698,9 @@ def run_steps(model: nn.Module, sequences: list[TrainSequence], plan: list[list[
                         f"run stopped. Dataset rows involved (0-based): {_rows(rows)}", list(range(first, last + 1)),
                         rows)
                 if save is not None and cfg.save_steps and step % cfg.save_steps == 0:
+                    check_params()  # a checkpoint is only ever written from finite parameters
                     save()
+            check_params()
     finally:
         if metrics is not None:
             metrics.close()
@@ -664,6 +709,16 @@ def run_steps(model: nn.Module, sequences: list[TrainSequence], plan: list[list[
                                                 "micro_batches": micro_batches}
     return {"history": progress.history, "skipped": progress.skipped, "tokens": progress.tokens,
             "wall_s": progress.wall_s, "graphs": graph_counts}
+
+
+def _diverged_params_message(step: int, out: Path) -> str:
+    from trainer.resume import latest_checkpoint
+
+    latest = latest_checkpoint(out)
+    kept = (f"; the last checkpoint {latest} holds finite parameters (trainer run --resume {out} continues from it)"
+            if latest is not None else "; no adapter was written")
+    return (f"step {step}'s optimizer update made the trained parameters non-finite (NaN or Inf); the run stopped"
+            f"{kept}. Lower --lr or set --max-grad-norm")
 
 
 def _check_fp8(device: torch.device, dtype: torch.dtype) -> None:

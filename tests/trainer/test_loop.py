@@ -178,6 +178,38 @@ def test_consecutive_bad_steps_stop_the_run_and_name_the_rows(tiny, tmp_path):
     assert records[0]["rows"] == sorted(plan[0][0])
 
 
+def test_an_update_that_makes_the_parameters_nonfinite_stops_the_run_after_the_last_finite_save(tiny, tmp_path):
+    seqs = as_sequences(random_examples(8))
+    inner = lora_model(tiny)
+
+    class Overflowing(torch.optim.SGD):
+        """Its second update overflows one weight to inf (as a huge learning rate would), from finite gradients."""
+
+        updates = 0
+
+        def step(self, closure=None):
+            super().step(closure)
+            self.updates += 1
+            if self.updates == 2:
+                with torch.no_grad():
+                    self.param_groups[0]["params"][0].view(-1)[0] = math.inf
+
+    opt = Overflowing(trainable_parameters(inner), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    cfg = TrainConfig(model="m", data="d", out=str(tmp_path), save_steps=1, logging_steps=1)
+    plan = [[[0, 1]], [[2, 3]], [[4, 5]], [[6, 7]]]
+    saved = []
+
+    def save():
+        saved.append(all(torch.isfinite(p).all() for p in trainable_parameters(inner)))
+
+    with pytest.raises(TrainingDiverged, match="step 2's optimizer update made the trained parameters non-finite"):
+        run_steps(inner, seqs, plan, opt, sched, cfg, out=tmp_path, pad_id=0, device=CPU, dtype=torch.float32,
+                  console=_quiet_console(), save=save)
+    assert not all(torch.isfinite(p).all() for p in trainable_parameters(inner))
+    assert saved == [True]  # step 1's checkpoint only: step 2's save is refused
+
+
 def test_a_good_step_resets_the_bad_step_count(tiny, tmp_path):
     examples = random_examples(4)
     poison = 127
