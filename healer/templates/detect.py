@@ -2,8 +2,9 @@
 
 Two templates are equivalent here when, over a fixed set of probe conversations (system
 prompt present and absent, one to three turns, unicode and padded content, empty content,
-generation prompt on and off), they render the same strings and refuse the same
-conversations. Text comparison of template sources would miss reformatted copies.
+reasoning in <think> blocks, generation prompt on and off, once with enable_thinking=False),
+they render the same strings and refuse the same conversations. Text comparison of template
+sources would miss reformatted copies.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from healer.templates.registry import TEMPLATES, ChatTemplate
 from healer.templates.render import Message, TemplateError, compile_template, render_source
 
 # Passed to every probe render: Llama 3.2's official template otherwise writes today's date
-PROBE_VARIABLES = {"date_string": "26 Jul 2024"}
+PROBE_VARIABLES: dict[str, object] = {"date_string": "26 Jul 2024"}
 
 
 def _m(role: str, content: str) -> dict[str, str]:
@@ -28,19 +29,27 @@ PROBES: list[list[Message]] = [
     [_m("system", "Be kind."), _m("user", "A?"), _m("assistant", "B."), _m("user", "C?"), _m("assistant", "D.")],
     [_m("user", "  Grüße, 世界 👋\n"), _m("assistant", " Привет — ok \n")],
     [_m("system", ""), _m("user", ""), _m("assistant", "")],
+    # Qwen3 drops the reasoning of turns before the last user message and keeps the last one's
+    [_m("user", "Q?"), _m("assistant", "<think>\nhm\n</think>\n\nA."), _m("user", "R?"),
+     _m("assistant", "<think>\nso\n</think>\n\nB.")],
+]
+# (probe, add_generation_prompt, extra variables): every probe with and without the generation
+# prompt, and one prompt with thinking switched off (Qwen3 then writes an empty think block)
+_CASES: list[tuple[list[Message], bool, dict]] = [
+    *((messages, gen, PROBE_VARIABLES) for messages in PROBES for gen in (False, True)),
+    (PROBES[0], True, {**PROBE_VARIABLES, "enable_thinking": False}),
 ]
 _ERROR = object()
 
 
 def _outcomes(source: str, bos_token: str, eos_token: str, name: str) -> list[object]:
     out: list[object] = []
-    for messages in PROBES:
-        for gen in (False, True):
-            try:
-                out.append(render_source(source, messages, add_generation_prompt=gen, name=name,
-                                         bos_token=bos_token, eos_token=eos_token, **PROBE_VARIABLES))
-            except TemplateError:
-                out.append(_ERROR)
+    for messages, gen, variables in _CASES:
+        try:
+            out.append(render_source(source, messages, add_generation_prompt=gen, name=name,
+                                     bos_token=bos_token, eos_token=eos_token, **variables))
+        except TemplateError:
+            out.append(_ERROR)
     return out
 
 

@@ -25,6 +25,15 @@ Naming decisions:
   the last message only if that message is a user turn, so a conversation that ends with an
   assistant turn (training data) loses its system prompt, exactly as with the official
   template (mistral-common instead puts it before the last user turn).
+- `qwen3` follows Qwen3's template (thinking models): reasoning (`<think>…</think>` at the start of
+  the content, or a `reasoning_content` field) is kept only on assistant turns after the last user
+  message; earlier turns render without it, and the last turn always gets a think block (empty if
+  it has none). `enable_thinking=False` adds the empty block to the generation prompt. The trained
+  span of a turn is everything after `<|im_start|>assistant\n` (think block included), so the
+  assistant-only masks train the reasoning of the last turns, as the model writes it at inference.
+  The official template cannot be rendered turn by turn (the reasoning of a turn disappears once a
+  user message follows); the `{% generation %}` blocks here mark each turn in the full render.
+  Tool calls and tool messages raise an error (the official template renders them; we do not).
 - `gemma` refuses a system message, as the official Gemma / Gemma 2 template does.
 - `phi-3` writes eos_token after the last turn when add_generation_prompt is off (as Phi-3.5's
   official template does); that eos is not part of any trained span.
@@ -142,6 +151,60 @@ LLAMA2 = r"""
         {%- generation %}{{- content | trim + ' ' + eos_token }}{%- endgeneration %}
     {%- endif %}
 {%- endfor %}"""
+
+_NO_TOOLS = ("{{- raise_exception('Tool calls and tool messages are not supported by this registry template; "
+             "train with the model\\'s own template file (--template FILE.jinja)') }}")
+
+# Qwen3 keeps an assistant turn's reasoning only after the last user message (the turns the model is
+# generating now); earlier turns lose their <think> block. The last assistant turn after that user
+# message always gets one, empty if it has no reasoning, so training teaches the think block the
+# model writes at inference. A user message that is exactly a wrapped tool response does not count
+# as the last query (a rule of the official template, kept so such chats render alike).
+QWEN3 = r"""
+{%- if tools %}""" + _NO_TOOLS + r"""
+{%- endif %}
+{%- if messages[0]['role'] == 'system' %}
+    {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
+{%- endif %}
+{%- set last = namespace(query=messages | length - 1) %}
+{%- for message in messages %}
+    {%- if message['role'] == 'user' and not (message['content'].startswith('<tool_response>')
+                                              and message['content'].endswith('</tool_response>')) %}
+        {%- set last.query = loop.index0 %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- if message['role'] == 'user' or (message['role'] == 'system' and not loop.first) %}
+        {{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}
+    {%- elif message['role'] == 'assistant' and not message['tool_calls'] %}
+        {%- set answer = message['content'] %}
+        {%- set thought = '' %}
+        {%- if message['reasoning_content'] is defined and message['reasoning_content'] is not none %}
+            {%- set thought = message['reasoning_content'] %}
+        {%- elif '</think>' in answer %}
+            {%- set parts = answer.split('</think>') %}
+            {%- set answer = parts[-1].lstrip('\n') %}
+            {%- set thought = parts[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}
+        {%- endif %}
+        {{- '<|im_start|>assistant\n' }}
+        {%- generation %}
+            {%- if loop.index0 > last.query and (loop.last or thought) %}
+                {{- '<think>\n' + thought.strip('\n') + '\n</think>\n\n' + answer.lstrip('\n') }}
+            {%- else %}
+                {{- answer }}
+            {%- endif %}
+            {{- '<|im_end|>' }}
+        {%- endgeneration %}
+        {{- '\n' }}
+    {%- elif message['role'] in ('assistant', 'tool') %}""" + _NO_TOOLS + r"""
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\n\n</think>\n\n' }}
+    {%- endif %}
+{%- endif %}"""
 
 _LLAMA3_TURNS = r"""
     {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}
@@ -300,6 +363,9 @@ TEMPLATES: dict[str, ChatTemplate] = {t.name: t for t in (
     ChatTemplate("qwen2.5", "Qwen2.5 Instruct: ChatML with Qwen's default system prompt",
                  QWEN25.strip(), "<|im_end|>", "<|im_start|>assistant\n", False,
                  ("<|im_start|>", "<|im_end|>"), "", "<|im_end|>"),
+    ChatTemplate("qwen3", "Qwen3 (thinking): ChatML; <think> kept after the last user turn, dropped before it",
+                 QWEN3.strip(), "<|im_end|>", "<|im_start|>assistant\n", False,
+                 ("<|im_start|>", "<|im_end|>", "<think>", "</think>"), "", "<|im_end|>"),
     ChatTemplate("llama-2", "Llama 2 chat: <s>[INST] <<SYS>> ... [/INST] answer </s>",
                  LLAMA2.strip(), None, "", True, (), "<s>", "</s>"),
     ChatTemplate("llama-3", "Llama 3.0 Instruct (no date header)",

@@ -1,7 +1,8 @@
 """Reference material for the chat template tests: conversations, official templates, FastChat.
 
 Official templates come from llama.cpp's models/templates (tests/testdata.template(name)) where
-llama.cpp ships them. Three families are not in that directory; their official templates are
+llama.cpp ships them, and from the official repos' tokenizer_config.json fetched with npm
+(testdata.real_tokenizer, `REAL_OFFICIAL`) for Qwen3 and Gemma 3. Three families are not in that directory; their official templates are
 quoted here verbatim from the models' tokenizer_config.json "chat_template" (test reference
 only, never used by the registry):
 - Llama 2: meta-llama/Llama-2-7b-chat-hf
@@ -14,6 +15,7 @@ the fschat wheel on PyPI, downloaded once into the test data cache.
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 import tempfile
@@ -30,7 +32,10 @@ LLAMA_CPP_OFFICIAL = {
     "phi-3": ["microsoft-Phi-3.5-mini-instruct"],
     "qwen2.5": ["Qwen-Qwen2.5-7B-Instruct"],
     "mistral-nemo": ["mistralai-Mistral-Nemo-Instruct-2407"],
+    "qwen3": ["Qwen-Qwen3-0.6B"],
 }
+# registry entry -> testdata.real_tokenizer name whose tokenizer_config.json holds the official template
+REAL_OFFICIAL = {"qwen3": "qwen3"}
 
 LLAMA2_OFFICIAL = (
     "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = "
@@ -63,6 +68,12 @@ ALPACA_LORA_PROMPT = ("Below is an instruction that describes a task. Write a re
                       "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
 
 
+def real_official(name: str) -> str:
+    """The chat_template of an official repo's tokenizer_config.json (REAL_OFFICIAL[name])."""
+    config = testdata.real_tokenizer(REAL_OFFICIAL[name]) / "tokenizer_config.json"
+    return json.loads(config.read_text(encoding="utf-8"))["chat_template"]
+
+
 def m(role: str, content: str) -> dict[str, str]:
     return {"role": role, "content": content}
 
@@ -88,6 +99,15 @@ CONVERSATIONS: dict[str, list[dict[str, str]]] = {
     "marker_text": [m("user", "Explain <|im_end|> and [INST] and <end_of_turn>"),
                     m("assistant", "Tokens like <|eot_id|>, </s>, [/INST] and <|end|> end turns.")],
     "assistant_first": [m("assistant", "I start."), m("user", "Ok")],
+    # Reasoning (Qwen3): earlier turns lose their think block, turns after the last user message keep it
+    "reasoning": [SYSTEM, m("user", "Q1?"), m("assistant", "<think>\nfirst thought\n</think>\n\nA1."),
+                  m("user", "Q2?"), m("assistant", "<think>\n\nsecond\nthought\n\n</think>\n\n\nA2.")],
+    "reasoning_unclosed": [m("user", "Q?"), m("assistant", "no open tag</think>answer <think>kept")],
+    "reasoning_content": [m("user", "Q?"), {"role": "assistant", "content": "A.", "reasoning_content": "\nr\n"}],
+    # a user message that is exactly a wrapped tool response is not the last query for Qwen3
+    "tool_response_text": [m("user", "Q?"), m("assistant", "<think>\nr1\n</think>\n\nA."),
+                           m("user", "<tool_response>\n42\n</tool_response>"),
+                           m("assistant", "<think>\nr2\n</think>\n\nB.")],
 }
 
 
@@ -106,6 +126,29 @@ def hf_render(template: str, messages, add_generation_prompt: bool, **variables)
     rendered, _ = render_jinja_template(conversations=[messages], chat_template=template,
                                         add_generation_prompt=add_generation_prompt, **variables)
     return rendered[0]
+
+
+def spans_after_prompt(official: str, conv, add_generation_prompt: bool, end_of_turn: str,
+                       **variables) -> list[tuple[int, int]]:
+    """Reference assistant spans for a template whose trained part of a turn is everything the model
+    writes after the generation prompt (Qwen3: a think block, then the content): each from the end of
+    the official render of the turns before it with the generation prompt, to the `end_of_turn` that
+    follows its content (found by rendering the content with a marker appended)."""
+    text = hf_render(official, conv, add_generation_prompt, **variables)
+    probe = [m("user", "x")]
+    prompt = hf_render(official, probe, True, **variables)[len(hf_render(official, probe, False, **variables)):]
+    spans = []
+    for i, msg in enumerate(conv):
+        if msg["role"] != "assistant":
+            continue
+        before = hf_render(official, conv[:i], True, **variables) if i else prompt
+        assert text.startswith(before)
+        marked = hf_render(official, [*conv[:i], {**msg, "content": msg["content"] + "\x00"}, *conv[i + 1:]],
+                           add_generation_prompt, **variables)
+        content_end = next(k for k, (a, b) in enumerate(zip(text, marked, strict=False)) if a != b)
+        assert text.startswith(end_of_turn, content_end)
+        spans.append((len(before), content_end + len(end_of_turn)))
+    return spans
 
 
 FSCHAT = "fschat==0.2.36"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import testdata
-from template_refs import LLAMA_CPP_OFFICIAL, QUOTED_OFFICIAL
+from template_refs import LLAMA_CPP_OFFICIAL, QUOTED_OFFICIAL, REAL_OFFICIAL, real_official
 
 from healer.templates import TemplateError, detect, equivalent, get, names
 
@@ -12,6 +12,23 @@ from healer.templates import TemplateError, detect, equivalent, get, names
 @pytest.mark.parametrize("official,name", [(o, n) for n, offs in LLAMA_CPP_OFFICIAL.items() for o in offs])
 def test_detects_official_templates_from_llama_cpp(official, name):
     assert detect(testdata.template(official)) == name
+
+
+@pytest.mark.parametrize("name", sorted(REAL_OFFICIAL))
+def test_detects_official_templates_of_the_repos_tokenizer_config(name):
+    assert detect(real_official(name)) == name
+
+
+def test_detects_qwen3_only_with_its_reasoning_rule():
+    # ChatML that keeps every turn's <think> text (or writes no think block) is not qwen3
+    official = testdata.template("Qwen-Qwen3-0.6B")
+    keeps_all = official.replace("loop.index0 > ns.last_query_index", "true")
+    no_empty_block = official.replace("{%- if loop.last or (not loop.last and reasoning_content) %}",
+                                      "{%- if reasoning_content %}")
+    no_thinking_switch = official.replace("enable_thinking is false", "false")
+    for variant in (keeps_all, no_empty_block, no_thinking_switch):
+        assert variant != official
+        assert detect(variant) != "qwen3"
 
 
 @pytest.mark.parametrize("name", sorted(QUOTED_OFFICIAL))
@@ -26,7 +43,7 @@ def test_each_entry_is_detected_as_itself_and_no_other(name):
     assert others == []
 
 
-@pytest.mark.parametrize("official", ["Qwen-Qwen3-0.6B", "NousResearch-Hermes-3-Llama-3.1-8B-tool_use",
+@pytest.mark.parametrize("official", ["Qwen3.5-4B", "NousResearch-Hermes-3-Llama-3.1-8B-tool_use",
                                       "Mistral-Small-3.2-24B-Instruct-2506", "openai-gpt-oss-120b"])
 def test_templates_of_other_formats_are_not_detected(official):
     assert detect(testdata.template(official)) is None

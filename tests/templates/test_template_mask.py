@@ -13,7 +13,7 @@ from functools import cache
 
 import pytest
 import testdata
-from template_refs import CONVERSATIONS, m, mistral_fast_tokenizer, outcome
+from template_refs import CONVERSATIONS, m, mistral_fast_tokenizer, outcome, spans_after_prompt
 
 from healer.templates import IGNORE_INDEX, ChatMasker, TemplateError, get, highlight, names, render_with_mask
 from healer.templates.mask import labels_for, token_in_spans
@@ -32,6 +32,14 @@ def fast(name: str, bos: str | None, eos: str, extra: tuple[str, ...] = ()):
     return tok
 
 
+@cache
+def real(name: str):
+    """An official repo's tokenizer (testdata.real_tokenizer), loaded as transformers loads it."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(testdata.real_tokenizer(name)))
+
+
 TOKENIZERS = {
     "llama-bpe": lambda: fast("llama-bpe", "<|begin_of_text|>", "<|eot_id|>"),
     "qwen2": lambda: fast("qwen2", None, "<|im_end|>"),
@@ -43,11 +51,17 @@ TOKENIZERS = {
     "llama-spm+chatml": lambda: fast("llama-spm", "<s>", "</s>", ("<|im_start|>", "<|im_end|>")),
     "mistral-v1": lambda: mistral_fast_tokenizer("v1"),
     "mistral-v3": lambda: mistral_fast_tokenizer("v3"),
+    "qwen3-real": lambda: real("qwen3"),
 }
 PAIRS = [("llama-3", "llama-bpe"), ("llama-3.1", "llama-bpe"), ("qwen2.5", "qwen2"), ("chatml", "qwen2"),
          ("chatml", "llama-spm+chatml"), ("phi-3", "phi-3"), ("llama-2", "llama-spm"), ("zephyr", "llama-spm"),
          ("vicuna", "llama-spm"), ("alpaca", "llama-spm"), ("gemma", "llama-spm+gemma"),
-         ("mistral-v1", "mistral-v1"), ("mistral-v3", "mistral-v3"), ("mistral-nemo", "mistral-v3")]
+         ("mistral-v1", "mistral-v1"), ("mistral-v3", "mistral-v3"), ("mistral-nemo", "mistral-v3"),
+         ("qwen3", "qwen3-real")]
+# Entries whose trained part of a turn is everything the model writes after the generation prompt,
+# which holds more than the content: Qwen3's turns after the last user message open with a think
+# block made from the content's reasoning. Their reference spans come from the official template.
+AFTER_PROMPT = {"qwen3": "Qwen-Qwen3-0.6B"}
 
 
 def reference_spans(entry, conv, gen: bool, variables: dict) -> list[tuple[int, int]]:
@@ -92,7 +106,11 @@ def test_mask_trains_exactly_assistant_content_and_end_of_turn(name, tokenizer):
                                          tokenize=True, return_dict=True,
                                          tokenizer_kwargs={"return_offsets_mapping": True})
             assert got.input_ids == hf["input_ids"], (key, gen)
-            spans = reference_spans(entry, conv, gen, variables)
+            if name in AFTER_PROMPT:
+                spans = spans_after_prompt(testdata.template(AFTER_PROMPT[name]), conv, gen,
+                                           entry.end_of_turn(variables["eos_token"]), **variables)
+            else:
+                spans = reference_spans(entry, conv, gen, variables)
             assert got.spans == spans, (key, gen)
             expected = [i if any(s < b and e > a for a, b in spans) else IGNORE_INDEX
                         for i, (s, e) in zip(hf["input_ids"], hf["offset_mapping"], strict=True)]
@@ -187,6 +205,15 @@ def test_generation_prompt_adds_no_trained_tokens():
     got = render_with_mask("llama-3", CONVERSATIONS["two_turns_open"], tok, add_generation_prompt=True)
     trained = [i for i, label in zip(got.input_ids, got.labels, strict=True) if label != IGNORE_INDEX]
     assert tok.decode(trained) == "Hello!<|eot_id|>"
+
+
+def test_qwen3_mask_trains_each_answer_and_the_last_turns_reasoning():
+    tok = TOKENIZERS["qwen3-real"]()
+    got = render_with_mask("qwen3", CONVERSATIONS["reasoning"], tok)
+    trained = [i for i, label in zip(got.input_ids, got.labels, strict=True) if label != IGNORE_INDEX]
+    # the first answer's reasoning is not in the text (the official template drops it); the last one's is trained
+    assert tok.decode(trained) == "A1.<|im_end|><think>\nsecond\nthought\n</think>\n\nA2.<|im_end|>"
+    assert tok.decode(got.input_ids).count("<think>") == 1
 
 
 def test_slow_tokenizer_is_refused():

@@ -11,10 +11,12 @@ from template_refs import (
     CONVERSATIONS,
     LLAMA_CPP_OFFICIAL,
     QUOTED_OFFICIAL,
+    REAL_OFFICIAL,
     hf_render,
     m,
     mistral_fast_tokenizer,
     outcome,
+    real_official,
 )
 
 from healer.templates import TEMPLATES, TemplateError, get, names, render_source
@@ -45,6 +47,42 @@ def test_entry_renders_like_official_template_from_llama_cpp(name, official):
 @pytest.mark.parametrize("name", sorted(QUOTED_OFFICIAL))
 def test_entry_renders_like_quoted_official_template(name):
     assert _compare(get(name), QUOTED_OFFICIAL[name]) >= 12
+
+
+@pytest.mark.parametrize("name", sorted(REAL_OFFICIAL))
+def test_entry_renders_like_official_template_from_the_repos_tokenizer_config(name):
+    assert _compare(get(name), real_official(name)) >= 12
+
+
+@pytest.mark.parametrize("enable_thinking", [False, True])
+def test_qwen3_enable_thinking_renders_like_official(enable_thinking):
+    official = testdata.template("Qwen-Qwen3-0.6B")
+    assert _compare(get("qwen3"), official, enable_thinking=enable_thinking) >= 12
+    prompt = hf_render(official, CONVERSATIONS["user"], True, enable_thinking=enable_thinking)
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n") is not enable_thinking
+
+
+@pytest.mark.parametrize("key,kept,dropped", [
+    ("reasoning", ["<think>\nsecond\nthought\n</think>\n\nA2.<|im_end|>"], ["first thought"]),
+    ("one_turn", ["<|im_start|>assistant\n<think>\n\n</think>\n\n4.<|im_end|>"], []),
+    ("reasoning_content", ["<think>\nr\n</think>\n\nA.<|im_end|>"], []),
+    ("tool_response_text", ["<think>\nr1\n</think>\n\nA.", "<think>\nr2\n</think>\n\nB."], []),
+    ("five_turns", ["assistant\nAnswer 0.<|im_end|>", "<think>\n\n</think>\n\nAnswer 4.<|im_end|>"], []),
+])
+def test_qwen3_keeps_reasoning_after_the_last_user_turn_only_like_official(key, kept, dropped):
+    # what the official template does with these conversations, so the comparisons above cover it
+    conv = CONVERSATIONS[key]
+    official = hf_render(testdata.template("Qwen-Qwen3-0.6B"), conv, False)
+    assert all(k in official for k in kept) and not any(d in official for d in dropped)
+    assert get("qwen3").render(conv) == official
+
+
+def test_qwen3_refuses_tool_calls_instead_of_rendering_them_differently():
+    tool_call = {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": {}}}]}
+    for conv, variables in [([m("user", "Q?"), tool_call], {}), ([m("user", "Q?"), m("tool", "42")], {}),
+                            ([m("user", "Q?")], {"tools": [{"name": "f"}]})]:
+        with pytest.raises(TemplateError, match="'qwen3'.*Tool calls and tool messages are not supported"):
+            get("qwen3").render(conv, **variables)
 
 
 def test_llama31_date_string_is_a_variable_like_the_official_one():
@@ -220,6 +258,15 @@ def test_control_tokens_are_single_ids_in_the_family_tokenizer(name, tokenizer):
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(testdata.fast_tokenizer_json(tokenizer)))
+    for marker in get(name).control_tokens:
+        assert len(tok.encode(marker, add_special_tokens=False).ids) == 1, marker
+
+
+@pytest.mark.parametrize("name,tokenizer", [("qwen3", "qwen3")])
+def test_control_tokens_are_single_ids_in_the_official_tokenizer(name, tokenizer):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(testdata.real_tokenizer(tokenizer) / "tokenizer.json"))
     for marker in get(name).control_tokens:
         assert len(tok.encode(marker, add_special_tokens=False).ids) == 1, marker
 
