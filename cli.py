@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -16,6 +18,21 @@ def _console(stderr: bool = False):
     from rich.console import Console
 
     return Console(stderr=stderr, soft_wrap=False)
+
+
+def _offline() -> None:
+    """Work offline, as the toolkit promises, and say so to the libraries before any of them is imported.
+
+    On a CPU with AVX512-BF16, `import bitsandbytes` asks the Hub (through the `kernels` package) for
+    kernels-community/quantization-bitsandbytes; that lookup cannot succeed offline and printed "Failed to load
+    CPU gemm_4bit_forward ... could not verify publisher trust status" on every CPU NF4 run. HF_HUB_OFFLINE
+    (huggingface_hub reads it once, at its import) stops the lookup; bitsandbytes then falls back to its own
+    CPU kernels, and the two loggers' notes about that fallback are not for our users. An HF_HUB_OFFLINE the
+    user set stands.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    for name in ("bitsandbytes.backends.cpu.ops", "kernels"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def friendly_errors(fn):
@@ -47,6 +64,7 @@ def healer(debug: bool) -> None:
 
     Typical flow: `healer doctor MODEL` to see what is wrong, then `healer fix MODEL -o OUT`.
     """
+    _offline()
 
 
 @healer.command()
@@ -222,6 +240,7 @@ def fix(model_dir: Path, out: Path, chatml: bool, template: str | None, corpus: 
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
 def trainer(debug: bool) -> None:
     """Fine-tune a checkpoint with QLoRA and export the result (GGUF or merged safetensors)."""
+    _offline()
 
 
 def _train_config_options(fn):
