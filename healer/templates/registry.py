@@ -29,12 +29,13 @@ Naming decisions:
   the content, or a `reasoning_content` field) is kept only on assistant turns after the last user
   message; earlier turns render without it, and the last turn always gets a think block (empty if
   it has none). `enable_thinking=False` adds the empty block to the generation prompt. The trained
-  span of a turn is everything after `<|im_start|>assistant\n` (think block included), so the
+  span of a turn is everything after the `<|im_start|>assistant` line (think block included), so the
   assistant-only masks train the reasoning of the last turns, as the model writes it at inference.
   The official template cannot be rendered turn by turn (the reasoning of a turn disappears once a
   user message follows); the `{% generation %}` blocks here mark each turn in the full render.
   Tool calls and tool messages raise an error (the official template renders them; we do not).
-- `gemma` refuses a system message, as the official Gemma / Gemma 2 template does.
+- `gemma` refuses a system message, as the official Gemma / Gemma 2 template does; `gemma-3` puts it
+  (untrimmed, then a blank line) at the start of the first user turn, as Gemma 3's does.
 - `phi-3` writes eos_token after the last turn when add_generation_prompt is off (as Phi-3.5's
   official template does); that eos is not part of any trained span.
 - No official templates exist for `vicuna` (follows FastChat's vicuna_v1.1, with bos_token in
@@ -285,6 +286,49 @@ GEMMA = r"""
     {{- '<start_of_turn>model\n' }}
 {%- endif %}"""
 
+# Gemma 3 has no system turn: the system prompt and a blank line open the first user turn. Content
+# may also be a list of parts (the multimodal processor's format): text parts trimmed, images as
+# <start_of_image>.
+GEMMA3 = r"""
+{%- macro gemma3_text(content) %}
+    {%- if content is string %}
+        {{- content | trim }}
+    {%- elif content is iterable %}
+        {%- for part in content %}
+            {%- if part['type'] == 'image' %}
+                {{- '<start_of_image>' }}
+            {%- elif part['type'] == 'text' %}
+                {{- part['text'] | trim }}
+            {%- endif %}
+        {%- endfor %}
+    {%- else %}
+        {{- raise_exception('Invalid content type') }}
+    {%- endif %}
+{%- endmacro %}
+{{- bos_token }}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system = messages[0]['content'] if messages[0]['content'] is string else messages[0]['content'][0]['text'] %}
+    {%- set first_user_prefix = system + '\n\n' %}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set first_user_prefix = '' %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+{%- for message in loop_messages %}
+    """ + _ALTERNATE + r"""
+    {%- if message['role'] == 'assistant' %}
+        {{- '<start_of_turn>model\n' }}
+        {%- generation %}{{- gemma3_text(message['content']) + '<end_of_turn>' }}{%- endgeneration %}
+    {%- else %}
+        {{- '<start_of_turn>' + message['role'] + '\n' + (first_user_prefix if loop.first else '') }}
+        {{- gemma3_text(message['content']) + '<end_of_turn>' }}
+    {%- endif %}
+    {{- '\n' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<start_of_turn>model\n' }}
+{%- endif %}"""
+
 PHI3 = r"""
 {%- for message in messages %}
     {%- if message['role'] == 'system' and message['content'] %}
@@ -386,6 +430,9 @@ TEMPLATES: dict[str, ChatTemplate] = {t.name: t for t in (
     ChatTemplate("gemma", "Gemma and Gemma 2 instruct (<start_of_turn>user/model; no system role)",
                  GEMMA.strip(), "<end_of_turn>", "<start_of_turn>model\n", True,
                  ("<start_of_turn>", "<end_of_turn>"), "<bos>", "<eos>"),
+    ChatTemplate("gemma-3", "Gemma 3 instruct: Gemma's turns; the system prompt opens the first user turn",
+                 GEMMA3.strip(), "<end_of_turn>", "<start_of_turn>model\n", True,
+                 ("<start_of_turn>", "<end_of_turn>"), "<bos>", "<end_of_turn>"),
     ChatTemplate("phi-3", "Phi-3 / Phi-3.5 mini instruct (<|user|> ... <|end|>)",
                  PHI3.strip(), "<|end|>", "<|assistant|>\n", False,
                  ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"), "<s>", "<|endoftext|>"),

@@ -35,7 +35,7 @@ LLAMA_CPP_OFFICIAL = {
     "qwen3": ["Qwen-Qwen3-0.6B"],
 }
 # registry entry -> testdata.real_tokenizer name whose tokenizer_config.json holds the official template
-REAL_OFFICIAL = {"qwen3": "qwen3"}
+REAL_OFFICIAL = {"qwen3": "qwen3", "gemma-3": "gemma3"}
 
 LLAMA2_OFFICIAL = (
     "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = "

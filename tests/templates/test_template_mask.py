@@ -52,12 +52,13 @@ TOKENIZERS = {
     "mistral-v1": lambda: mistral_fast_tokenizer("v1"),
     "mistral-v3": lambda: mistral_fast_tokenizer("v3"),
     "qwen3-real": lambda: real("qwen3"),
+    "gemma3-real": lambda: real("gemma3"),
 }
 PAIRS = [("llama-3", "llama-bpe"), ("llama-3.1", "llama-bpe"), ("qwen2.5", "qwen2"), ("chatml", "qwen2"),
          ("chatml", "llama-spm+chatml"), ("phi-3", "phi-3"), ("llama-2", "llama-spm"), ("zephyr", "llama-spm"),
          ("vicuna", "llama-spm"), ("alpaca", "llama-spm"), ("gemma", "llama-spm+gemma"),
          ("mistral-v1", "mistral-v1"), ("mistral-v3", "mistral-v3"), ("mistral-nemo", "mistral-v3"),
-         ("qwen3", "qwen3-real")]
+         ("qwen3", "qwen3-real"), ("gemma-3", "gemma3-real")]
 # Entries whose trained part of a turn is everything the model writes after the generation prompt,
 # which holds more than the content: Qwen3's turns after the last user message open with a think
 # block made from the content's reasoning. Their reference spans come from the official template.

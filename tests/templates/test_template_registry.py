@@ -85,6 +85,21 @@ def test_qwen3_refuses_tool_calls_instead_of_rendering_them_differently():
             get("qwen3").render(conv, **variables)
 
 
+def test_gemma3_renders_content_parts_like_official():
+    # the multimodal processor's message format: lists of text and image parts
+    def parts(*texts):
+        return [{"type": "image"} if t is None else {"type": "text", "text": t} for t in texts]
+
+    conv = [{"role": "system", "content": parts(" Be brief. ", "ignored")},
+            {"role": "user", "content": parts(None, " What is this? ")},
+            {"role": "assistant", "content": parts(" A cat. ", None)}, {"role": "user", "content": parts("Sure?")}]
+    official = real_official("gemma-3")
+    for gen in GEN:
+        expected = hf_render(official, conv, gen, bos_token="<bos>")
+        assert "<start_of_image>" in expected and "ignored" not in expected
+        assert get("gemma-3").render(conv, add_generation_prompt=gen) == expected
+
+
 def test_llama31_date_string_is_a_variable_like_the_official_one():
     conv = CONVERSATIONS["one_turn"]
     official = testdata.template("meta-llama-Llama-3.1-8B-Instruct")
@@ -262,7 +277,7 @@ def test_control_tokens_are_single_ids_in_the_family_tokenizer(name, tokenizer):
         assert len(tok.encode(marker, add_special_tokens=False).ids) == 1, marker
 
 
-@pytest.mark.parametrize("name,tokenizer", [("qwen3", "qwen3")])
+@pytest.mark.parametrize("name,tokenizer", [("qwen3", "qwen3"), ("gemma-3", "gemma3")])
 def test_control_tokens_are_single_ids_in_the_official_tokenizer(name, tokenizer):
     from tokenizers import Tokenizer
 

@@ -21,7 +21,7 @@ from healer.templates import IGNORE_INDEX
 KEYS = ["one_turn", "system_three_turns", "five_turns", "unicode", "multiline", "reasoning", "tool_response_text"]
 
 
-@pytest.mark.parametrize("name,entry", [("qwen3", "qwen3")])
+@pytest.mark.parametrize("name,entry", [("qwen3", "qwen3"), ("gemma3", "gemma-3")])
 def test_prepare_data_masks_with_the_models_own_template(tmp_path, name, entry):
     from trainer.data import prepare_data, resolve_template
 
