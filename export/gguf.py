@@ -22,6 +22,7 @@ import numpy as np
 from export.errors import UnsupportedError
 from export.gguf_arch import (
     SKIPPED_SUFFIXES,
+    arch_of,
     extra_tensors,
     family_of,
     tensor_name,
@@ -97,13 +98,13 @@ def to_gguf(source: str | Path, out: str | Path, quant: str = "f16", *, base: st
     src = open_source(source, base)
     config = src.config
     family = family_of(config)
-    name_map = gguf.get_tensor_name_map(family.arch, config["num_hidden_layers"])
+    name_map = gguf.get_tensor_name_map(arch_of(family), config["num_hidden_layers"])
     plan = _plan(src, name_map, qtype, family)
     vocab = build_vocab(src.tokenizer_dir, config)
-    extras = extra_tensors(config)
+    extras = extra_tensors(config, family)
     out = Path(out)
     with atomic_output(out, force, [Path(source), *src.inputs]) as tmp:
-        w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[family.arch])
+        w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch_of(family)])
         w.add_name(src.base.path.name)
         w.add_file_type(int(ftype))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)

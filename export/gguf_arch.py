@@ -1,6 +1,8 @@
-"""Per-family GGUF facts: architecture hyperparameters, tensor names and layouts.
+"""GGUF architecture hyperparameters, tensor names and layouts, driven by the family table.
 
-Mirrors llama.cpp's convert_hf_to_gguf.py (conversion/llama.py, qwen.py, gemma.py, phi.py);
+Which llama.cpp architecture a family maps to, and which of the converter's switches it needs, is
+its entry in healer/families.py. Mirrors llama.cpp's convert_hf_to_gguf.py (conversion/llama.py,
+qwen.py, gemma.py, phi.py);
 tensor names come from gguf's own HF-name map (gguf.get_tensor_name_map), keys from the
 GGUFWriter's add_* methods, so no key string is spelled here.
 """
@@ -8,7 +10,6 @@ GGUFWriter's add_* methods, so no key string is spelled here.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import gguf
@@ -16,49 +17,36 @@ import numpy as np
 import torch
 
 from export.errors import UnsupportedError
+from healer import families
+from healer.families import Family
 
-
-@dataclass(frozen=True)
-class Family:
-    """How one HF model family maps onto a llama.cpp architecture."""
-
-    arch: gguf.MODEL_ARCH
-    # HF stores q/k rows as two rotary halves per head; llama.cpp's llama arch rotates adjacent pairs
-    permute_qk: bool = False
-    # Gemma's RMSNorm scales by (1 + w), llama.cpp's by w: the converter stores w + 1
-    norm_plus_one: bool = False
-    # Gemma always ties the output to token_embd; llama.cpp has no output tensor for it
-    drop_lm_head: bool = False
-
-
-FAMILIES = {
-    "llama": Family(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
-    "mistral": Family(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
-    "qwen2": Family(gguf.MODEL_ARCH.QWEN2),
-    "gemma": Family(gguf.MODEL_ARCH.GEMMA, norm_plus_one=True, drop_lm_head=True),
-    "gemma2": Family(gguf.MODEL_ARCH.GEMMA2, norm_plus_one=True, drop_lm_head=True),
-    "phi3": Family(gguf.MODEL_ARCH.PHI3),
-}
 SKIPPED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
 def family_of(config: dict[str, Any]) -> Family:
-    """The Family for config.json's model_type, or an UnsupportedError naming the supported ones."""
+    """The family entry for config.json's model_type, or an UnsupportedError naming the supported ones."""
     model_type = config.get("model_type")
-    if model_type not in FAMILIES:
+    family = families.get(model_type)
+    if family is None:
         raise UnsupportedError(f"GGUF export does not support architecture {model_type!r} "
-                               f"(supported: {', '.join(FAMILIES)})")
-    return FAMILIES[model_type]
+                               f"(supported: {', '.join(families.FAMILIES)})")
+    return family
 
 
-def rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
-    """Rope settings from either transformers 5 (rope_parameters) or older (rope_theta + rope_scaling) configs."""
+def arch_of(family: Family) -> gguf.MODEL_ARCH:
+    """llama.cpp's architecture for the family (its entry names a gguf.MODEL_ARCH member)."""
+    return gguf.MODEL_ARCH[family.gguf_arch]
+
+
+def rope_parameters(config: dict[str, Any], family: Family) -> dict[str, Any]:
+    """Rope settings (of the global layers) from transformers 5 (rope_parameters) or older (rope_theta +
+    rope_scaling) configs."""
     params = dict(config.get("rope_scaling") or {})
     params.update(config.get("rope_parameters") or {})
     params = dict(params.get("full_attention", params))
     if "rope_type" not in params and "type" in params:
         params["rope_type"] = params["type"]
-    params.setdefault("rope_theta", config.get("rope_theta", 10000.0))
+    params.setdefault("rope_theta", config.get("rope_theta", family.rope_theta))
     return params
 
 
@@ -73,7 +61,6 @@ def _rope_dims(config: dict[str, Any], params: dict[str, Any]) -> int:
 
 def write_hparams(w: gguf.GGUFWriter, config: dict[str, Any], family: Family) -> None:
     """Architecture metadata ({arch}.context_length, ...) as llama.cpp's converter writes it."""
-    model_type = config["model_type"]
     n_head = config["num_attention_heads"]
     w.add_vocab_size(config["vocab_size"])
     w.add_context_length(config["max_position_embeddings"])
@@ -85,7 +72,7 @@ def write_hparams(w: gguf.GGUFWriter, config: dict[str, Any], family: Family) ->
     w.add_layer_norm_rms_eps(config["rms_norm_eps"])
     w.add_key_length(_head_dim(config))
     w.add_value_length(_head_dim(config))
-    params = rope_parameters(config)
+    params = rope_parameters(config, family)
     w.add_rope_freq_base(params["rope_theta"])
     w.add_rope_dimension_count(_rope_dims(config, params))
     rope_type = params.get("rope_type") or "default"
@@ -97,35 +84,69 @@ def write_hparams(w: gguf.GGUFWriter, config: dict[str, Any], family: Family) ->
         w.add_rope_scaling_factor(params["factor"])
         w.add_rope_scaling_orig_ctx_len(params["original_max_position_embeddings"])
     elif rope_type in ("longrope", "su"):
-        if model_type != "phi3":
-            raise UnsupportedError(f"rope type {rope_type!r} is only exported for phi3")
+        if not family.gguf_longrope:
+            raise UnsupportedError(f"rope type {rope_type!r} is not exported for {family.model_type}")
         w.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
         w.add_rope_scaling_attn_factors(_longrope_attn_factor(config, params))
     elif rope_type == "llama3":
         pass  # carried by the rope_freqs tensor (extra_tensors)
     elif rope_type != "default":
         raise UnsupportedError(f"rope type {rope_type!r} has no GGUF export here")
-    if model_type == "phi3":
+    if family.gguf_longrope:
         orig = params.get("original_max_position_embeddings", config.get("original_max_position_embeddings"))
         w.add_rope_scaling_orig_ctx_len(orig or config["max_position_embeddings"])
-        # 0 tells llama.cpp "no sliding window" (how Phi-4 is told apart from Phi-3)
-        w.add_sliding_window(config.get("sliding_window") or 0)
-    if model_type == "gemma2":
-        _check_gemma2_attention_scale(config)
-        w.add_attn_logit_softcapping(config["attn_logit_softcapping"])
-        w.add_final_logit_softcapping(config["final_logit_softcapping"])
-        w.add_sliding_window(config["sliding_window"])
+    _write_sliding_windows(w, config, family)
+    if family.query_pre_attn_scalar is not None:
+        _check_attention_scale(config, family)
+    if family.softcaps is not None:
+        _write_softcaps(w, config, family)
 
 
-def _check_gemma2_attention_scale(config: dict[str, Any]) -> None:
+def _write_sliding_windows(w: gguf.GGUFWriter, config: dict[str, Any], family: Family) -> None:
+    if not family.gguf_sliding_window:
+        return
+    window = config.get("sliding_window", family.default_window)
+    # 0 tells llama.cpp "no sliding window" (how Phi-4 is told apart from Phi-3)
+    w.add_sliding_window(window or 0)
+    if family.local_rope_theta is not None:
+        # Gemma 3: which layers slide, per layer (llama.cpp reads the array before its default
+        # pattern of 6), and the base of their RoPE
+        pattern = config.get("sliding_window_pattern") or family.window_pattern
+        types = config.get("layer_types") or [
+            "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(config["num_hidden_layers"])]
+        w.add_sliding_window_pattern([t == "sliding_attention" for t in types])
+        w.add_rope_freq_base_swa(_local_rope_theta(config, family))
+
+
+def _local_rope_theta(config: dict[str, Any], family: Family) -> float:
+    nested = (config.get("rope_parameters") or {}).get("sliding_attention") or {}
+    if nested.get("rope_type", "default") != "default":
+        raise UnsupportedError("llama.cpp does not scale the RoPE of sliding-window layers; "
+                               f"rope type {nested['rope_type']!r} there has no GGUF export")
+    return nested.get("rope_theta", config.get("rope_local_base_freq", family.local_rope_theta))
+
+
+def _write_softcaps(w: gguf.GGUFWriter, config: dict[str, Any], family: Family) -> None:
+    attn = config.get("attn_logit_softcapping", family.softcaps[0])
+    final = config.get("final_logit_softcapping", family.softcaps[1])
+    if attn is not None:
+        if not family.gguf_attn_softcap:
+            raise UnsupportedError(f"llama.cpp's {family.gguf_arch.lower()} has no attention softcap; "
+                                   f"attn_logit_softcapping={attn} has no GGUF export")
+        w.add_attn_logit_softcapping(attn)
+    if final is not None:
+        w.add_final_logit_softcapping(final)
+
+
+def _check_attention_scale(config: dict[str, Any], family: Family) -> None:
     # llama.cpp does not read query_pre_attn_scalar: it uses head_dim, or hidden/heads for the
-    # 46-layer 27B model; any other value would silently change every attention score
-    scalar = config.get("query_pre_attn_scalar", _head_dim(config))
-    used = (config["hidden_size"] // config["num_attention_heads"] if config["num_hidden_layers"] == 46
-            else _head_dim(config))
+    # 27B models (told apart by layer count); any other value would silently change every attention score
+    scalar = config.get("query_pre_attn_scalar", family.query_pre_attn_scalar)
+    used = (config["hidden_size"] // config["num_attention_heads"]
+            if config["num_hidden_layers"] == family.gguf_hidden_scale_layers else _head_dim(config))
     if scalar != used:
-        raise UnsupportedError(f"gemma2 query_pre_attn_scalar={scalar} but llama.cpp scales attention by "
-                               f"1/sqrt({used}) for this shape; the GGUF would compute different outputs")
+        raise UnsupportedError(f"{family.model_type} query_pre_attn_scalar={scalar} but llama.cpp scales attention "
+                               f"by 1/sqrt({used}) for this shape; the GGUF would compute different outputs")
 
 
 def _longrope_attn_factor(config: dict[str, Any], params: dict[str, Any]) -> float:
@@ -143,9 +164,9 @@ def tensor_name(name_map: gguf.TensorNameMap, hf_name: str) -> str:
     return new
 
 
-def extra_tensors(config: dict[str, Any]) -> list[tuple[str, np.ndarray]]:
+def extra_tensors(config: dict[str, Any], family: Family) -> list[tuple[str, np.ndarray]]:
     """Tensors llama.cpp needs that HF computes on the fly: llama3 rope_freqs, phi3 long/short factors."""
-    params = rope_parameters(config)
+    params = rope_parameters(config, family)
     rope_type = params.get("rope_type")
     names = gguf.TENSOR_NAMES
     if rope_type == "llama3":

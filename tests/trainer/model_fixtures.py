@@ -23,7 +23,7 @@ def hf_checkpoint(out: Path, family: str, *, seed: int = 0, dtype: torch.dtype =
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, VOCAB, **overrides), dtype=dtype).eval()
-    gemma_norm = family in ("gemma", "gemma2")
+    gemma_norm = family.startswith("gemma")  # Gemma's norms scale by (1 + w): weights spread around 0
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:

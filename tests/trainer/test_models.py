@@ -36,6 +36,27 @@ PARITY_CASES = {
     "phi3_longrope_partial_window": ("phi3", dict(pad_token_id=None, rope_parameters=LONGROPE,
                                                   original_max_position_embeddings=16, max_position_embeddings=64,
                                                   sliding_window=8)),
+    # Current releases' shapes: Llama 3.2 (tied head, llama3 scaling with factor 32), Mistral Small 3
+    # (head_dim 128 with hidden 5120 / 32 heads: here 32 != 64 / 4), Phi-4-mini (3/4 of each head rotated,
+    # LongRoPE, tied head).
+    "llama3_2_tied_rope_scaling": ("llama", dict(tie_word_embeddings=True, rope_parameters=dict(
+        rope_type="llama3", rope_theta=500000.0, factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=16))),
+    "mistral_small_3_head_dim": ("mistral", dict(head_dim=32, sliding_window=None)),
+    "phi4_mini_partial_rotary": ("phi3", dict(pad_token_id=None, tie_word_embeddings=True, rope_parameters=dict(
+        rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.75, short_factor=[1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+        long_factor=[1.0, 2.0, 3.0, 5.0, 8.0, 13.0]), original_max_position_embeddings=16, max_position_embeddings=64)),
+    # Qwen3: per-head q/k norm, head_dim 32 (hidden / heads is 16), tied head (FAMILY_CONFIGS)
+    "qwen3": ("qwen3", {}),
+    "qwen3_untied_sliding_layers": ("qwen3", dict(tie_word_embeddings=False, use_sliding_window=True, sliding_window=8,
+                                                  max_window_layers=1)),
+    # Gemma 3: six layers, so five slide (RoPE base 10,000) and the sixth is global (base 1,000,000)
+    "gemma3_text": ("gemma3_text", dict(num_hidden_layers=6)),
+    # the 4B+ configs: linear scaling on the global layers only; layer_types read as given
+    "gemma3_text_linear_scaling_layer_types": ("gemma3_text", dict(
+        num_hidden_layers=3, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_scaling=dict(rope_type="linear", factor=8.0), rope_theta=100000.0, rope_local_base_freq=100.0)),
+    "gemma3_text_final_softcap": ("gemma3_text", dict(final_logit_softcapping=2.0, query_pre_attn_scalar=24)),
 }
 
 
@@ -62,7 +83,7 @@ def test_logits_and_loss_equal_transformers(tmp_path, case):
     assert out.loss.dtype == torch.float32
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"])
 def test_parameter_names_equal_transformers_state_dict(tmp_path, family):
     hf = hf_checkpoint(tmp_path, family, pad_token_id=None)
     ours = load_model(tmp_path, dtype=torch.float32)
@@ -84,7 +105,8 @@ def test_phi3_keeps_fused_projections_as_peft_names_them(tmp_path):
     assert wrapped == ours_targets
 
 
-@pytest.mark.parametrize("family,overrides", [("llama", {}), ("gemma2", dict(sliding_window=8))])
+@pytest.mark.parametrize("family,overrides", [("llama", {}), ("gemma2", dict(sliding_window=8)),
+                                              ("gemma3_text", dict(num_hidden_layers=6))])
 def test_packed_batch_gives_the_per_example_losses_of_examples_run_one_by_one(tmp_path, family, overrides):
     hf = hf_checkpoint(tmp_path, family, **overrides)
     ours = load_model(tmp_path, dtype=torch.float32)
@@ -192,10 +214,11 @@ def test_4bit_load_quantizes_every_targetable_linear_to_nf4_with_double_quantiza
     assert type(model.lm_head) is torch.nn.Linear and model.model.embed_tokens.weight.dtype == torch.float32
 
 
-def test_4bit_logits_equal_transformers_qlora_model_and_stay_near_16bit(tmp_path):
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text"])
+def test_4bit_logits_equal_transformers_qlora_model_and_stay_near_16bit(tmp_path, family):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    hf_checkpoint(tmp_path, "llama")
+    hf_checkpoint(tmp_path, family)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.float32)
     hf4 = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant, device_map="cpu",
@@ -219,6 +242,21 @@ def test_4bit_logits_equal_transformers_qlora_model_and_stay_near_16bit(tmp_path
     assert abs(out4.loss.item() - out16.loss.item()) < 0.5 * out16.loss.item()
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text"])
+def test_bfloat16_load_is_as_close_to_float32_as_transformers_own_bfloat16(tmp_path, family):
+    hf = hf_checkpoint(tmp_path, family)
+    ids, _ = _inputs()
+    with torch.no_grad():
+        exact = hf(input_ids=ids).logits
+        theirs = hf.to(torch.bfloat16)(input_ids=ids).logits.float()
+        ours = load_model(tmp_path, dtype=torch.bfloat16)(ids).logits.float()
+    assert load_model(tmp_path, dtype=torch.bfloat16).model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+    # Both round every matmul and norm to bfloat16 (8 bits of mantissa); ours keeps the norms' weight
+    # multiply in float32, so it may be a little closer, never much further.
+    their_error = (theirs - exact).abs().max().item()
+    assert 0 < (ours - exact).abs().max().item() <= 2 * their_error
+
+
 def test_unsupported_model_type_names_the_supported_ones(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64}))
     with pytest.raises(UnsupportedModelError) as e:
@@ -226,7 +264,7 @@ def test_unsupported_model_type_names_the_supported_ones(tmp_path):
     assert isinstance(e.value, HealerError)
     message = str(e.value)
     assert "gpt2" in message and str(tmp_path) in message
-    for family in ("llama", "mistral", "qwen2", "gemma", "gemma2", "phi3"):
+    for family in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"):
         assert family in message
 
 

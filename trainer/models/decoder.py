@@ -1,4 +1,5 @@
-"""One decoder for Llama, Mistral, Qwen2, Gemma, Gemma 2 and Phi-3, in the order data flows.
+"""One decoder for every family of healer/families.py (Llama, Mistral, Qwen2, Qwen3, Gemma 1-3, Phi-3),
+in the order data flows.
 
 Module and parameter names mirror transformers' (model.embed_tokens, model.layers.N.self_attn.q_proj,
 ..., model.norm, lm_head), so HF safetensors keys and PEFT adapter keys map 1:1. Every linear LoRA
@@ -79,7 +80,10 @@ class RotaryEmbedding(nn.Module):
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention with RoPE; per-layer sliding window and score softcap."""
+    """Grouped-query self-attention with RoPE; per-layer sliding window and score softcap.
+
+    With `spec.qk_norm` (Qwen3, Gemma 3) each head of q and of k is RMS-normed over head_dim before RoPE.
+    """
 
     def __init__(self, spec: ModelSpec, layer_idx: int):
         super().__init__()
@@ -95,6 +99,9 @@ class Attention(nn.Module):
             self.k_proj = nn.Linear(spec.hidden_size, kv * d, bias=spec.qkv_bias)
             self.v_proj = nn.Linear(spec.hidden_size, kv * d, bias=spec.qkv_bias)
         self.o_proj = nn.Linear(h * d, spec.hidden_size, bias=spec.o_bias)
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(d, spec.rms_norm_eps, spec.norm_offset)
+            self.k_norm = RMSNorm(d, spec.rms_norm_eps, spec.norm_offset)
         self.sliding_window = spec.sliding_windows[layer_idx]
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -106,6 +113,9 @@ class Attention(nn.Module):
                                               s.num_kv_heads * s.head_dim], dim=-1)
         else:
             q, k, v = self._qkv(x)
+        if s.qk_norm:  # the norm's output is a fresh tensor, so RoPE below may still work in place
+            q = self.q_norm(q.unflatten(-1, (s.num_heads, s.head_dim))).flatten(-2)
+            k = self.k_norm(k.unflatten(-1, (s.num_kv_heads, s.head_dim))).flatten(-2)
         # Rotated while still the projections' own [B, T, H * D] tensors, so the kernel can work in place
         # (Phi-3's split q, k are views of qkv and are rotated out of place: see kernels/rope.py).
         q, k = apply_rope(q, k, cos, sin, s.head_dim)
@@ -170,7 +180,7 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm residual block; Gemma 2 also norms the attention and MLP outputs ("sandwich")."""
+    """Pre-norm residual block; Gemma 2 and 3 also norm the attention and MLP outputs ("sandwich")."""
 
     def __init__(self, spec: ModelSpec, layer_idx: int):
         super().__init__()
@@ -179,7 +189,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = norm()
         self.self_attn = Attention(spec, layer_idx)
         # The names follow the checkpoints: in Llama-style models post_attention_layernorm is the norm
-        # *before* the MLP; in Gemma 2 it norms the attention output and pre_feedforward_layernorm
+        # *before* the MLP; in Gemma 2 and 3 it norms the attention output and pre_feedforward_layernorm
         # comes before the MLP.
         self.post_attention_layernorm = norm()
         if self.sandwich:
@@ -199,7 +209,7 @@ class DecoderLayer(nn.Module):
         x, h = self.post_attention_layernorm.forward_add(x, h)
         # In a recompute nothing reads this sum (the add saves nothing for backward), so the MLP may skip
         # its down product: a [tokens x intermediate x hidden] matmul, a third of the MLP's, per layer.
-        # Not in Gemma 2 above: its post-MLP norm saves the MLP output for its backward.
+        # Not in Gemma 2/3 above: its post-MLP norm saves the MLP output for its backward.
         return x + self.mlp(h, output=not in_recompute())
 
 
@@ -211,6 +221,8 @@ class Decoder(nn.Module):
         self.spec = spec
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size, padding_idx=spec.pad_token_id)
         self.rotary_emb = RotaryEmbedding(spec.rope)
+        if spec.local_rope is not None:  # Gemma 3's sliding-window layers rotate with their own base
+            self.local_rotary_emb = RotaryEmbedding(spec.local_rope)
         self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_offset)
         self.gradient_checkpointing = False
@@ -226,8 +238,9 @@ class Decoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 documents: torch.Tensor | None) -> torch.Tensor:
         h = self.embed(input_ids)
-        cos, sin = self.rotary_emb(position_ids)
         s = self.spec
+        tables = self.rotary_emb(position_ids)
+        local_tables = self.local_rotary_emb(position_ids) if s.local_rope is not None else tables
         flex = flex_attention_enabled(input_ids)
         check = None
         if flex:  # q, k, v come out of the projections in the autocast dtype when autocast is on
@@ -242,6 +255,7 @@ class Decoder(nn.Module):
             # each layer gets only its own mask: a dict keyed by None would trip the profiler's
             # record_shapes, which converts autograd.Function arguments (checkpoint's) to IValues
             mask = masks[layer.self_attn.sliding_window]
+            cos, sin = tables if layer.self_attn.sliding_window is None else local_tables
             if self.gradient_checkpointing and self.training:
                 h = checkpoint(layer, h, cos, sin, mask, use_reentrant=False, context_fn=recompute_context,
                                preserve_rng_state=keep_rng)

@@ -9,7 +9,7 @@ from torch import nn
 
 from healer.checkpoint import Checkpoint
 from healer.errors import CheckpointError
-from trainer.models.decoder import CausalLM
+from trainer.models.decoder import CausalLM, RotaryEmbedding
 from trainer.models.spec import ModelSpec
 
 
@@ -36,7 +36,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
         _load_parameter(ckpt, model, name, param, dtype, device)
     if spec.tie_word_embeddings:
         model.tie_weights()
-    model.model.rotary_emb.to(device)
+    for rotary in (m for m in model.modules() if isinstance(m, RotaryEmbedding)):
+        rotary.to(device)
     return model
 
 

@@ -1,6 +1,7 @@
-"""ModelSpec: the handful of switches that separate the six decoder families, read from config.json.
+"""ModelSpec: the handful of switches that separate the decoder families, read from config.json.
 
-Everything family-specific lives here; the decoder reads only the spec. Both config.json layouts
+Which switches a family turns on is its entry in healer/families.py; this module reads config.json
+through that entry, and the decoder reads only the spec. Both config.json layouts
 are read: transformers 5 (`rope_parameters`) and older files (`rope_theta` + `rope_scaling`).
 """
 
@@ -12,9 +13,10 @@ from typing import Any
 
 import torch
 
+from healer import families
 from healer.errors import CheckpointError
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gemma2", "phi3")
+SUPPORTED_FAMILIES = tuple(families.FAMILIES)
 ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
                "gelu": "gelu"}
@@ -83,6 +85,7 @@ class ModelSpec:
     max_position_embeddings: int
     rms_norm_eps: float = 1e-6
     norm_offset: float = 0.0  # Gemma's RMSNorm multiplies by (1 + w)
+    qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over each head of q and k before RoPE
     activation: str = "silu"  # silu | gelu_tanh | gelu
     embed_scale: float | None = None  # Gemma multiplies embeddings by sqrt(hidden), rounded to the model dtype
     tie_word_embeddings: bool = False
@@ -95,7 +98,8 @@ class ModelSpec:
     attn_softcap: float | None = None
     final_softcap: float | None = None
     sliding_windows: tuple[int | None, ...] = ()  # per layer, None = full causal; () = None everywhere
-    sandwich_norms: bool = False  # Gemma 2: norms after attention and around the MLP too
+    local_rope: RopeSpec | None = None  # Gemma 3: RoPE of the sliding-window layers; None: `rope` everywhere
+    sandwich_norms: bool = False  # Gemma 2/3: norms after attention and around the MLP too
     pad_token_id: int | None = None
 
     def __post_init__(self):
@@ -116,22 +120,34 @@ class ModelSpec:
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> ModelSpec:
         """Read a config.json dict; raises UnsupportedModelError for other architectures or RoPE types."""
-        family = config.get("model_type")
-        if family not in SUPPORTED_FAMILIES:
+        model_type = config.get("model_type")
+        family = families.get(model_type)
+        if config.get("vision_config") is not None:
             raise UnsupportedModelError(
-                f"model_type {family!r} is not supported by the trainer (supported: {', '.join(SUPPORTED_FAMILIES)})")
+                f"model_type {model_type!r} is a multimodal checkpoint (it has a vision tower); only text models "
+                f"are supported (supported: {', '.join(SUPPORTED_FAMILIES)})")
+        if family is None:
+            raise UnsupportedModelError(
+                f"model_type {model_type!r} is not supported by the trainer (supported: {', '.join(SUPPORTED_FAMILIES)})")
+        if config.get("use_bidirectional_attention"):
+            raise UnsupportedModelError("use_bidirectional_attention (an embedding model) is not supported: "
+                                        "the trainer trains causal language models")
         hidden, heads = _need(config, "hidden_size"), _need(config, "num_attention_heads")
         layers = _need(config, "num_hidden_layers")
         head_dim = config.get("head_dim") or hidden // heads
         kv_heads = config.get("num_key_value_heads") or heads
         if heads % kv_heads:
             raise CheckpointError(f"config.json: {heads} attention heads are not a multiple of {kv_heads} kv heads")
-        gemma = family in ("gemma", "gemma2")
-        attention_bias = bool(config.get("attention_bias", False)) and family not in ("mistral", "phi3")
+        attention_bias = bool(config.get("attention_bias", False))
         pad = config.get("pad_token_id")
         vocab = _need(config, "vocab_size")
+        scalar = config.get("query_pre_attn_scalar", family.query_pre_attn_scalar)
+        attn_softcap, final_softcap = (config.get("attn_logit_softcapping", family.softcaps[0]),
+                                       config.get("final_logit_softcapping", family.softcaps[1])) \
+            if family.softcaps is not None else (None, None)
+        windows = _sliding_windows(config, family, layers)
         return cls(
-            family=family,
+            family=model_type,
             vocab_size=vocab,
             hidden_size=hidden,
             intermediate_size=_need(config, "intermediate_size"),
@@ -139,23 +155,26 @@ class ModelSpec:
             num_heads=heads,
             num_kv_heads=kv_heads,
             head_dim=head_dim,
-            rope=_rope(config, head_dim),
+            rope=_rope(config, head_dim, family),
             max_position_embeddings=config.get("max_position_embeddings") or 0,
             rms_norm_eps=config.get("rms_norm_eps", 1e-6),
-            norm_offset=1.0 if gemma else 0.0,
+            norm_offset=family.norm_offset,
+            qk_norm=family.qk_norm,
             activation=_activation(config, family),
-            embed_scale=hidden**0.5 if gemma else None,
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", gemma)),
-            qkv_bias=True if family == "qwen2" else attention_bias,
-            o_bias=False if family == "qwen2" else attention_bias,
-            mlp_bias=family == "llama" and bool(config.get("mlp_bias", False)),
-            fused_qkv=family == "phi3",
-            fused_gate_up=family == "phi3",
-            attn_scale=config.get("query_pre_attn_scalar", 256) ** -0.5 if family == "gemma2" else None,
-            attn_softcap=config.get("attn_logit_softcapping", 50.0) if family == "gemma2" else None,
-            final_softcap=config.get("final_logit_softcapping", 30.0) if family == "gemma2" else None,
-            sliding_windows=_sliding_windows(config, family, layers),
-            sandwich_norms=family == "gemma2",
+            embed_scale=hidden**0.5 if family.embed_scale else None,
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", family.tied_head)),
+            qkv_bias=attention_bias if family.qkv_bias is None else family.qkv_bias,
+            o_bias=attention_bias if family.o_bias is None else family.o_bias,
+            mlp_bias=family.mlp_bias and bool(config.get("mlp_bias", False)),
+            fused_qkv=family.fused_qkv,
+            fused_gate_up=family.fused_gate_up,
+            attn_scale=scalar**-0.5 if family.query_pre_attn_scalar is not None else None,
+            attn_softcap=attn_softcap,
+            final_softcap=final_softcap,
+            sliding_windows=windows,
+            local_rope=(_rope(config, head_dim, family, local=True)
+                        if family.local_rope_theta is not None and any(w is not None for w in windows) else None),
+            sandwich_norms=family.sandwich_norms,
             pad_token_id=pad if isinstance(pad, int) and 0 <= pad < vocab else None,
         )
 
@@ -166,47 +185,51 @@ def _need(config: dict[str, Any], key: str) -> Any:
     return config[key]
 
 
-def _activation(config: dict[str, Any], family: str) -> str:
-    if family in ("gemma", "gemma2"):
-        name = config.get("hidden_activation") or config.get("hidden_act") or "gelu_pytorch_tanh"
-        # Gemma's original configs say "gelu" but the weights were trained with the tanh approximation
-        # (transformers maps it the same way).
-        if family == "gemma" and name == "gelu":
-            name = "gelu_pytorch_tanh"
-    else:
-        name = config.get("hidden_act") or "silu"
+def _activation(config: dict[str, Any], family: families.Family) -> str:
+    name = next((config[k] for k in family.activation_keys if config.get(k)), family.activation)
+    if family.gelu_is_tanh and name == "gelu":  # as transformers maps Gemma's "gelu"
+        name = "gelu_pytorch_tanh"
     if name not in ACTIVATIONS:
         raise UnsupportedModelError(f"activation {name!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
     return ACTIVATIONS[name]
 
 
-def _sliding_windows(config: dict[str, Any], family: str, layers: int) -> tuple[int | None, ...]:
-    window = config.get("sliding_window")
-    if family in ("mistral", "phi3"):  # one window (or none: Mistral v0.2+ sets null) on every layer
+def _sliding_windows(config: dict[str, Any], family: families.Family, layers: int) -> tuple[int | None, ...]:
+    window = config.get("sliding_window", family.default_window)
+    if family.sliding == "all":  # one window (or none: Mistral v0.2+ sets null) on every layer
         return (window,) * layers
-    if family == "qwen2":
+    if family.sliding == "qwen":
         window = window if config.get("use_sliding_window") else None
         first = config.get("max_window_layers", layers)
         types = config.get("layer_types") or [
             "sliding_attention" if window is not None and i >= first else "full_attention" for i in range(layers)]
-    elif family == "gemma2":
-        window = config.get("sliding_window", 4096)
+    elif family.sliding == "pattern":  # every pattern-th layer (1-based) is global, as transformers places them
+        pattern = config.get("sliding_window_pattern") or family.window_pattern
         types = config.get("layer_types") or [
-            "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+            "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
     else:
+        assert family.sliding == "none", family.sliding
         return (None,) * layers
     if len(types) != layers:
         raise CheckpointError(f"config.json: layer_types lists {len(types)} layers, num_hidden_layers is {layers}")
     return tuple(window if t == "sliding_attention" else None for t in types)
 
 
-def _rope(config: dict[str, Any], head_dim: int) -> RopeSpec:
+def _rope(config: dict[str, Any], head_dim: int, family: families.Family, local: bool = False) -> RopeSpec:
+    """The RoPE of the global layers, or with `local` of the sliding-window layers (Gemma 3's own base)."""
     params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    theta = config.get("rope_theta", family.rope_theta)
+    if "full_attention" in params or "sliding_attention" in params:  # transformers 5: one dict per layer type
+        params = dict(params.get("sliding_attention" if local else "full_attention") or {})
+    elif local:  # older files: rope_scaling is the global layers'; local ones rotate unscaled at their own base
+        params = {}
+    if local:
+        theta = config.get("rope_local_base_freq", family.local_rope_theta)
     kind = params.get("rope_type", params.get("type", "default"))
     kind = {"su": "longrope"}.get(kind, kind)  # Phi-3's first releases called LongRoPE "su"
     if kind not in ROPE_TYPES:
         raise UnsupportedModelError(f"rope type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
-    theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
+    theta = params.get("rope_theta", theta)
     partial = params.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
     max_pos = config.get("max_position_embeddings") or 0
     # As in transformers: a top-level original_max_position_embeddings (Phi-3) wins over the rope dict's.
