@@ -12,8 +12,9 @@ from __future__ import annotations
 from healer.templates.registry import TEMPLATES, ChatTemplate
 from healer.templates.render import Message, TemplateError, compile_template, render_source
 
-# Passed to every probe render: Llama 3.2's official template otherwise writes today's date
-PROBE_VARIABLES: dict[str, object] = {"date_string": "26 Jul 2024"}
+# Variables every probe render gets. No date_string on purpose: Llama 3.2's template writes today's
+# date without one, 3.1's and 3.3's a fixed date, and the probes must tell them apart
+PROBE_VARIABLES: dict[str, object] = {}
 
 
 def _m(role: str, content: str) -> dict[str, str]:

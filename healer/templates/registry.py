@@ -12,11 +12,15 @@ which is what gets written into a checkpoint (llama.cpp and others do not know t
 sources goes through `{{- ... }}` so removing the tags cannot change whitespace.
 
 Naming decisions:
-- `llama-3` is the Llama 3.0 Instruct template; `llama-3.1` is the 3.1 / 3.2 / 3.3 one, which
-  always writes a system header with "Cutting Knowledge Date: December 2023" and
-  "Today Date: {date_string}" (default "26 Jul 2024", as in 3.1 and 3.3; 3.2's official
-  template asks `strftime_now` for today's date unless `date_string` is passed, so it matches
-  ours when the date is passed).
+- `llama-3` is the Llama 3.0 Instruct template. Llama 3.1, 3.2 and 3.3 always write a system header
+  with "Cutting Knowledge Date: December 2023" and "Today Date: {date_string}"; they differ only
+  in the default date. `llama-3.1` defaults to "26 Jul 2024", as 3.1's and 3.3's official
+  templates do (3.3's is byte for byte 3.1's, so `llama-3.3` is an alias of `llama-3.1`, not an
+  entry: detection could never tell two equal entries apart). `llama-3.2` is an entry of its own
+  because 3.2's official template writes today's date (`strftime_now("%d %b %Y")`) unless
+  `date_string` is passed: every day but one it renders differently from 3.1's. Training data
+  rendered with it therefore carries the date of the run, exactly as the official template would
+  render it; pass `date_string` for a fixed one.
 - Mistral has three spellings that differ only in spaces (each space is a token): `mistral-v1`
   (Mistral-7B-Instruct v0.1/v0.2, Mixtral-8x7B: `<s> [INST] q [/INST] a</s>`), `mistral-v3`
   (Mistral-7B-Instruct-v0.3, Mixtral-8x22B: `<s>[INST] q[/INST] a</s>`, [INST] is a control
@@ -225,10 +229,12 @@ LLAMA3 = r"""
         {{- bos_token }}
     {%- endif %}""" + _LLAMA3_TURNS
 
-LLAMA31 = r"""
+
+def _llama31(default_date: str) -> str:
+    return r"""
 {{- bos_token }}
 {%- if date_string is not defined %}
-    {%- set date_string = '26 Jul 2024' %}
+    {%- set date_string = """ + default_date + r""" %}
 {%- endif %}
 {%- if messages[0]['role'] == 'system' %}
     {%- set system_message = messages[0]['content'] | trim %}
@@ -240,6 +246,10 @@ LLAMA31 = r"""
 {{- '<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\nToday Date: ' }}
 {{- date_string + '\n\n' + system_message + '<|eot_id|>' }}
 {%- for message in loop_messages %}""" + _LLAMA3_TURNS
+
+
+LLAMA31 = _llama31("'26 Jul 2024'")
+LLAMA32 = _llama31("strftime_now('%d %b %Y')")
 
 
 def _mistral(inst: str, end_inst: str, before_answer: str, system_turn: str, trim: bool) -> str:
@@ -415,8 +425,12 @@ TEMPLATES: dict[str, ChatTemplate] = {t.name: t for t in (
     ChatTemplate("llama-3", "Llama 3.0 Instruct (no date header)",
                  LLAMA3.strip(), "<|eot_id|>", "<|start_header_id|>assistant<|end_header_id|>\n\n", True,
                  _LLAMA3_MARKERS, "<|begin_of_text|>", "<|eot_id|>"),
-    ChatTemplate("llama-3.1", "Llama 3.1/3.2/3.3 Instruct without tools (system header with knowledge/today date)",
+    ChatTemplate("llama-3.1", "Llama 3.1 and 3.3 (alias llama-3.3) Instruct without tools: system header with "
+                 "knowledge date and date_string (default 26 Jul 2024)",
                  LLAMA31.strip(), "<|eot_id|>", "<|start_header_id|>assistant<|end_header_id|>\n\n", True,
+                 _LLAMA3_MARKERS, "<|begin_of_text|>", "<|eot_id|>"),
+    ChatTemplate("llama-3.2", "Llama 3.2 Instruct without tools: as llama-3.1, but date_string defaults to today",
+                 LLAMA32.strip(), "<|eot_id|>", "<|start_header_id|>assistant<|end_header_id|>\n\n", True,
                  _LLAMA3_MARKERS, "<|begin_of_text|>", "<|eot_id|>"),
     ChatTemplate("mistral-v1", "Mistral v1 tokenizer (7B-Instruct v0.1/v0.2, Mixtral-8x7B): ' [INST] q [/INST] a</s>'",
                  _mistral(" [INST] ", " [/INST]", " ", "first", trim=False).strip(), None, "", True, (),
@@ -445,14 +459,19 @@ TEMPLATES: dict[str, ChatTemplate] = {t.name: t for t in (
 )}
 
 
+# Other names `get` accepts for an entry (see "Naming decisions" above)
+ALIASES: dict[str, str] = {"llama-3.3": "llama-3.1"}
+
+
 def names() -> list[str]:
-    """Registry entry names, in registry order."""
+    """Registry entry names, in registry order (aliases not included)."""
     return list(TEMPLATES)
 
 
 def get(name: str) -> ChatTemplate:
-    """The registry entry called `name`; TemplateError listing the known names otherwise."""
+    """The registry entry called `name` (or aliased so); TemplateError listing the known names otherwise."""
     try:
-        return TEMPLATES[name]
+        return TEMPLATES[ALIASES.get(name, name)]
     except KeyError:
-        raise TemplateError(f"unknown chat template {name!r}; known: {', '.join(TEMPLATES)}") from None
+        known = ", ".join([*TEMPLATES, *ALIASES])
+        raise TemplateError(f"unknown chat template {name!r}; known: {known}") from None

@@ -26,8 +26,8 @@ from pathlib import Path
 import testdata
 
 LLAMA_CPP_OFFICIAL = {
-    "llama-3.1": ["meta-llama-Llama-3.1-8B-Instruct", "meta-llama-Llama-3.2-3B-Instruct",
-                  "meta-llama-Llama-3.3-70B-Instruct"],
+    "llama-3.1": ["meta-llama-Llama-3.1-8B-Instruct", "meta-llama-Llama-3.3-70B-Instruct"],
+    "llama-3.2": ["meta-llama-Llama-3.2-3B-Instruct"],
     "gemma": ["google-gemma-2-2b-it"],
     "phi-3": ["microsoft-Phi-3.5-mini-instruct"],
     "qwen2.5": ["Qwen-Qwen2.5-7B-Instruct"],

@@ -54,7 +54,7 @@ TOKENIZERS = {
     "qwen3-real": lambda: real("qwen3"),
     "gemma3-real": lambda: real("gemma3"),
 }
-PAIRS = [("llama-3", "llama-bpe"), ("llama-3.1", "llama-bpe"), ("qwen2.5", "qwen2"), ("chatml", "qwen2"),
+PAIRS = [("llama-3", "llama-bpe"), ("llama-3.1", "llama-bpe"), ("llama-3.2", "llama-bpe"), ("qwen2.5", "qwen2"), ("chatml", "qwen2"),
          ("chatml", "llama-spm+chatml"), ("phi-3", "phi-3"), ("llama-2", "llama-spm"), ("zephyr", "llama-spm"),
          ("vicuna", "llama-spm"), ("alpaca", "llama-spm"), ("gemma", "llama-spm+gemma"),
          ("mistral-v1", "mistral-v1"), ("mistral-v3", "mistral-v3"), ("mistral-nemo", "mistral-v3"),

@@ -40,8 +40,7 @@ def _compare(entry, reference: str, **variables) -> int:
 
 @pytest.mark.parametrize("name,official", [(n, o) for n, offs in LLAMA_CPP_OFFICIAL.items() for o in offs])
 def test_entry_renders_like_official_template_from_llama_cpp(name, official):
-    variables = {"date_string": "26 Jul 2024"} if "3.2" in official else {}  # 3.2 writes today's date otherwise
-    assert _compare(get(name), testdata.template(official), **variables) >= 12
+    assert _compare(get(name), testdata.template(official)) >= 12
 
 
 @pytest.mark.parametrize("name", sorted(QUOTED_OFFICIAL))
@@ -108,6 +107,26 @@ def test_llama31_date_string_is_a_variable_like_the_official_one():
         assert ours == hf_render(official, conv, False, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
                                  date_string=date)
         assert f"Today Date: {date}\n\n" in ours
+
+
+def test_llama32_date_defaults_to_today_like_the_official_one():
+    from datetime import datetime
+
+    conv = CONVERSATIONS["one_turn"]
+    official = testdata.template("meta-llama-Llama-3.2-3B-Instruct")
+    tokens = dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+    for variables in ({}, {"date_string": "01 Jan 2025"}):
+        ours = get("llama-3.2").render(conv, **variables)
+        assert ours == hf_render(official, conv, False, **tokens, **variables)
+        date = variables.get("date_string", datetime.now().strftime("%d %b %Y"))
+        assert f"Today Date: {date}\n\n" in ours
+    assert get("llama-3.2").render(conv) != get("llama-3.1").render(conv)  # unless today is 26 Jul 2024
+
+
+def test_llama33_is_an_alias_of_llama31_because_the_official_templates_are_equal():
+    assert testdata.template("meta-llama-Llama-3.3-70B-Instruct") == testdata.template("meta-llama-Llama-3.1-8B-Instruct")
+    assert get("llama-3.3") is get("llama-3.1")
+    assert "llama-3.3" not in names()
 
 
 def test_chatml_renders_like_qwen25_official_when_a_system_prompt_is_given():
@@ -267,7 +286,7 @@ def test_control_tokens_are_written_by_the_template(name):
         assert marker in text, marker
 
 
-@pytest.mark.parametrize("name,tokenizer", [("llama-3", "llama-bpe"), ("llama-3.1", "llama-bpe"),
+@pytest.mark.parametrize("name,tokenizer", [("llama-3", "llama-bpe"), ("llama-3.1", "llama-bpe"), ("llama-3.2", "llama-bpe"),
                                             ("qwen2.5", "qwen2"), ("chatml", "qwen2"), ("phi-3", "phi-3")])
 def test_control_tokens_are_single_ids_in_the_family_tokenizer(name, tokenizer):
     from tokenizers import Tokenizer
