@@ -294,7 +294,9 @@ def trainer_run(config_file: Path | None, resume_dir: Path | None, force: bool, 
               help="Output: a directory (--format hf) or a .gguf file (--format gguf).")
 @click.option("--format", "fmt", type=click.Choice(["hf", "gguf"]), default="hf", show_default=True,
               help="hf: merged safetensors checkpoint dir; gguf: one file for llama.cpp.")
-@click.option("--quant", default="f16", show_default=True, help="GGUF type: f16, bf16, q8_0 or q4_0.")
+@click.option("--quant", default="f16", show_default=True,
+              help="GGUF type: f16, bf16, q8_0, q4_0, or a k-quant mix as llama-quantize makes it: "
+                   "q4_k_m, q4_k_s, q5_k_m, q5_k_s, q6_k, q3_k_m, q2_k.")
 @click.option("--dtype", default="auto", show_default=True,
               help="hf weights dtype: auto (the base's), bfloat16, float16 or float32.")
 @click.option("--base", type=click.Path(path_type=Path), help="Base model dir (default: the one the adapter records).")

@@ -9,7 +9,11 @@ the requested type. f16 is numpy's float16 cast; bf16, q8_0 and q4_0 use gguf's 
 quantizers (gguf.quants.quantize). Rows whose length is not a multiple of the 32-wide
 quant block fall back to F16 as in the converter. For q4_0 the output projection (or
 token_embd where it doubles as the output) is stored as Q8_0: llama-quantize uses Q6_K
-there, which gguf cannot quantize, and 4-bit output layers cost much more quality.
+there, and 4-bit output layers cost much more quality.
+
+The k-quant mixes (q4_k_m, q6_k, ...) give each 2-D weight the type llama-quantize would
+(export.kquants.mix_types) and quantize K-types with our torch port of llama.cpp's quantizers
+(export.kquants.quantize); their 32-wide fallbacks (Q4_0, Q5_0, Q5_1, Q8_0) use gguf's.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from export import kquants
 from export.errors import UnsupportedError
 from export.gguf_arch import (
     SKIPPED_SUFFIXES,
@@ -40,6 +45,7 @@ QUANTS = {
     "bf16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16),
     "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
     "q4_0": (Q.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
+    **kquants.MIXES,
 }
 # quantize this many values at a time: gguf's quantizers make several float32 temporaries
 CHUNK_VALUES = 1 << 24
@@ -65,6 +71,8 @@ def _convert(arr: np.ndarray, qtype: Q) -> np.ndarray:
         return np.ascontiguousarray(arr, dtype=np.float32)
     if qtype == Q.F16:
         return arr.astype(np.float16)
+    if qtype in kquants.QUANTIZERS:
+        return kquants.quantize(arr, qtype)
     rows = arr.reshape(-1, arr.shape[-1])
     out = np.empty(gguf.quants.quant_shape_to_byte_shape(rows.shape, qtype), dtype=np.uint8)
     step = max(1, CHUNK_VALUES // rows.shape[1])
@@ -79,12 +87,21 @@ def _nbytes(shape: tuple[int, ...], qtype: Q) -> int:
     return n // block * size
 
 
-def _plan(src: Source, name_map: gguf.TensorNameMap, qtype: Q, family) -> list[tuple[str, str, tuple, Q]]:
+def _plan(src: Source, name_map: gguf.TensorNameMap, quant: str, family) -> list[tuple[str, str, tuple, Q]]:
     """(hf name, gguf name, numpy shape, type) for every tensor of the model, in file order."""
     names = [n for n in src.tensor_names() if not n.endswith(SKIPPED_SUFFIXES)
              and not (family.drop_lm_head and n == "lm_head.weight")]
     output = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.OUTPUT] + ".weight"
     mapped = [(n, tensor_name(name_map, n), tuple(src.shape(n))) for n in names]
+    qtype = QUANTS[quant][0]
+    if quant in kquants.MIXES:
+        config = src.config
+        weights = [(g, s[-1]) for _, g, s in mapped if _tensor_type(g, s, Q.F16, False) != Q.F32]
+        types = kquants.mix_types(quant, weights, n_layer=config["num_hidden_layers"],
+                                  n_head=config["num_attention_heads"],
+                                  n_head_kv=config.get("num_key_value_heads") or config["num_attention_heads"],
+                                  arch=arch_of(family))
+        return [(n, g, s, types.get(g, Q.F32)) for n, g, s in mapped]
     tied_output = not any(g == output for _, g, _ in mapped)
     return [(n, g, s, _tensor_type(g, s, qtype, tied_output)) for n, g, s in mapped]
 
@@ -99,7 +116,7 @@ def to_gguf(source: str | Path, out: str | Path, quant: str = "f16", *, base: st
     config = src.config
     family = family_of(config)
     name_map = gguf.get_tensor_name_map(arch_of(family), config["num_hidden_layers"])
-    plan = _plan(src, name_map, qtype, family)
+    plan = _plan(src, name_map, quant, family)
     vocab = build_vocab(src.tokenizer_dir, config)
     extras = extra_tensors(config, family)
     out = Path(out)
