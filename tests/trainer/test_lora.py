@@ -22,7 +22,7 @@ from trainer.lora import (
     trainable_parameters,
 )
 
-FAMILIES = ["llama", "mistral", "qwen2", "gemma", "gemma2", "phi3"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"]
 
 
 def hf_model(family: str, seed: int = 0):
