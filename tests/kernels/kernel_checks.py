@@ -80,7 +80,7 @@ def tiny_decoder(out: Path, family: str, *, lora_dropout: float = 0.0, **config_
     builders.save_tiny_model(out, family, 128, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                              **config_overrides)
     model = load_model(out, dtype=torch.float32, device=device(), load_in_4bit=False)
-    gemma_norm = family in ("gemma", "gemma2")
+    gemma_norm = family.startswith("gemma")  # (1 + w) norms: weights spread around 0
     torch.manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -149,18 +149,26 @@ def test_add_rms_norm_backward_with_only_one_output_used(grads):
     _check_add((4, 5, 96), torch.bfloat16, offset=0.0, grads=grads)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma", "gemma2"])
+DECODER_CASES = {"llama": {}, "gemma": {}, "gemma2": {"sliding_window": 8}, "qwen3": {},
+                 "gemma3_text": {"num_hidden_layers": 2, "layer_types": ["sliding_attention", "full_attention"]}}
+
+
+@pytest.mark.parametrize("family", DECODER_CASES)
 def test_decoder_loss_and_lora_grads_with_kernels_equal_the_plain_path(tmp_path, monkeypatch, family):
     """The whole decoder (fused add + norm, RoPE, the LoRA-fused projections and the other kernels) against
-    TRAINER_KERNELS=0, LoRA on every linear."""
-    model = tiny_decoder(tmp_path, family, **({"sliding_window": 8} if family == "gemma2" else {}))
+    TRAINER_KERNELS=0, LoRA on every linear; Qwen3's and Gemma 3's per-head q/k norms run the RMSNorm kernel."""
+    model = tiny_decoder(tmp_path, family, **DECODER_CASES[family])
     monkeypatch.setenv("TRAINER_KERNELS", "0")
     ref_loss, ref_grads = loss_and_trainable_grads(model)
     monkeypatch.setenv("TRAINER_KERNELS", kernels_on())
-    mlp_inputs = []
+    mlp_inputs, k_norms = [], []
     model.model.layers[0].mlp.register_forward_pre_hook(lambda m, args: mlp_inputs.append(args[0]))
+    if model.spec.qk_norm:
+        model.model.layers[0].self_attn.k_norm.register_forward_hook(lambda m, args, out: k_norms.append(out))
     loss, grads = loss_and_trainable_grads(model)
     assert type(mlp_inputs[0].grad_fn).__name__ == "AddRMSNormFunctionBackward", "fused add + norm unused"
+    if model.spec.qk_norm:
+        assert type(k_norms[0].grad_fn).__name__ == "RMSNormFunctionBackward", "q/k norm kernel unused"
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
     assert grads.keys() == ref_grads.keys() and len(grads) == 2 * 7 * 2  # A, B x 7 linears x 2 layers
     for name, g in grads.items():
