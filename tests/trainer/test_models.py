@@ -298,3 +298,26 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tmp_path):
         results.append((loss.detach(), model.model.embed_tokens.weight.grad.clone()))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=1e-6)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("scaling", [None, {"factor": 8.0, "rope_type": "linear"}])  # Gemma 3 1B; 4B and up
+def test_gemma3_hub_config_rope_and_windows_equal_transformers(scaling):
+    from transformers import Gemma3TextConfig
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RotaryEmbedding
+
+    # The shape of google/gemma-3-*-it's config.json (pre-transformers-5 layout: rope_theta, rope_scaling,
+    # rope_local_base_freq, sliding_window_pattern instead of rope_parameters and layer_types).
+    config = dict(model_type="gemma3_text", vocab_size=262144, hidden_size=1152, intermediate_size=6912,
+                  num_hidden_layers=26, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+                  max_position_embeddings=32768, query_pre_attn_scalar=256, rope_theta=1000000.0,
+                  rope_local_base_freq=10000.0, rope_scaling=scaling, sliding_window=512, sliding_window_pattern=6,
+                  final_logit_softcapping=None, attn_logit_softcapping=None, rms_norm_eps=1e-6)
+    spec = ModelSpec.from_config(config)
+    hf_config = Gemma3TextConfig(**config)
+    ref = Gemma3RotaryEmbedding(hf_config)
+    torch.testing.assert_close(spec.rope.inv_freq(), ref.full_attention_inv_freq, rtol=1e-6, atol=0)
+    torch.testing.assert_close(spec.local_rope.inv_freq(), ref.sliding_attention_inv_freq, rtol=1e-6, atol=0)
+    assert spec.sliding_windows == tuple(512 if t == "sliding_attention" else None for t in hf_config.layer_types)
+    assert spec.sliding_windows.count(None) == 4  # layers 5, 11, 17, 23 are global
+    assert spec.attn_scale == 256**-0.5 and spec.attn_softcap is None and spec.final_softcap is None
+    assert spec.tie_word_embeddings and spec.embed_scale == 1152**0.5 and spec.activation == "gelu_tanh"
