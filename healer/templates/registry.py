@@ -38,6 +38,12 @@ Naming decisions:
   The official template cannot be rendered turn by turn (the reasoning of a turn disappears once a
   user message follows); the `{% generation %}` blocks here mark each turn in the full render.
   Tool calls and tool messages raise an error (the official template renders them; we do not).
+- `mistral-small-3` follows Mistral-Small-3.2-24B-Instruct-2506's template: the system prompt in
+  `[SYSTEM_PROMPT]…[/SYSTEM_PROMPT]` right after BOS, and Mistral's default system prompt (with
+  today's date, `strftime_now`) when the chat has none, so training data without a system turn
+  carries that prompt and the date of the run, as the official template renders it. Answers are
+  not trimmed; a system message later in the chat gets its own [SYSTEM_PROMPT] block. (3.0's and
+  3.1's templates have other default prompts.) Tool calls raise an error.
 - `gemma` refuses a system message, as the official Gemma / Gemma 2 template does; `gemma-3` puts it
   (untrimmed, then a blank line) at the start of the first user turn, as Gemma 3's does.
 - `phi-3` writes eos_token after the last turn when add_generation_prompt is off (as Phi-3.5's
@@ -49,6 +55,7 @@ Naming decisions:
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -277,6 +284,106 @@ def _mistral(inst: str, end_inst: str, before_answer: str, system_turn: str, tri
 {%- endfor %}"""
 
 
+# Mistral Small 3.2's default system prompt ({date}: today, as %Y-%m-%d), written when a chat has none
+MISTRAL_SMALL_3_SYSTEM = (
+    'You are Mistral Small 3, a Large Language Model (LLM) created by Mistral AI, a French '
+    'startup headquartered in Paris.\n'
+    'Your knowledge base was last updated on 2023-10-01. The current date is '
+    '{date}'
+    '.\n'
+    '\n'
+    "When you're not sure about some information or when the user's request requires "
+    'up-to-date or specific data, you must use the available tools to fetch the information. '
+    'Do not hesitate to use tools whenever they can provide a more accurate or complete '
+    "response. If no relevant tools are available, then clearly state that you don't have the "
+    'information and avoid making up anything.\n'
+    '\n'
+    "If the user's question is not clear, ambiguous, or does not provide enough context for "
+    'you to accurately answer the question, you do not try to answer it right away and you '
+    'rather ask the user to clarify their request (e.g. "What are some good restaurants around '
+    'me?" => "Where are you?" or "When is the next flight to Tokyo" => "Where do you travel '
+    'from?").\n'
+    'You are always very attentive to dates, and when asked about information at specific '
+    'dates, you discard information that is at another date.\n'
+    'You follow these instructions in all languages, and always respond to the user in the '
+    'language they use or request.\n'
+    'Next sections describe the capabilities that you have.\n'
+    '\n'
+    '# WEB BROWSING INSTRUCTIONS\n'
+    '\n'
+    'You cannot perform any web search or access internet to open URLs, links etc. If it seems '
+    'like the user is expecting you to do so, you clarify the situation and ask the user to '
+    'copy paste the text directly in the chat.\n'
+    '\n'
+    '# MULTI-MODAL INSTRUCTIONS\n'
+    '\n'
+    'You have the ability to read images, but you cannot generate images. You also cannot '
+    'transcribe audio files or videos.\n'
+    'You cannot read nor transcribe audio files or videos.\n'
+    '\n'
+    '# TOOL CALLING INSTRUCTIONS\n'
+    '\n'
+    'You may have access to tools that you can use to fetch information or perform actions. '
+    'You must use these tools in the following situations:\n'
+    '\n'
+    '1. When the request requires up-to-date information.\n'
+    '2. When the request requires specific data that you do not have in your knowledge base.\n'
+    '3. When the request involves actions that you cannot perform without tools.\n'
+    '\n'
+    'Always prioritize using tools to provide the most accurate and helpful response. If tools '
+    'are not available, inform the user that you cannot perform the requested action at the '
+    'moment.'
+)
+_BEFORE_DATE, _AFTER_DATE = MISTRAL_SMALL_3_SYSTEM.split("{date}")
+# A JSON string is a valid Jinja string literal (same escapes), so the prompt needs no hand escaping
+_MISTRAL_SMALL_3_DEFAULT = json.dumps(_BEFORE_DATE) + " + strftime_now('%Y-%m-%d') + " + json.dumps(_AFTER_DATE)
+MISTRAL_SMALL_3 = r"""
+{%- if tools %}""" + _NO_TOOLS + r"""
+{%- endif %}
+{%- macro mistral_text(content, where) %}
+    {%- if content is string %}
+        {{- content }}
+    {%- else %}
+        {%- for block in content %}
+            {%- if block['type'] == 'text' %}
+                {{- block['text'] }}
+            {%- elif block['type'] in ['image', 'image_url'] %}
+                {{- '[IMG]' }}
+            {%- else %}
+                {{- raise_exception('Only text and image blocks are supported in ' + where + ' content!') }}
+            {%- endif %}
+        {%- endfor %}
+    {%- endif %}
+{%- endmacro %}
+{{- bos_token }}
+{%- if messages and messages[0]['role'] == 'system' %}
+    {%- set first = messages[0]['content'] %}
+    {%- set system_prompt = first if first is string else first[0]['text'] %}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set system_prompt = """ + _MISTRAL_SMALL_3_DEFAULT + r""" %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+{%- for message in loop_messages %}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}
+        {{- raise_exception('After the optional system message, conversation roles must alternate user/assistant/user/assistant/...') }}
+    {%- endif %}
+{%- endfor %}
+{{- '[SYSTEM_PROMPT]' + system_prompt + '[/SYSTEM_PROMPT]' }}
+{%- for message in loop_messages %}
+    {%- if message['role'] == 'system' %}
+        {%- set text = message['content'] if message['content'] is string else message['content'][0]['text'] %}
+        {{- '[SYSTEM_PROMPT]' + text + '[/SYSTEM_PROMPT]' }}
+    {%- elif message['role'] == 'user' %}
+        {{- '[INST]' + mistral_text(message['content'], 'message') + '[/INST]' }}
+    {%- elif message['role'] == 'assistant' and not message['tool_calls'] %}
+        {%- generation %}{{- mistral_text(message['content'], 'assistant') + eos_token }}{%- endgeneration %}
+    {%- elif message['role'] in ('assistant', 'tool', 'tool_results') %}""" + _NO_TOOLS + r"""
+    {%- else %}
+        {{- raise_exception('Only system, user, assistant, and tool roles are supported!') }}
+    {%- endif %}
+{%- endfor %}"""
+
 GEMMA = r"""
 {{- bos_token }}
 {%- if messages[0]['role'] == 'system' %}
@@ -441,6 +548,10 @@ TEMPLATES: dict[str, ChatTemplate] = {t.name: t for t in (
     ChatTemplate("mistral-nemo", "Mistral tekken tokenizers (Nemo-Instruct-2407): '[INST]q[/INST]a</s>'",
                  _mistral("[INST]", "[/INST]", "", "last", trim=False).strip(), None, "", True,
                  ("[INST]", "[/INST]"), "<s>", "</s>"),
+    ChatTemplate("mistral-small-3", "Mistral Small 3.2 (2506): '[SYSTEM_PROMPT]s[/SYSTEM_PROMPT][INST]q[/INST]a</s>', "
+                 "Mistral's default system prompt (with today's date) when none is given",
+                 MISTRAL_SMALL_3.strip(), None, "", True,
+                 ("[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[INST]", "[/INST]"), "<s>", "</s>"),
     ChatTemplate("gemma", "Gemma and Gemma 2 instruct (<start_of_turn>user/model; no system role)",
                  GEMMA.strip(), "<end_of_turn>", "<start_of_turn>model\n", True,
                  ("<start_of_turn>", "<end_of_turn>"), "<bos>", "<eos>"),

@@ -33,6 +33,7 @@ LLAMA_CPP_OFFICIAL = {
     "qwen2.5": ["Qwen-Qwen2.5-7B-Instruct"],
     "mistral-nemo": ["mistralai-Mistral-Nemo-Instruct-2407"],
     "qwen3": ["Qwen-Qwen3-0.6B"],
+    "mistral-small-3": ["Mistral-Small-3.2-24B-Instruct-2506"],
 }
 # registry entry -> testdata.real_tokenizer name whose tokenizer_config.json holds the official template
 REAL_OFFICIAL = {"qwen3": "qwen3", "gemma-3": "gemma3"}

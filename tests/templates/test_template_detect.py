@@ -44,7 +44,7 @@ def test_each_entry_is_detected_as_itself_and_no_other(name):
 
 
 @pytest.mark.parametrize("official", ["Qwen3.5-4B", "NousResearch-Hermes-3-Llama-3.1-8B-tool_use",
-                                      "Mistral-Small-3.2-24B-Instruct-2506", "openai-gpt-oss-120b"])
+                                      "mistralai-Ministral-3-14B-Reasoning-2512", "openai-gpt-oss-120b"])
 def test_templates_of_other_formats_are_not_detected(official):
     assert detect(testdata.template(official)) is None
 

@@ -99,6 +99,28 @@ def test_gemma3_renders_content_parts_like_official():
         assert get("gemma-3").render(conv, add_generation_prompt=gen) == expected
 
 
+def test_mistral_small_3_default_system_prompt_has_todays_date_like_the_official_one():
+    from datetime import datetime
+
+    official = testdata.template("Mistral-Small-3.2-24B-Instruct-2506")
+    conv = CONVERSATIONS["two_turns_open"]
+    expected = hf_render(official, conv, False, bos_token="<s>", eos_token="</s>")
+    assert f"The current date is {datetime.now():%Y-%m-%d}.\n\n" in expected
+    assert get("mistral-small-3").render(conv) == expected
+
+
+def test_mistral_small_3_renders_content_parts_like_official():
+    conv = [{"role": "system", "content": [{"type": "text", "text": " S "}, {"type": "text", "text": "ignored"}]},
+            {"role": "user", "content": [{"type": "image_url"}, {"type": "text", "text": " What? "}]},
+            {"role": "assistant", "content": [{"type": "text", "text": " A cat. "}, {"type": "image"}]}]
+    expected = hf_render(testdata.template("Mistral-Small-3.2-24B-Instruct-2506"), conv, False, bos_token="<s>",
+                         eos_token="</s>")
+    assert expected.count("[IMG]") == 2 and "ignored" not in expected
+    assert get("mistral-small-3").render(conv) == expected
+    with pytest.raises(TemplateError, match="Only text and image blocks"):
+        get("mistral-small-3").render([{"role": "user", "content": [{"type": "audio"}]}])
+
+
 def test_llama31_date_string_is_a_variable_like_the_official_one():
     conv = CONVERSATIONS["one_turn"]
     official = testdata.template("meta-llama-Llama-3.1-8B-Instruct")
@@ -303,6 +325,12 @@ def test_control_tokens_are_single_ids_in_the_official_tokenizer(name, tokenizer
     tok = Tokenizer.from_file(str(testdata.real_tokenizer(tokenizer) / "tokenizer.json"))
     for marker in get(name).control_tokens:
         assert len(tok.encode(marker, add_special_tokens=False).ids) == 1, marker
+
+
+def test_mistral_small_3_control_tokens_are_single_ids_in_a_v7_tokenizer():
+    tok = mistral_fast_tokenizer("v7")
+    for marker in get("mistral-small-3").control_tokens:
+        assert len(tok.encode(marker, add_special_tokens=False)) == 1, marker
 
 
 def test_unknown_name_is_a_typed_error_listing_the_registry():
