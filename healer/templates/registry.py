@@ -48,6 +48,9 @@ Naming decisions:
   (untrimmed, then a blank line) at the start of the first user turn, as Gemma 3's does.
 - `phi-3` writes eos_token after the last turn when add_generation_prompt is off (as Phi-3.5's
   official template does); that eos is not part of any trained span.
+- `phi-4` is microsoft/phi-4's template as revised with its tokenizer fixes (generation prompt
+  only when asked; the first release wrote the assistant header after every user turn). Other roles
+  are skipped, as there. Phi-4-mini uses Phi-3's `<|user|>` markers instead.
 - No official templates exist for `vicuna` (follows FastChat's vicuna_v1.1, with bos_token in
   front) and `alpaca` (alpaca-lora's prompt: Stanford Alpaca's layout with a newline after
   "### Response:"; further turns repeat the Instruction/Response pair).
@@ -464,6 +467,20 @@ PHI3 = r"""
     {{- eos_token }}
 {%- endif %}"""
 
+# Phi-4 (14B) writes no newline anywhere: <|im_sep|> ends the role, <|im_end|> the turn
+PHI4 = r"""
+{%- for message in messages %}
+    {%- if message['role'] in ('system', 'user') %}
+        {{- '<|im_start|>' + message['role'] + '<|im_sep|>' + message['content'] + '<|im_end|>' }}
+    {%- elif message['role'] == 'assistant' %}
+        {{- '<|im_start|>assistant<|im_sep|>' }}
+        {%- generation %}{{- message['content'] + '<|im_end|>' }}{%- endgeneration %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant<|im_sep|>' }}
+{%- endif %}"""
+
 ZEPHYR = r"""
 {%- for message in messages %}
     {%- if message['role'] == 'user' %}
@@ -561,6 +578,9 @@ TEMPLATES: dict[str, ChatTemplate] = {t.name: t for t in (
     ChatTemplate("phi-3", "Phi-3 / Phi-3.5 mini instruct (<|user|> ... <|end|>)",
                  PHI3.strip(), "<|end|>", "<|assistant|>\n", False,
                  ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"), "<s>", "<|endoftext|>"),
+    ChatTemplate("phi-4", "Phi-4 (14B): <|im_start|>role<|im_sep|>...<|im_end|>, no newlines",
+                 PHI4.strip(), "<|im_end|>", "<|im_start|>assistant<|im_sep|>", False,
+                 ("<|im_start|>", "<|im_sep|>", "<|im_end|>"), "<|endoftext|>", "<|im_end|>"),
     ChatTemplate("zephyr", "Zephyr (<|user|>\\n ... </s>; markers are plain text)",
                  ZEPHYR.strip(), None, "<|assistant|>\n", False, (), "<s>", "</s>"),
     ChatTemplate("vicuna", "Vicuna v1.1 (FastChat): 'SYSTEM USER: q ASSISTANT: a</s>'",

@@ -8,6 +8,9 @@ only, never used by the registry):
 - Llama 2: meta-llama/Llama-2-7b-chat-hf
 - Llama 3.0: meta-llama/Meta-Llama-3-8B-Instruct (the revision with add_generation_prompt)
 - Zephyr: HuggingFaceH4/zephyr-7b-beta
+- Phi-4: microsoft/phi-4, the template of commit 6fbb3d3 ("Suggested tokenizer changes by
+  Unsloth.ai (#21)", also in microsoft/phi-4-gguf); the first release (0d1cd29) wrote the assistant
+  header after each user turn and had no generation prompt
 FastChat's conversation templates (the reference implementation of the Vicuna format) come from
 the fschat wheel on PyPI, downloaded once into the test data cache.
 """
@@ -62,7 +65,15 @@ ZEPHYR_OFFICIAL = (
     "\n{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
     "{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}"
 )
-QUOTED_OFFICIAL = {"llama-2": LLAMA2_OFFICIAL, "llama-3": LLAMA3_OFFICIAL, "zephyr": ZEPHYR_OFFICIAL}
+PHI4_OFFICIAL = (
+    "{% for message in messages %}{% if (message['role'] == 'system') %}{{'<|im_start|>system<|im_sep|>' + "
+    "message['content'] + '<|im_end|>'}}{% elif (message['role'] == 'user') %}{{'<|im_start|>user<|im_sep|>' + "
+    "message['content'] + '<|im_end|>'}}{% elif (message['role'] == 'assistant') %}{{'<|im_start|>assistant"
+    "<|im_sep|>' + message['content'] + '<|im_end|>'}}{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant<|im_sep|>' }}{% endif %}"
+)
+QUOTED_OFFICIAL = {"llama-2": LLAMA2_OFFICIAL, "llama-3": LLAMA3_OFFICIAL, "zephyr": ZEPHYR_OFFICIAL,
+                   "phi-4": PHI4_OFFICIAL}
 
 # alpaca-lora's templates/alpaca.json "prompt_no_input" (tloen/alpaca-lora): the prompt, then the output
 ALPACA_LORA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately "

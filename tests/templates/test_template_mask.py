@@ -49,6 +49,8 @@ TOKENIZERS = {
     # they are added as special tokens (what `healer fix --chatml` does for ChatML)
     "llama-spm+gemma": lambda: fast("llama-spm", "<s>", "</s>", ("<start_of_turn>", "<end_of_turn>")),
     "llama-spm+chatml": lambda: fast("llama-spm", "<s>", "</s>", ("<|im_start|>", "<|im_end|>")),
+    # Phi-4's vocabulary is GPT-4's byte-level BPE with ChatML specials and <|im_sep|>
+    "qwen2+im_sep": lambda: fast("qwen2", None, "<|im_end|>", ("<|im_sep|>",)),
     "mistral-v1": lambda: mistral_fast_tokenizer("v1"),
     "mistral-v3": lambda: mistral_fast_tokenizer("v3"),
     # v7 has the [SYSTEM_PROMPT] control tokens of Mistral Small 3's tekken vocabulary
@@ -60,7 +62,8 @@ PAIRS = [("llama-3", "llama-bpe"), ("llama-3.1", "llama-bpe"), ("llama-3.2", "ll
          ("chatml", "llama-spm+chatml"), ("phi-3", "phi-3"), ("llama-2", "llama-spm"), ("zephyr", "llama-spm"),
          ("vicuna", "llama-spm"), ("alpaca", "llama-spm"), ("gemma", "llama-spm+gemma"),
          ("mistral-v1", "mistral-v1"), ("mistral-v3", "mistral-v3"), ("mistral-nemo", "mistral-v3"),
-         ("qwen3", "qwen3-real"), ("gemma-3", "gemma3-real"), ("mistral-small-3", "mistral-v7")]
+         ("qwen3", "qwen3-real"), ("gemma-3", "gemma3-real"), ("mistral-small-3", "mistral-v7"),
+         ("phi-4", "qwen2+im_sep")]
 # Entries whose trained part of a turn is everything the model writes after the generation prompt,
 # which holds more than the content: Qwen3's turns after the last user message open with a think
 # block made from the content's reasoning. Their reference spans come from the official template.

@@ -121,6 +121,13 @@ def test_mistral_small_3_renders_content_parts_like_official():
         get("mistral-small-3").render([{"role": "user", "content": [{"type": "audio"}]}])
 
 
+def test_phi4_writes_no_newline_like_the_quoted_official_one():
+    conv = CONVERSATIONS["system_three_turns"]
+    expected = hf_render(QUOTED_OFFICIAL["phi-4"], conv, True)
+    assert "\n" not in expected and expected.endswith("F<|im_end|><|im_start|>assistant<|im_sep|>")
+    assert get("phi-4").render(conv, add_generation_prompt=True) == expected
+
+
 def test_llama31_date_string_is_a_variable_like_the_official_one():
     conv = CONVERSATIONS["one_turn"]
     official = testdata.template("meta-llama-Llama-3.1-8B-Instruct")
@@ -356,7 +363,7 @@ def test_undefined_variable_and_syntax_error_are_typed_errors():
 
 def test_registry_covers_the_issue_families():
     assert {"chatml", "llama-2", "llama-3", "llama-3.1", "mistral-v1", "mistral-v3", "gemma", "phi-3", "qwen2.5",
-            "zephyr", "vicuna", "alpaca"} <= set(TEMPLATES)
+            "zephyr", "vicuna", "alpaca", "qwen3", "gemma-3", "llama-3.2", "mistral-small-3", "phi-4"} <= set(TEMPLATES)
 
 
 @pytest.mark.parametrize("name", names())
