@@ -3,10 +3,11 @@
 Each template is written in the format transformers' apply_chat_template reads (`messages`,
 `add_generation_prompt`, `bos_token`, `eos_token`, `raise_exception`). Where a model family
 publishes an official template, ours renders exactly the same string for chats without tool
-calls (tests/templates compares them); tool calling is out of scope.
+calls (tests/templates compares them); tool calling is out of scope (`qwen3` and `mistral-small-3`,
+whose official templates render tools, refuse them rather than render them differently).
 
 Sources carry `{% generation %}` blocks around the trained part of each assistant turn
-(content + end-of-turn token). `ChatTemplate.source` is the template with those tags removed,
+(content + end-of-turn token; for `qwen3` the think block too). `ChatTemplate.source` is the template with those tags removed,
 which is what gets written into a checkpoint (llama.cpp and others do not know the tag);
 `ChatTemplate.tracked_source` keeps them for assistant-only masks. Every output in these
 sources goes through `{{- ... }}` so removing the tags cannot change whitespace.
@@ -50,7 +51,7 @@ Naming decisions:
   official template does); that eos is not part of any trained span.
 - `phi-4` is microsoft/phi-4's template as revised with its tokenizer fixes (generation prompt
   only when asked; the first release wrote the assistant header after every user turn). Other roles
-  are skipped, as there. Phi-4-mini uses Phi-3's `<|user|>` markers instead.
+  are skipped, as there. Phi-4-mini is another format (`<|user|>…<|end|>`), not this entry.
 - No official templates exist for `vicuna` (follows FastChat's vicuna_v1.1, with bos_token in
   front) and `alpaca` (alpaca-lora's prompt: Stanford Alpaca's layout with a newline after
   "### Response:"; further turns repeat the Instruction/Response pair).
