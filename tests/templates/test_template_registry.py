@@ -53,6 +53,48 @@ def test_entry_renders_like_official_template_from_the_repos_tokenizer_config(na
     assert _compare(get(name), real_official(name)) >= 12
 
 
+PIECES = ["Hi", " ", "\n", "\n\n", "  x  ", "é世👋", "<think>", "</think>", "\nthought\n", "<tool_response>",
+          "</tool_response>", "[INST]", "<|im_end|>", "<end_of_turn>", ""]
+NEW_ENTRY_OFFICIALS = {
+    "qwen3": lambda: testdata.template("Qwen-Qwen3-0.6B"),
+    "gemma-3": lambda: real_official("gemma-3"),
+    "llama-3.2": lambda: testdata.template("meta-llama-Llama-3.2-3B-Instruct"),
+    "llama-3.3": lambda: testdata.template("meta-llama-Llama-3.3-70B-Instruct"),
+    "mistral-small-3": lambda: testdata.template("Mistral-Small-3.2-24B-Instruct-2506"),
+    "phi-4": lambda: QUOTED_OFFICIAL["phi-4"],
+}
+
+
+def random_conversation(rng) -> list[dict[str, str]]:
+    def text() -> str:
+        return "".join(rng.choice(PIECES) for _ in range(rng.randrange(4)))
+
+    roles = ["system"] if rng.random() < 0.4 else []
+    first = "assistant" if rng.random() < 0.1 else "user"
+    other = {"user": "assistant", "assistant": "user"}
+    roles += [first if i % 2 == 0 else other[first] for i in range(rng.randrange(1, 7))]
+    if rng.random() < 0.1:  # a stray system turn or two user turns in a row
+        roles.insert(rng.randrange(len(roles) + 1), rng.choice(["system", "user"]))
+    return [m(role, text()) for role in roles]
+
+
+@pytest.mark.parametrize("name", sorted(NEW_ENTRY_OFFICIALS))
+def test_entry_renders_like_official_on_random_conversations(name):
+    import random
+
+    rng = random.Random(f"{name}-21")
+    entry, official = get(name), NEW_ENTRY_OFFICIALS[name]()
+    rendered = 0
+    for _ in range(300):
+        conv, gen = random_conversation(rng), rng.random() < 0.5
+        variables = {"enable_thinking": rng.random() < 0.5} if rng.random() < 0.3 else {}
+        values = dict(bos_token=entry.bos_token, eos_token=entry.eos_token, **variables)
+        theirs = outcome(hf_render, official, conv, gen, **values)
+        assert outcome(entry.render, conv, add_generation_prompt=gen, **values) == theirs, (conv, gen, variables)
+        rendered += theirs[0] == "ok"
+    assert rendered >= 100
+
+
 @pytest.mark.parametrize("enable_thinking", [False, True])
 def test_qwen3_enable_thinking_renders_like_official(enable_thinking):
     official = testdata.template("Qwen-Qwen3-0.6B")
