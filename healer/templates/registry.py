@@ -212,7 +212,7 @@ QWEN3 = r"""
             {{- '<|im_end|>' }}
         {%- endgeneration %}
         {{- '\n' }}
-    {%- elif message['role'] in ('assistant', 'tool') %}""" + _NO_TOOLS + r"""
+    {%- elif message['role'] in ['assistant', 'tool'] %}""" + _NO_TOOLS + r"""
     {%- endif %}
 {%- endfor %}
 {%- if add_generation_prompt %}
@@ -382,7 +382,7 @@ MISTRAL_SMALL_3 = r"""
         {{- '[INST]' + mistral_text(message['content'], 'message') + '[/INST]' }}
     {%- elif message['role'] == 'assistant' and not message['tool_calls'] %}
         {%- generation %}{{- mistral_text(message['content'], 'assistant') + eos_token }}{%- endgeneration %}
-    {%- elif message['role'] in ('assistant', 'tool', 'tool_results') %}""" + _NO_TOOLS + r"""
+    {%- elif message['role'] in ['assistant', 'tool', 'tool_results'] %}""" + _NO_TOOLS + r"""
     {%- else %}
         {{- raise_exception('Only system, user, assistant, and tool roles are supported!') }}
     {%- endif %}
@@ -471,7 +471,7 @@ PHI3 = r"""
 # Phi-4 (14B) writes no newline anywhere: <|im_sep|> ends the role, <|im_end|> the turn
 PHI4 = r"""
 {%- for message in messages %}
-    {%- if message['role'] in ('system', 'user') %}
+    {%- if message['role'] in ['system', 'user'] %}
         {{- '<|im_start|>' + message['role'] + '<|im_sep|>' + message['content'] + '<|im_end|>' }}
     {%- elif message['role'] == 'assistant' %}
         {{- '<|im_start|>assistant<|im_sep|>' }}
