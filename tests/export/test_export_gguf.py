@@ -16,8 +16,12 @@ from export_helpers import make_adapter, peft_merged_state
 import export
 
 Q = gguf.GGMLQuantizationType
-SPM_FAMILIES = {"llama": {}, "mistral": {}, "gemma": {}, "gemma2": {"query_pre_attn_scalar": 16}, "phi3": {}}
+SPM_FAMILIES = {"llama": {}, "mistral": {}, "gemma": {}, "gemma2": {"query_pre_attn_scalar": 16}, "phi3": {},
+                # three layers, the middle one global: not llama.cpp's default pattern (every sixth)
+                "gemma3_text": {"num_hidden_layers": 3,
+                                "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}}
 PERMUTED = ("llama", "mistral")
+ARCHS = {"mistral": gguf.MODEL_ARCH.LLAMA, "gemma3_text": gguf.MODEL_ARCH.GEMMA3}
 
 
 def spm_base(path: Path, family: str) -> Path:
@@ -25,8 +29,8 @@ def spm_base(path: Path, family: str) -> Path:
                                              **SPM_FAMILIES[family])
 
 
-def qwen2_base(path: Path) -> Path:
-    return builders.fast_checkpoint(path, testdata.fast_tokenizer_json("qwen2"), family="qwen2", bos_token=None,
+def qwen_base(path: Path, family: str = "qwen2") -> Path:
+    return builders.fast_checkpoint(path, testdata.fast_tokenizer_json("qwen2"), family=family, bos_token=None,
                                     eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
@@ -38,7 +42,7 @@ def adapted(tmp_path_factory):
     def get(family: str):
         if family not in cache:
             root = tmp_path_factory.mktemp(family)
-            base = qwen2_base(root / "base") if family == "qwen2" else spm_base(root / "base", family)
+            base = qwen_base(root / "base", family) if family.startswith("qwen") else spm_base(root / "base", family)
             adapter = make_adapter(base, root / "adapter")
             cache[family] = (base, adapter, peft_merged_state(base, adapter))
         return cache[family]
@@ -89,18 +93,18 @@ def interleave_rope_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 def expected_tensors(family: str, config: dict, merged: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What llama.cpp's converter stores for each merged HF tensor (names from gguf's own map)."""
-    arch = gguf.MODEL_ARCH.LLAMA if family == "mistral" else getattr(gguf.MODEL_ARCH, family.upper())
+    arch = ARCHS.get(family) or getattr(gguf.MODEL_ARCH, family.upper())
     name_map = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
     out = {}
     for name, w in merged.items():
-        if family.startswith("gemma") and name == "lm_head.weight":
+        if name == "lm_head.weight" and (family.startswith("gemma") or config.get("tie_word_embeddings")):
             continue  # tied: llama.cpp reads the output projection from token_embd
         if family in PERMUTED and name.endswith("q_proj.weight"):
             w = interleave_rope_rows(w, config["num_attention_heads"])
         if family in PERMUTED and name.endswith("k_proj.weight"):
             w = interleave_rope_rows(w, config["num_key_value_heads"])
         if family.startswith("gemma") and name.endswith("norm.weight"):
-            w = w + 1  # Gemma's RMSNorm multiplies by (1 + weight)
+            w = w + 1  # Gemma's RMSNorm (Gemma 3's q/k norms too) multiplies by (1 + weight)
         out[name_map.get_name(name, try_suffixes=(".weight", ".bias"))] = w
     return out
 
@@ -123,8 +127,9 @@ def assert_within_quant_error(got: torch.Tensor, want: torch.Tensor, qtype, name
         assert bool((err <= step + 1e-12).all()), f"{name}: {qtype.name} error {float((err - step).max())} over bound"
 
 
-CASES = [(f, "f16") for f in ("llama", "mistral", "qwen2", "gemma", "gemma2", "phi3")] + [
-    ("llama", "bf16"), ("llama", "q8_0"), ("llama", "q4_0"), ("gemma", "q4_0"), ("phi3", "q8_0")]
+CASES = [(f, "f16") for f in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")] + [
+    ("llama", "bf16"), ("llama", "q8_0"), ("llama", "q4_0"), ("gemma", "q4_0"), ("phi3", "q8_0"), ("qwen3", "q8_0"),
+    ("gemma3_text", "q4_0")]
 
 
 @pytest.mark.parametrize("family,quant", CASES)
@@ -151,7 +156,7 @@ def test_every_tensor_reads_back_as_the_peft_merge_in_llama_cpp_layout(adapted, 
         assert_within_quant_error(values, want[name], t.tensor_type, name)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma", "gemma2", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"])
 def test_architecture_metadata_matches_the_transformers_config(adapted, exported, family):
     from transformers import AutoConfig
 
@@ -159,7 +164,8 @@ def test_architecture_metadata_matches_the_transformers_config(adapted, exported
     cfg = AutoConfig.from_pretrained(str(base))
     reader = exported(family, "f16")
     arch = field(reader, gguf.Keys.General.ARCHITECTURE)
-    assert arch == {"llama": "llama", "qwen2": "qwen2", "gemma": "gemma", "gemma2": "gemma2", "phi3": "phi3"}[family]
+    assert arch == {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma", "gemma2": "gemma2",
+                    "gemma3_text": "gemma3", "phi3": "phi3"}[family]
     K = gguf.Keys
 
     def key(k):
@@ -172,13 +178,19 @@ def test_architecture_metadata_matches_the_transformers_config(adapted, exported
     assert key(K.Attention.HEAD_COUNT) == cfg.num_attention_heads
     assert key(K.Attention.HEAD_COUNT_KV) == cfg.num_key_value_heads
     assert key(K.Attention.LAYERNORM_RMS_EPS) == pytest.approx(cfg.rms_norm_eps, rel=1e-6)
-    assert key(K.Rope.FREQ_BASE) == pytest.approx(cfg.rope_parameters["rope_theta"])
+    rope = cfg.rope_parameters
+    assert key(K.Rope.FREQ_BASE) == pytest.approx(rope.get("full_attention", rope)["rope_theta"])
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     assert key(K.Attention.KEY_LENGTH) == head_dim
     if family == "gemma2":
         assert key(K.LLM.ATTN_LOGIT_SOFTCAPPING) == pytest.approx(cfg.attn_logit_softcapping)
         assert key(K.LLM.FINAL_LOGIT_SOFTCAPPING) == pytest.approx(cfg.final_logit_softcapping)
         assert key(K.Attention.SLIDING_WINDOW) == cfg.sliding_window
+    if family == "gemma3_text":
+        assert key(K.Attention.SLIDING_WINDOW) == cfg.sliding_window
+        assert key(K.Attention.SLIDING_WINDOW_PATTERN) == [t == "sliding_attention" for t in cfg.layer_types]
+        assert key(K.Rope.FREQ_BASE_SWA) == pytest.approx(rope["sliding_attention"]["rope_theta"])
+        assert key(K.LLM.FINAL_LOGIT_SOFTCAPPING) is None and key(K.LLM.ATTN_LOGIT_SOFTCAPPING) is None
     if family == "phi3":
         assert key(K.Rope.SCALING_ORIG_CTX_LEN) == cfg.original_max_position_embeddings
     names = {t.name for t in reader.tensors}

@@ -78,6 +78,14 @@ CASES = {
     "qwen2": qwen2,
     "llama3-bpe": llama3,
     "llama-chatml-healed": lambda p: healed_chatml_llama(p, **INIT),
+    # Qwen3 around its official tokenizer files (tied head, q/k norms, head_dim 32 != 64 / 4 heads)
+    "qwen3-real-chatml": lambda p: builders.real_checkpoint(p, testdata.real_tokenizer("qwen3"), "qwen3", **INIT),
+    # Gemma 3: q/k norms, sandwich norms, the middle of three layers global (llama.cpp's default pattern
+    # would make all three slide), a local RoPE base other than llama.cpp's default, linear scaling of the
+    # global layers' RoPE (the 4B+ configs)
+    "gemma3_text": lambda p: spm(p, "gemma3_text", num_hidden_layers=3,
+                                 layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                 rope_local_base_freq=100.0, rope_scaling={"rope_type": "linear", "factor": 8.0}),
 }
 
 

@@ -31,7 +31,7 @@ def tiny_base(path: Path, family: str, **overrides) -> Path:
     return path
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"])
 def test_merged_model_logits_equal_peft_base_plus_adapter(tmp_path, family):
     base = tiny_base(tmp_path / "base", family)
     adapter = make_adapter(base, tmp_path / "adapter")
