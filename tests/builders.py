@@ -26,12 +26,13 @@ FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 # The families of the official repos whose tokenizer files tests/testdata.real_tokenizer fetches, and
-# the embedding rows their configs declare (Qwen3 pads its 151,669 tokens to 151,936 rows).
+# the embedding rows their configs declare: Qwen3 pads its 151,669 tokens to 151,936 rows, Gemma 3
+# (4B and up, whose tokenizer this is: it names <image_soft_token> = 262144) has 262,208.
 REAL_TOKENIZER_MODELS: dict[str, tuple[str, int]] = {
     "llama2": ("llama", 32000),
     "llama3": ("llama", 128256),
     "llama3_1": ("llama", 128256),
-    "gemma3": ("gemma3_text", 262144),
+    "gemma3": ("gemma3_text", 262208),
     "qwen3": ("qwen3", 151936),
 }
 

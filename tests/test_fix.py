@@ -155,19 +155,20 @@ def test_mistral_v1_bad_tokenizer_json_is_replaced_by_a_verified_one(tmp_path):
         assert fast.encode(text, add_special_tokens=False).ids == sp.encode(text)
 
 
-def test_llama3_double_bos_is_removed_from_the_template(tmp_path):
+def test_a_template_writing_bos_twice_loses_one(tmp_path):
     from transformers import AutoTokenizer
 
+    template = "{{- bos_token }}" + testdata.template("meta-llama-Llama-3.1-8B-Instruct")
     model = builders.fast_checkpoint(
         tmp_path / "l3", testdata.fast_tokenizer_json("llama-bpe"), bos_token="<|begin_of_text|>",
-        eos_token="<|eot_id|>", pad_token="<|reserved_special_token_0|>", add_bos=True,
-        chat_template=testdata.template("meta-llama-Llama-3.1-8B-Instruct"))
+        eos_token="<|eot_id|>", pad_token="<|reserved_special_token_0|>", add_bos=True, chat_template=template)
     assert "tokenizer.double_bos" in healer.diagnose(model).checks()
     repair(model, tmp_path / "out")
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
-    ids = tok.encode(text)
+    ids = tok.encode(text, add_special_tokens=False)  # the chat path: the template's own BOS
     assert ids.count(128000) == 1 and ids[0] == 128000
+    assert tok.encode("hi")[0] == 128000  # raw text keeps its BOS
 
 
 def test_llama3_missing_bos_gets_a_post_processor(tmp_path):

@@ -54,6 +54,10 @@ def check_untrained(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
     vocab = _vocab(ckpt)
     protected = protected_ids(ckpt, vocab)
     untrained = checkpoint_untrained_rows(ckpt, protected, absmax=absmax)
+    if vocab is not None:
+        # Rows no token id maps to (Qwen3 pads 151,669 tokens to 151,936 rows) are not tokens at all:
+        # no data can reach them; config.vocab_mismatch reports the padding.
+        untrained = {r: why for r, why in untrained.items() if vocab.id_to_token(r) is not None}
     if not untrained:
         return []
     use = token_use(ckpt, vocab)

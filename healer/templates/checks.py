@@ -89,7 +89,66 @@ def check_template(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
     eot = _end_of_turn(ckpt, entry, rendered)
     if eot is not None and eot not in not_single:  # a marker that is no token cannot be an eos id
         findings.extend(_eos_mismatch(ckpt, tok, eot))
+    findings.extend(_generation_prompt_ignored(ckpt, rendered, eot))
     return findings
+
+
+def _generation_prompt_ignored(ckpt: Checkpoint, rendered: str, eot: str | None) -> list[Finding]:
+    """A conversation ending in an assistant turn must render ending with that turn when
+    add_generation_prompt is off, and (where the template has a generation prompt at all) unlike
+    the render with it on; else every training example ends with an empty assistant header
+    (Llama 3's template as first released)."""
+    messages = SAMPLE if _safe_render(ckpt, SAMPLE) == rendered else SAMPLE[1:]
+    at = rendered.rfind(REPLY)
+    rest = rendered[at + len(REPLY):].strip() if at >= 0 else ""
+    for ending in (eot, ckpt.special_token("eos")):
+        if ending and rest.startswith(ending):
+            rest = rest[len(ending):].strip()
+    asked = _safe_render(ckpt, messages[:-1], add_generation_prompt=True)
+    has_prompt = asked is not None and asked != _safe_render(ckpt, messages[:-1])
+    same = has_prompt and _safe_render(ckpt, messages, add_generation_prompt=True) == rendered
+    if not (rest or same):
+        return []
+    fix = _equivalent_when_asked(ckpt)
+    return [Finding(
+        "template.generation_prompt_ignored", "error",
+        "The chat template ignores add_generation_prompt: a conversation that ends with the assistant's turn "
+        f"renders ending with {(rest or rendered[-40:])!r}, so every training example would end with an empty "
+        "assistant turn" + (f"; the registry template {fix.name!r} renders the same otherwise." if fix else "."),
+        fix=fix_command(ckpt) if fix else fix_command(ckpt, " --template NAME"),
+        details={"after_last_turn": rest, "registry_equivalent": fix and fix.name},
+    )]
+
+
+def _safe_render(ckpt: Checkpoint, messages: list[dict], add_generation_prompt: bool = False) -> str | None:
+    try:
+        return render(ckpt.chat_template, messages, ckpt, add_generation_prompt=add_generation_prompt)
+    except TemplateRenderError:
+        return None
+
+
+def _equivalent_when_asked(ckpt: Checkpoint):
+    """The registry entry the template equals with add_generation_prompt on, for every probe and either flag
+    (what a template that always writes the generation prompt is meant to be)."""
+    from healer.templates.detect import PROBE_VARIABLES, PROBES
+    from healer.templates.registry import TEMPLATES
+
+    specials = {f"{n}_token": ckpt.special_token(n) for n in ("bos", "eos", "pad", "unk")}
+
+    def outcome(source: str, messages: list[dict], gen: bool) -> str | None:
+        try:
+            return render_source(source, messages, add_generation_prompt=gen, name="probe", **specials,
+                                 **PROBE_VARIABLES)
+        except TemplateError:
+            return None
+
+    for entry in TEMPLATES.values():
+        wanted = [outcome(entry.source, m, True) for m in PROBES]
+        if not any(w is not None for w in wanted):
+            continue
+        if all(outcome(ckpt.chat_template, m, gen) == w for m, w in zip(PROBES, wanted) for gen in (False, True)):
+            return entry
+    return None
 
 
 def _registry_entry(ckpt: Checkpoint):

@@ -5,12 +5,10 @@ from __future__ import annotations
 from healer.checkpoint import Checkpoint
 from healer.doctor import Check, Context
 from healer.report import Finding
+from healer.tokenizers.bos import starts_with_bos, with_one_bos
 from healer.tokenizers.corpus import builtin_corpus
 from healer.tokenizers.inventory import inventory, special_tokens
 
-# Families whose pretraining put BOS at the start of every sequence: encoding without it
-# shifts every position the model was trained on.
-BOS_FAMILIES = {"llama", "mistral", "mixtral", "gemma", "gemma2", "gemma3_text"}
 MAX_LISTED = 20
 
 
@@ -80,33 +78,49 @@ def check_fast_mismatch(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
 
 
 def check_loader_mismatch(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
-    """tokenizer.json agrees with sentencepiece, but what AutoTokenizer builds from the dir does not.
+    """What AutoTokenizer builds from the dir encodes unlike the files it was given.
 
     transformers 5's LlamaTokenizer (and its relatives) replace tokenizer.json's normalizer and
     pre-tokenizer with their own Metaspace(prepend_scheme="first"), which drops a "▁" from text
-    starting with spaces: the verified file never reaches the user.
+    starting with spaces: the verified file never reaches the user. The reference is
+    tokenizer.model (sentencepiece) when there is one, tokenizer.json as written otherwise
+    (the usual layout of fine-tuned Llama 2 / Mistral repos).
     """
-    if not (ckpt.has_sentencepiece and ckpt.has_fast):
+    if not ckpt.has_fast:
         return []
     from healer.tokenizers.compare import compare_encodings
 
     strings = list(builtin_corpus()) + list(ctx.corpus)
-    if compare_encodings(ckpt.sentencepiece(), ckpt.fast_tokenizer(), strings).mismatches:
-        return []  # tokenizer.fast_mismatch reports it
-    differing, strings, first = loader_disagreements(ckpt, ctx)
+    if ckpt.has_sentencepiece:
+        if compare_encodings(ckpt.sentencepiece(), ckpt.fast_tokenizer(), strings).mismatches:
+            return []  # tokenizer.fast_mismatch reports it
+        differing, strings, first = loader_disagreements(ckpt, ctx)
+        reference, agrees = "sentencepiece", "tokenizer.json agrees with tokenizer.model, but "
+    else:
+        differing, strings, first = tokenizer_json_disagreements(ckpt, strings)
+        reference, agrees = "tokenizer.json", ""
     if not differing:
         return []
     text, want, have = first[0]
     cls = type(ckpt.hf_tokenizer()).__name__
     return [Finding(
         "tokenizer.loader_mismatch", "error",
-        f"tokenizer.json agrees with tokenizer.model, but transformers loads this dir as {cls}, which "
-        f"rebuilds the pipeline and encodes {differing} of {len(strings)} strings differently, e.g. "
-        f"{text!r}: sentencepiece {want[:8]} vs transformers {have[:8]}.",
+        f"{agrees}transformers loads this dir as {cls}, which rebuilds tokenizer.json's pipeline and encodes "
+        f"{differing} of {len(strings)} strings differently, e.g. {text!r}: {reference} {want[:8]} vs "
+        f"transformers {have[:8]}.",
         fix=fix_command(ckpt),
-        details={"tokenizer_class": cls, "differing": differing, "compared": len(strings),
-                 "first": [{"text": t, "sentencepiece": a, "transformers": b} for t, a, b in first]},
+        details={"tokenizer_class": cls, "differing": differing, "compared": len(strings), "reference": reference,
+                 "first": [{"text": t, reference: a, "transformers": b} for t, a, b in first]},
     )]
+
+
+def tokenizer_json_disagreements(ckpt: Checkpoint, strings: list[str]) -> tuple[int, list[str], list]:
+    """Like `loader_disagreements`, with tokenizer.json as written (tokenizers' own loader) as the reference."""
+    fast = ckpt.fast_tokenizer()
+    want = [e.ids for e in fast.encode_batch_fast(strings, add_special_tokens=False)]
+    got = ckpt.hf_tokenizer()(strings, add_special_tokens=False)["input_ids"]
+    differing = [(t, a, b) for t, a, b in zip(strings, want, got) if a != b]
+    return len(differing), strings, differing[:5]
 
 
 def check_id_out_of_range(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
@@ -184,41 +198,85 @@ def check_dangling_added_token(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
 
 
 def check_bos(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
+    """BOS on both paths into the model: encode() for raw text, the rendered template for chats."""
     bos = ckpt.special_token("bos")
     if not ckpt.has_tokenizer or not bos:
         return []
     from healer.templates.checks import render_sample
 
-    configured = ckpt.tokenizer_config.get("add_bos_token")
-    expected = configured is True or ckpt.model_type in BOS_FAMILIES
+    tc = ckpt.tokenizer_config
+    configured = tc.get("add_bos_token")
+    expected = starts_with_bos(ckpt.model_type, tc)
     tok = ckpt.hf_tokenizer()
     bos_id = tok.convert_tokens_to_ids(bos)
     ids = tok.encode("Hello world")
-    rendered = render_sample(ckpt) if ckpt.chat_template else None
-    # A template that writes BOS itself covers chat data; then not adding it on encode is a choice
-    # (the usual cure for double BOS), not a defect.
-    template_adds_bos = rendered is not None and rendered.startswith(bos)
     findings = []
-    if expected and not template_adds_bos and (not ids or ids[0] != bos_id):
-        why = ("tokenizer_config.json sets add_bos_token" if configured
-               else f"{ckpt.model_type} models are trained with {bos!r} first")
+    # Raw-text and completion data go through encode(), whatever the chat template writes.
+    if expected and (not ids or ids[0] != bos_id):
+        if configured is True:
+            why = (f"tokenizer_config.json sets add_bos_token, but transformers loads this dir as "
+                   f"{type(tok).__name__}, which ignores that setting: tokenizer.json's post-processor decides")
+        else:
+            why = f"{ckpt.model_type} models are trained with {bos!r} first"
         findings.append(Finding(
             "tokenizer.bos_missing", "error",
-            f"encode() does not add {bos!r} ({why}): training data would start without it.",
+            f"encode() does not add {bos!r} ({why}): raw-text training data would start without it.",
             fix=fix_command(ckpt),
-            details={"bos_token": bos, "bos_id": bos_id, "encoded": ids[:8], "add_bos_token": configured},
+            details={"bos_token": bos, "bos_id": bos_id, "encoded": ids[:8], "add_bos_token": configured,
+                     "tokenizer_class": type(tok).__name__},
         ))
-    if template_adds_bos and ids and ids[0] == bos_id:
-        encoded = tok.encode(rendered)
-        if encoded[:2] == [bos_id, bos_id]:
+    rendered = render_sample(ckpt) if ckpt.chat_template else None
+    if rendered is not None:
+        # the chat path: rendered text without special tokens, then BOS once if the template wrote none
+        chat_ids = tok.encode(rendered, add_special_tokens=False)
+        if expected:
+            chat_ids, _ = with_one_bos(chat_ids, None, bos_id)
+        if chat_ids[:2] == [bos_id, bos_id]:
             findings.append(Finding(
                 "tokenizer.double_bos", "warning",
-                f"The chat template already starts with {bos!r} and encode() adds another: "
-                "templated examples start with two BOS tokens.",
+                f"The chat template writes {bos!r} twice at the start: templated examples start with two BOS tokens.",
                 fix=fix_command(ckpt),
-                details={"bos_token": bos, "encoded": encoded[:6]},
+                details={"bos_token": bos, "encoded": chat_ids[:6]},
             ))
     return findings
+
+
+def check_setting_ignored(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
+    """tokenizer_config.json's add_bos_token / add_eos_token against what encode() really does.
+
+    transformers 5 loads most tokenizer.json dirs as TokenizersBackend, which leaves BOS/EOS to
+    tokenizer.json's post-processor and ignores those two settings. A BOS that should be there
+    and is not is `tokenizer.bos_missing`; this reports the other disagreements.
+    """
+    if not ckpt.has_tokenizer:
+        return []
+    tc = ckpt.tokenizer_config
+    tok = ckpt.hf_tokenizer()
+    probe = tok.encode("Hello world", add_special_tokens=False)
+    ids = tok.encode("Hello world")
+    ignored = []
+    for setting, role, present in (
+        ("add_bos_token", "bos", ids[: len(ids) - len(probe)].count(tok.bos_token_id) > 0),
+        ("add_eos_token", "eos", tok.eos_token_id is not None and ids[len(probe):].count(tok.eos_token_id) > 0),
+    ):
+        value = tc.get(setting)
+        token = ckpt.special_token(role)
+        if not isinstance(value, bool) or token is None or value == present:
+            continue
+        if setting == "add_bos_token" and value:
+            continue  # tokenizer.bos_missing
+        ignored.append({"setting": setting, "configured": value, "encode_adds": present, "token": token})
+    if not ignored:
+        return []
+    first = ignored[0]
+    return [Finding(
+        "tokenizer.setting_ignored", "warning",
+        f"tokenizer_config.json sets {first['setting']}: {str(first['configured']).lower()}, but transformers loads "
+        f"this dir as {type(tok).__name__} and encode() {'adds' if first['encode_adds'] else 'does not add'} "
+        f"{first['token']!r}: the setting has no effect.",
+        fix=fix_command(ckpt),
+        details={"tokenizer_class": type(tok).__name__, "settings": ignored},
+    )]
 
 
 def check_pad(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
@@ -245,5 +303,6 @@ def check_pad(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
 
 
 CHECKS: list[Check] = [
-    check_missing_fast, check_fast_mismatch, check_loader_mismatch, check_id_out_of_range, check_dangling_added_token, check_bos, check_pad,
+    check_missing_fast, check_fast_mismatch, check_loader_mismatch, check_id_out_of_range, check_dangling_added_token, check_bos,
+    check_setting_ignored, check_pad,
 ]
