@@ -24,7 +24,7 @@ from typing import Any
 
 from healer.checkpoint import Checkpoint
 from healer.doctor import diagnose, read_corpus
-from healer.errors import HealerError, OutputError
+from healer.errors import CheckpointError, HealerError, OutputError
 from healer.outputs import refuse_overlap, remove, remove_stale_staging, staging_path
 from healer.report import Finding, Report
 
@@ -468,6 +468,24 @@ def fix_template(draft: Draft, findings: list[Finding], opts: Options) -> None:
                  "present" if old else None, entry.name)
 
 
+def fix_generation_prompt_ignored(draft: Draft, findings: list[Finding], opts: Options) -> None:
+    """A template that always writes the generation prompt: the registry entry it renders like otherwise."""
+    found = [f for f in findings if f.check == "template.generation_prompt_ignored"]
+    if not found or opts.template is not None:
+        return  # --template NAME replaces the template anyway
+    name = found[0].details.get("registry_equivalent")
+    if name is None:
+        draft.unfixable.append(Finding("template.generation_prompt_ignored", "error",
+                                       "The template matches no registry entry; give --template NAME."))
+        return
+    from healer.templates import get
+
+    draft.set_chat_template(get(name).source)
+    draft.change("template.generation_prompt_ignored", "chat_template",
+                 f"chat template replaced by the registry's {name!r}, which honours add_generation_prompt",
+                 "ignores add_generation_prompt", name)
+
+
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
 
 
@@ -701,7 +719,8 @@ def fix_out_of_range(draft: Draft, findings: list[Finding], opts: Options) -> No
                  [c.content for _, c in sorted(past.items())][:20], None)
 
 
-PASS_ONE: list[Fix] = [fix_dangling_added_tokens, fix_out_of_range, fix_chatml, fix_template, fix_fast_tokenizer,
+PASS_ONE: list[Fix] = [fix_dangling_added_tokens, fix_out_of_range, fix_chatml, fix_template,
+                       fix_generation_prompt_ignored, fix_fast_tokenizer,
                        fix_bos_missing, fix_setting_ignored, fix_double_bos, fix_pad, fix_eos_mismatch]
 
 
@@ -743,6 +762,9 @@ def repair(path: str | Path, out: str | Path, *, chatml: bool = False, template:
     src = Checkpoint(path)
     out = Path(out)
     _check_output(out, force, [src.path, corpus, dataset])
+    if not src.has_tokenizer:
+        raise CheckpointError(f"{src.path}: no tokenizer files (tokenizer.json or tokenizer.model): fix repairs a "
+                              "checkpoint against its tokenizer; copy the base model's tokenizer files in first")
     opts = Options(chatml=chatml, template=template, corpus=read_corpus(corpus), all_untrained=all_untrained,
                    dataset=str(dataset) if dataset else None, out_of_range=out_of_range)
     assert out_of_range in ("auto", "grow", "drop"), out_of_range
