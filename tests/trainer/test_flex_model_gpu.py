@@ -19,6 +19,11 @@ CASES = {
     "llama_packed": ("llama", {}),
     "gemma2_window_softcaps_packed": ("gemma2", dict(sliding_window=16, attn_logit_softcapping=5.0,
                                                      final_logit_softcapping=10.0)),
+    # q/k norms; Gemma 3's windowed layers with their own RoPE base beside a global one
+    "qwen3_packed": ("qwen3", {}),
+    "gemma3_window_local_rope_packed": ("gemma3_text", dict(
+        sliding_window=16, num_hidden_layers=3,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
 }
 
 
