@@ -35,6 +35,14 @@ def _offline() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def _paths_print_as_given() -> None:
+    """A path that is not UTF-8 (Linux allows any bytes in a name) prints as its own bytes, as `ls` shows it,
+    instead of failing the whole report with a UnicodeEncodeError."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="surrogateescape")
+
+
 def friendly_errors(fn):
     """Turn the library's typed errors into one line on stderr and exit 2 (traceback with --debug)."""
 
@@ -49,6 +57,12 @@ def friendly_errors(fn):
             if debug:
                 raise
             click.echo(f"error: {e}", err=True)
+            sys.exit(EXIT_USAGE)
+        except OSError as e:  # the machine's side of bad input: a full or read-only disk, a vanished file
+            if debug:
+                raise
+            where = f"{os.fsdecode(e.filename)}: " if e.filename is not None else ""
+            click.echo(f"error: {where}{e.strerror or e}", err=True)
             sys.exit(EXIT_USAGE)
 
     return wrapper
@@ -65,6 +79,7 @@ def healer(debug: bool) -> None:
     Typical flow: `healer doctor MODEL` to see what is wrong, then `healer fix MODEL -o OUT`.
     """
     _offline()
+    _paths_print_as_given()
 
 
 @healer.command()
@@ -241,6 +256,7 @@ def fix(model_dir: Path, out: Path, chatml: bool, template: str | None, corpus: 
 def trainer(debug: bool) -> None:
     """Fine-tune a checkpoint with QLoRA and export the result (GGUF or merged safetensors)."""
     _offline()
+    _paths_print_as_given()
 
 
 def _train_config_options(fn):
@@ -262,15 +278,30 @@ def _train_config_options(fn):
 @click.option("--resume", "resume_dir", type=click.Path(path_type=Path),
               help="Continue the run dir RUN_DIR from its latest checkpoint, with its saved settings.")
 @click.option("--force", is_flag=True, help="Replace an earlier run (finished or failed) in --out.")
+@click.option("--preview", type=click.IntRange(min=1), metavar="N",
+              help="Print the first N examples exactly as they would be trained (trained tokens highlighted) "
+                   "and exit: no weights are loaded, nothing is written, --out is not needed.")
+@click.option("--json", "as_json", is_flag=True,
+              help="With --preview: one JSON object per example and line, "
+                   '{"row": i, "input_ids": [...], "labels": [...]} (labels -100 where no loss is taken).')
 @_train_config_options
 @friendly_errors
-def trainer_run(config_file: Path | None, resume_dir: Path | None, force: bool, **settings) -> None:
+def trainer_run(config_file: Path | None, resume_dir: Path | None, force: bool, preview: int | None,
+                as_json: bool, **settings) -> None:
     """Fine-tune --model on --data with LoRA / QLoRA; write the run dir --out.
 
     Exit status: 0 trained, 1 the NaN guard stopped the run, 2 bad input.
     """
     from trainer.config import resolve_config
     from trainer.loop import OutOfMemory, TrainingDiverged, train
+
+    if as_json and preview is None:
+        raise click.UsageError("--json goes with --preview N")
+    if preview is not None:
+        from trainer import PREVIEW_REQUIRED
+
+        _preview(resolve_config(config_file, required=PREVIEW_REQUIRED, **settings), preview, as_json)
+        return
 
     if resume_dir is not None:
         from trainer.resume import ResumeError, resume_config
@@ -286,6 +317,32 @@ def trainer_run(config_file: Path | None, resume_dir: Path | None, force: bool, 
         click.echo(f"error: {e}", err=True)
         sys.exit(EXIT_FINDINGS)
     _console().print(result.summary(), highlight=False)
+
+
+def _preview(config, n: int, as_json: bool) -> None:
+    import json
+
+    import trainer
+    from trainer.data import trained_runs
+
+    examples, tokenizer = trainer.preview(config, n)
+    if as_json:
+        for ex in examples:
+            click.echo(json.dumps({"row": ex.row, "input_ids": ex.input_ids, "labels": ex.labels}))
+        return
+    from rich.text import Text
+
+    console = _console()
+    for ex in examples:
+        trained = sum(label != -100 for label in ex.labels)
+        header = f"row {ex.row}: {len(ex.input_ids)} tokens, {trained} trained"
+        runs = trained_runs(tokenizer, ex.input_ids, ex.labels)
+        if console.is_terminal:
+            console.rule(header, style="dim")
+            console.print(Text.assemble(*((part, "bold green" if on else "dim") for part, on in runs)))
+        else:  # piped: trained spans in [[...]], as `healer template render --mask` marks them
+            click.echo(f"--- {header}")
+            click.echo("".join(f"[[{part}]]" if on else part for part, on in runs))
 
 
 @trainer.command("export")

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 from trainer.config import ConfigError, TrainConfig, resolve_config
 
+PREVIEW_REQUIRED = ("model", "data")  # a preview writes nothing: no --out
+
 if TYPE_CHECKING:
     from trainer.loop import RunResult
 
@@ -22,6 +24,20 @@ def train(config: TrainConfig, *, console=None, resume: bool = False) -> RunResu
     from trainer.loop import train as run
 
     return run(config, console=console, resume=resume)
+
+
+def preview(config: TrainConfig, n: int):
+    """The first `n` examples exactly as `train(config)` would train them (ids, labels -100 where no loss
+    is taken), and the tokenizer; loads no weights and writes nothing."""
+    from healer.checkpoint import Checkpoint
+    from trainer.config import validate
+    from trainer.data import prepare_model_data
+
+    cfg = validate(config, required=PREVIEW_REQUIRED)
+    ckpt = Checkpoint(cfg.model)
+    _, data = prepare_model_data(ckpt, cfg.data, cfg.template, max_seq_len=cfg.max_seq_len,
+                                 train_on_inputs=cfg.train_on_inputs, limit=n)
+    return data.examples, ckpt.hf_tokenizer()
 
 
 def resume_config(run_dir, **overrides) -> TrainConfig:
@@ -44,4 +60,4 @@ def __getattr__(name: str):
 
 
 __all__ = ["ConfigError", "ModelCheckError", "ResumeError", "RunResult", "TrainConfig", "TrainingDiverged",
-           "resolve_config", "resume_config", "train"]
+           "preview", "resolve_config", "resume_config", "train"]

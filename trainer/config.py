@@ -133,15 +133,17 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def resolve_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
-    """Fields from the YAML file at `path`, then `overrides` that are not None; validated."""
+def resolve_config(path: str | Path | None = None, *, required: tuple[str, ...] = REQUIRED,
+                   **overrides: Any) -> TrainConfig:
+    """Fields from the YAML file at `path`, then `overrides` that are not None; validated (with the
+    settings in `required` present: a preview writes nothing and needs no `out`)."""
     values = read_yaml(path) if path is not None else {}
     known = {f.name for f in config_fields()}
     unknown = [k for k in overrides if k not in known]
     if unknown:
         raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return validate(TrainConfig(**{k: _coerce(k, v) for k, v in values.items()}))
+    return validate(TrainConfig(**{k: _coerce(k, v) for k, v in values.items()}), required=required)
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -179,9 +181,9 @@ def _coerce(name: str, value: Any) -> Any:
     raise AssertionError(f"unhandled field type {hint} for {name}")
 
 
-def validate(cfg: TrainConfig) -> TrainConfig:
+def validate(cfg: TrainConfig, required: tuple[str, ...] = REQUIRED) -> TrainConfig:
     """Raise ConfigError on missing required settings or values out of range; return cfg."""
-    missing = [n for n in REQUIRED if getattr(cfg, n) is None]
+    missing = [n for n in required if getattr(cfg, n) is None]
     if missing:
         raise ConfigError("missing setting(s): " + ", ".join(missing)
                           + " (give --" + " --".join(m.replace("_", "-") for m in missing)
@@ -225,6 +227,25 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if getattr(cfg, name) not in allowed:
             raise ConfigError(f"setting {name} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
     return cfg
+
+
+def check_template_file(name: str | None) -> None:
+    """ConfigError naming a --template FILE that is not UTF-8 text or does not parse (before any loading)."""
+    if name is None or not (name.endswith(".jinja") or Path(name).is_file()) or not Path(name).is_file():
+        return  # a registry name, or a missing file (reported where the template is resolved)
+    p = Path(name)
+    try:
+        source = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: template file is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read the template file ({e.strerror or e})") from None
+    from healer.templates.render import TemplateError, compile_template
+
+    try:
+        compile_template(source, str(p))
+    except TemplateError as e:
+        raise ConfigError(str(e)) from None
 
 
 @dataclass(frozen=True)

@@ -109,12 +109,17 @@ def resolve_template(name: str | None, model_template: str | None, model_dir: st
 
 
 class ExampleRenderer:
-    """Token ids and labels of examples for one tokenizer and template (build once: it caches the masker)."""
+    """Token ids and labels of examples for one tokenizer and template (build once: it caches the masker).
 
-    def __init__(self, tokenizer, template: Template):
+    `bos_id` is the BOS every example must start with (None for families without one, e.g. Qwen):
+    plain text goes through encode(), chats are rendered and tokenized without special tokens, and
+    either gets BOS once in front unless it already starts with it (healer.tokenizers.bos).
+    """
+
+    def __init__(self, tokenizer, template: Template, bos_id: int | None = None):
         from healer.templates.mask import ChatMasker
 
-        self.tokenizer, self.template = tokenizer, template
+        self.tokenizer, self.template, self.bos_id = tokenizer, template, bos_id
         if not getattr(tokenizer, "is_fast", False):
             raise DataError("training needs a fast tokenizer (tokenizer.json) for assistant masks")
         self.masker = ChatMasker(template.entry, tokenizer) if template.entry is not None else None
@@ -132,16 +137,19 @@ class ExampleRenderer:
 
     def __call__(self, example: list[dict[str, str]] | str, *, train_on_inputs: bool) -> tuple[list[int], list[int]]:
         """(input_ids, labels) of one example; labels are IGNORE_INDEX where no loss is taken."""
+        from healer.tokenizers.bos import with_one_bos
+
         if isinstance(example, str):
             ids = self.tokenizer(example, add_special_tokens=True)["input_ids"]
             if self.tokenizer.eos_token_id is not None:
                 ids = [*ids, self.tokenizer.eos_token_id]
-            return ids, list(ids)
+            return with_one_bos(ids, list(ids), self.bos_id)
         if self.masker is not None:
             chat = self.masker(example)
             ids, labels = chat.input_ids, chat.labels
         else:
             ids, labels = self._prefix_masked(example)
+        ids, labels = with_one_bos(ids, labels, self.bos_id)
         return (ids, list(ids)) if train_on_inputs else (ids, labels)
 
     def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
@@ -198,15 +206,17 @@ class PreparedData:
 
 
 def prepare_data(path: str | Path, tokenizer, template: Template, *, max_seq_len: int,
-                 train_on_inputs: bool) -> PreparedData:
-    """Load, render, label and truncate; DataError if nothing is left to train on."""
+                 train_on_inputs: bool, bos_id: int | None = None, limit: int | None = None) -> PreparedData:
+    """Load, render, label and truncate (the first `limit` rows only, if given); DataError if nothing
+    is left to train on. `bos_id`: the BOS every example starts with (see ExampleRenderer)."""
     from healer.templates.formats import normalize
     from healer.templates.render import TemplateError
 
     rows, where = load_rows(path)
     if not rows:
         raise DataError(f"{path}: the dataset is empty")
-    render = ExampleRenderer(tokenizer, template)
+    rows = rows[:limit] if limit is not None else rows
+    render = ExampleRenderer(tokenizer, template, bos_id)
     render.check_fits()
     examples, truncated, dropped = [], 0, 0
     for i, row in enumerate(rows):
@@ -228,6 +238,39 @@ def prepare_data(path: str | Path, tokenizer, template: Template, *, max_seq_len
         raise DataError(f"{path}: no example is left to train on ({len(rows)} rows, {dropped} without any "
                         f"trained token after truncation to {max_seq_len} tokens)")
     return PreparedData(examples, len(rows), truncated, dropped, where)
+
+
+def bos_first(ckpt) -> int | None:
+    """The id every example of this model starts with (healer.tokenizers.bos's rule), None if it uses none."""
+    from healer.tokenizers.bos import starts_with_bos
+
+    if not starts_with_bos(ckpt.model_type, ckpt.tokenizer_config):
+        return None
+    return ckpt.hf_tokenizer().bos_token_id
+
+
+def prepare_model_data(ckpt, data: str | Path, template: str | None, *, max_seq_len: int, train_on_inputs: bool,
+                       limit: int | None = None) -> tuple[Template, PreparedData]:
+    """The template and the prepared examples of `data` for the model dir `ckpt` (a healer Checkpoint):
+    what `trainer run` trains on, and what `trainer run --preview` shows."""
+    tokenizer = ckpt.hf_tokenizer()
+    resolved = resolve_template(template, ckpt.chat_template, ckpt.path, bos_token=tokenizer.bos_token,
+                                eos_token=tokenizer.eos_token)
+    prepared = prepare_data(data, tokenizer, resolved, max_seq_len=max_seq_len, train_on_inputs=train_on_inputs,
+                            bos_id=bos_first(ckpt), limit=limit)
+    return resolved, prepared
+
+
+def trained_runs(tokenizer, input_ids: list[int], labels: list[int]) -> list[tuple[str, bool]]:
+    """The example as text in runs of (decoded text, trained?), for showing what is trained."""
+    runs: list[tuple[str, bool]] = []
+    start = 0
+    for i in range(1, len(input_ids) + 1):
+        if i == len(input_ids) or (labels[i] != IGNORE_INDEX) != (labels[start] != IGNORE_INDEX):
+            text = tokenizer.decode(input_ids[start:i], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            runs.append((text, labels[start] != IGNORE_INDEX))
+            start = i
+    return runs
 
 
 # ----------------------------------------------------------------------------- sequences and batches

@@ -33,7 +33,7 @@ from healer.checkpoint import Checkpoint
 from healer.errors import CheckpointError, OutputError
 from healer.outputs import refuse_overlap, remove
 from trainer.checkpointing import set_gradient_checkpointing
-from trainer.config import MAX_PLANNED_SEQUENCES, ConfigError, TrainConfig, validate
+from trainer.config import MAX_PLANNED_SEQUENCES, ConfigError, TrainConfig, check_template_file, validate
 from trainer.data import (
     IGNORE_INDEX,
     Batch,
@@ -41,8 +41,7 @@ from trainer.data import (
     as_sequences,
     collate,
     pack,
-    prepare_data,
-    resolve_template,
+    prepare_model_data,
     step_plan,
 )
 from trainer.distributed import DataParallel, from_environment, shard_step, shutdown, wrap
@@ -488,6 +487,7 @@ def train(config: TrainConfig, *, console=None, resume: bool = False, force: boo
     Under torchrun (WORLD_SIZE > 1) the ranks train data-parallel and only rank 0 writes.
     """
     cfg = validate(config)
+    check_template_file(cfg.template)
     template_file = cfg.template if cfg.template and Path(cfg.template).is_file() else None
     refuse_overlap(cfg.out, [cfg.model, cfg.data, template_file, *inputs], flag="--out")
     dp = from_environment(cfg.device)
@@ -518,10 +518,8 @@ def _train(cfg: TrainConfig, console, resume: bool, dp: DataParallel | None, for
     check_lora_rank(cfg.lora_r, ckpt)
     check_model(model_dir)
     tokenizer = ckpt.hf_tokenizer()
-    template = resolve_template(cfg.template, ckpt.chat_template, model_dir, bos_token=tokenizer.bos_token,
-                                eos_token=tokenizer.eos_token)
-    data = prepare_data(cfg.data, tokenizer, template, max_seq_len=cfg.max_seq_len,
-                        train_on_inputs=cfg.train_on_inputs)
+    _, data = prepare_model_data(ckpt, cfg.data, cfg.template, max_seq_len=cfg.max_seq_len,
+                                 train_on_inputs=cfg.train_on_inputs)
     if data.truncated:
         console.print(f"{data.truncated} of {data.rows} examples were longer than {cfg.max_seq_len} tokens "
                       f"and were truncated")

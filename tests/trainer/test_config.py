@@ -76,7 +76,8 @@ def test_every_field_is_a_cli_option_of_trainer_run():
     params = {p.name: p for p in cli.trainer.commands["run"].params}
     fields = [f.name for f in dataclasses.fields(TrainConfig)]
     assert set(fields) <= set(params)
-    assert set(params) - set(fields) <= {"config_file", "resume_dir", "force", "help"} and "config_file" in params
+    assert set(params) - set(fields) <= {"config_file", "resume_dir", "force", "preview", "as_json", "help"} \
+        and "config_file" in params
     assert [s.name for s in option_specs()] == fields
     opts = {o for p in params.values() for o in (*p.opts, *p.secondary_opts)}
     for flag in ("--model", "--data", "--out", "--template", "--max-seq-len", "--batch-size", "--grad-accum",
@@ -95,6 +96,7 @@ def test_unset_cli_switches_do_not_override_the_file(tmp_path):
     seen = dict(cli.trainer.commands["run"].make_context("run", ["--config", str(p), "--no-fix-untrained"]).params)
     assert seen["packing"] is None and seen["load_in_4bit"] is None and seen["fix_untrained"] is False
     assert seen.pop("resume_dir") is None and seen.pop("force") is False
+    assert seen.pop("preview") is None and seen.pop("as_json") is False
     cfg = resolve_config(seen.pop("config_file"), **seen)
     assert cfg.packing is True and cfg.load_in_4bit is False and cfg.fix_untrained is False
     assert CliRunner().invoke(cli.trainer, ["run", "--config", str(p), "--lr", "x"]).exit_code == 2
