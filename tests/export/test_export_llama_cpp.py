@@ -1,7 +1,7 @@
 """Our GGUF files run in llama.cpp itself (llama-cpp-python) with the same tokens and logits as HF + PEFT.
 
-Needs `llama_cpp` importable: `pip install llama-cpp-python==0.3.36` compiles llama.cpp from the
-PyPI sdist (about an hour of wall time on a busy 2-core machine; see the export issue's report).
+Needs `llama_cpp` importable: the test extra's llama-cpp-python==0.3.36 compiles llama.cpp from the
+PyPI sdist once (about 11 minutes on a busy 2-core machine); skipped without it, failed under CI=true.
 """
 
 from __future__ import annotations
@@ -10,18 +10,22 @@ import json
 from pathlib import Path
 
 import builders
-import numpy as np
 import pytest
 import testdata
 import torch
-from export_helpers import chatml_llama, healed_chatml_llama, logits, make_adapter, peft_model
+from export_helpers import (  # noqa: F401 (llama_cpp_required: fixture)
+    LlamaCppModel,
+    chatml_llama,
+    healed_chatml_llama,
+    llama_cpp_required,
+    logits,
+    make_adapter,
+    peft_model,
+)
 
 import export
 
-llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed "
-                                "(pip install llama-cpp-python==0.3.36 builds llama.cpp from source)")
-
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("llama_cpp_required")]
 
 PROMPT = "Hello world! The quick brown fox jumps over the lazy dog, 12345 times."
 CHATML_PROMPT = "<|im_start|>user\nHow are you?<|im_end|>\n<|im_start|>assistant\n"
@@ -91,14 +95,8 @@ CASES = {
 
 def llama_cpp_run(path: Path, ids: list[int], text: str) -> tuple[list[int], torch.Tensor]:
     """llama.cpp's tokenization of `text` (its own BOS rule, special tokens parsed) and its logits for `ids`."""
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=2)
-    try:
-        tokens = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
-        llm.eval(ids)
-        scores = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
-    finally:
-        llm.close()
-    return tokens, scores
+    with LlamaCppModel(path, n_ctx=128) as llm:
+        return llm.tokenize(text, add_bos=True, special=True), llm.logits(ids)
 
 
 @pytest.mark.parametrize("case", list(CASES))

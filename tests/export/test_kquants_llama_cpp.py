@@ -98,7 +98,7 @@ def test_mix_runs_in_llama_cpp_like_llama_cpps_own_quantization(model, mix, tmp_
 
 
 @pytest.mark.parametrize("mix,qtype", [("q2_k", Q.Q2_K), ("q3_k_m", Q.Q3_K), ("q4_k_m", Q.Q4_K),
-                                       ("q5_k_m", Q.Q5_K), ("q6_k", Q.Q6_K)])
+                                       ("q5_k_m", Q.Q5_K), ("q6_k", Q.Q6_K)], ids=lambda v: str(getattr(v, "name", v)))
 def test_our_blocks_of_the_f16_values_are_llama_cpps_blocks(model, mix, qtype, tmp_path):
     """Same f16 input, same algorithm: blocks differ only where float sums in another order break a near
     tie between two candidate scales."""
