@@ -365,14 +365,17 @@ def trainer_export(source: Path, out: Path, fmt: str, quant: str, dtype: str, ba
 
     if fmt == "hf" and quant != "f16":
         raise click.UsageError("--quant applies to --format gguf; use --dtype for hf output")
+    notes: list[str] = []
     with warnings.catch_warnings(record=True, action="always", category=export.TokenizationWarning) as caught:
         if fmt == "gguf":
-            written = export.to_gguf(source, out, quant, base=base, force=force)
+            written = export.to_gguf(source, out, quant, base=base, force=force, notes=notes)
         else:
             written = export.merge(source, out, base=base, dtype=dtype, force=force)
     for w in caught:
         if issubclass(w.category, export.TokenizationWarning):
             click.echo(f"warning: {w.message}", err=True)
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
     _console().print(f"Wrote {written}", highlight=False)
 
 

@@ -18,6 +18,8 @@ The k-quant mixes (q4_k_m, q6_k, ...) give each 2-D weight the type llama-quanti
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from pathlib import Path
 
 import gguf
@@ -106,9 +108,29 @@ def _plan(src: Source, name_map: gguf.TensorNameMap, quant: str, family) -> list
     return [(n, g, s, _tensor_type(g, s, qtype, tied_output)) for n, g, s in mapped]
 
 
+def fallback_notes(plan: list[tuple[str, str, tuple, Q]], quant: str) -> list[str]:
+    """One line per type a k-quant mix had to store instead of a K-type (rows not a multiple of 256)."""
+    if quant not in kquants.MIXES:
+        return []
+    by_type: dict[Q, list[tuple[str, int]]] = {}
+    for _, gname, shape, t in plan:
+        if t != Q.F32 and t not in kquants.QUANTIZERS:
+            by_type.setdefault(t, []).append((re.sub(r"^blk\.\d+\.", "blk.N.", gname), shape[-1]))
+    notes = []
+    for t, tensors in by_type.items():
+        names = ", ".join(f"{name} x{n}" if n > 1 else name for name, n in Counter(g for g, _ in tensors).items())
+        widths = ", ".join(str(n) for n in sorted({n for _, n in tensors}))
+        notes.append(f"{len(tensors)} tensor(s) stored as {t.name}, as llama-quantize does for rows of {widths} "
+                     f"values (not a multiple of {kquants.QK_K}): {names}")
+    return notes
+
+
 def to_gguf(source: str | Path, out: str | Path, quant: str = "f16", *, base: str | Path | None = None,
-            force: bool = False) -> Path:
-    """Write `source` (run dir, adapter dir or model dir) with its adapter merged as one GGUF file at `out`."""
+            force: bool = False, notes: list[str] | None = None) -> Path:
+    """Write `source` (run dir, adapter dir or model dir) with its adapter merged as one GGUF file at `out`.
+
+    `notes`, if given, receives a line for each fallback type a k-quant mix used.
+    """
     if quant not in QUANTS:
         raise UnsupportedError(f"quant type {quant!r}: choose one of {', '.join(QUANTS)}")
     qtype, ftype = QUANTS[quant]
@@ -117,6 +139,8 @@ def to_gguf(source: str | Path, out: str | Path, quant: str = "f16", *, base: st
     family = family_of(config)
     name_map = gguf.get_tensor_name_map(arch_of(family), config["num_hidden_layers"])
     plan = _plan(src, name_map, quant, family)
+    if notes is not None:
+        notes.extend(fallback_notes(plan, quant))
     vocab = build_vocab(src.tokenizer_dir, config)
     extras = extra_tensors(config, family)
     out = Path(out)

@@ -72,3 +72,30 @@ def test_rows_not_a_multiple_of_256_fall_back_like_llama_cpp():
     assert kquants.fallback(Q.Q4_K, 4096) == Q.Q4_K
     assert [kquants.fallback(t, 352) for t in K_TYPES] == [Q.Q4_0, Q.Q4_0, Q.Q5_0, Q.Q5_1, Q.Q8_0]
     assert kquants.fallback(Q.Q6_K, 100) == Q.F16
+
+
+def test_cli_names_fallback_types_and_lists_the_mixes_for_an_unknown_quant(tmp_path):
+    """64-wide rows fit no 256-value block: llama-quantize stores Q4_K as Q5_0 and Q6_K (and the
+    output) as Q8_0; test_kquants_llama_cpp.py checks these choices against llama.cpp's own."""
+    import builders
+    import testdata
+    from click.testing import CliRunner
+
+    from cli import trainer
+
+    base = builders.sentencepiece_checkpoint(tmp_path / "base", testdata.sentencepiece_model("llama-spm"))
+    runner = CliRunner()
+    ok = runner.invoke(trainer, ["export", str(base), "-o", str(tmp_path / "m.gguf"), "--format", "gguf",
+                                 "--quant", "q4_k_m"])
+    assert ok.exit_code == 0, ok.output
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    assert (types["blk.0.attn_q.weight"], types["blk.1.attn_v.weight"], types["output.weight"]) == (
+        Q.Q5_0, Q.Q8_0, Q.Q8_0)
+    notes = {line.split(" stored as ")[1].split(",")[0]: line for line in ok.output.splitlines()
+             if line.startswith("note:")}
+    assert set(notes) == {"Q5_0", "Q8_0"}
+    assert "blk.N.attn_q.weight x2" in notes["Q5_0"] and "output.weight" in notes["Q8_0"]
+    bad = runner.invoke(trainer, ["export", str(base), "-o", str(tmp_path / "x.gguf"), "--format", "gguf",
+                                  "--quant", "q4_k"])
+    assert bad.exit_code == 2 and bad.output.strip().count("\n") == 0
+    assert all(mix in bad.output for mix in kquants.MIXES)
