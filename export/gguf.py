@@ -137,6 +137,7 @@ def to_gguf(source: str | Path, out: str | Path, quant: str = "f16", *, base: st
     src = open_source(source, base)
     config = src.config
     family = family_of(config)
+    src.require("num_hidden_layers", "num_attention_heads")
     name_map = gguf.get_tensor_name_map(arch_of(family), config["num_hidden_layers"])
     plan = _plan(src, name_map, quant, family)
     if notes is not None:

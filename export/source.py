@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from export.errors import AdapterMismatchError, ExportError, UnsupportedError
-from healer.checkpoint import TOKENIZER_FILES, Checkpoint, read_json, safetensors_header
+from healer.checkpoint import TOKENIZER_FILES, Checkpoint, check_adapter_config, read_json, safetensors_header
 from healer.errors import CheckpointError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -56,8 +56,7 @@ class Adapter:
         self.path = path
         self.config_path = path / ADAPTER_CONFIG
         cfg = read_json(self.config_path)
-        if not isinstance(cfg, dict):
-            raise CheckpointError(f"{self.config_path}: expected a JSON object")
+        check_adapter_config(cfg, self.config_path)
         self.config: dict[str, Any] = cfg
         if cfg.get("peft_type", "LORA") != "LORA":
             raise UnsupportedError(f"{self.config_path}: peft_type {cfg.get('peft_type')}; only LoRA adapters can be merged")
@@ -115,6 +114,10 @@ class Adapter:
         for module, p in pairs.items():
             if "a" not in p or "b" not in p:
                 raise CheckpointError(f"{self.weights_path}: {module} has only one of lora_A / lora_B")
+            for key in (p["a"], p["b"]):
+                if len(self.shape(key)) != 2 or 0 in self.shape(key):
+                    raise CheckpointError(f"{self.weights_path}: tensor {key} has shape {list(self.shape(key))}; "
+                                          "LoRA factors are 2-D matrices [rank, in] and [out, rank]")
             r = self.shape(p["a"])[0]
             pattern = _pattern_key(alpha_pattern, module)
             alpha = alpha_pattern[pattern] if pattern else self.config.get("lora_alpha", 8)
@@ -155,6 +158,13 @@ class Source:
     def config(self) -> dict[str, Any]:
         return self.base.config
 
+    def require(self, *keys: str) -> None:
+        """CheckpointError naming config.json unless each of `keys` is an integer in it."""
+        for key in keys:
+            if not isinstance(self.config.get(key), int):
+                raise CheckpointError(f"{self.base.path / 'config.json'}: {key} is missing or not an integer "
+                                      f"({self.config.get(key)!r}); export needs the model's full config")
+
     @property
     def inputs(self) -> list[Path]:
         """Every directory export reads: no output may be, contain or lie inside one of them."""
@@ -170,7 +180,11 @@ class Source:
         """The dtype the base stores `name` in (read from the header, no data)."""
         path = self.base.weight_map[name]
         if path.suffix == ".safetensors":
-            return _SAFETENSORS_DTYPES[safetensors_header(path)[name]["dtype"]]
+            stored = safetensors_header(path)[name]["dtype"]
+            if stored not in _SAFETENSORS_DTYPES:
+                raise UnsupportedError(f"{path}: tensor {name} is stored as {stored}, which export cannot convert "
+                                       f"(it reads {', '.join(_SAFETENSORS_DTYPES)})")
+            return _SAFETENSORS_DTYPES[stored]
         return self.base.tensor(name).dtype
 
     def is_changed(self, name: str) -> bool:

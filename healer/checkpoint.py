@@ -7,7 +7,13 @@ safetensors memory maps, so a 16 GB checkpoint costs only the tensors you touch.
 from __future__ import annotations
 
 import json
+import math
+import os
+import re
+import shutil
 import struct
+import tempfile
+import weakref
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -26,6 +32,10 @@ TOKENIZER_FILES = (
 EMBED_NAMES = ("model.embed_tokens.weight", "embed_tokens.weight", "transformer.wte.weight",
                "model.language_model.embed_tokens.weight")
 LM_HEAD_NAMES = ("lm_head.weight", "output.weight", "model.lm_head.weight")
+# bytes per element of the safetensors dtypes (the format's own list)
+ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
+               "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
 def read_json(path: Path) -> Any:
@@ -61,10 +71,41 @@ def safetensors_header(path: Path) -> dict[str, Any]:
         assert isinstance(header, dict)
     except (json.JSONDecodeError, UnicodeDecodeError, AssertionError) as e:
         raise CheckpointError(f"{path}: corrupt safetensors header (not valid JSON)") from e
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    end = _check_entries(path, header)
     if 8 + n + end > size:
         raise CheckpointError(f"{path}: truncated safetensors file (header needs {8 + n + end} bytes, file has {size})")
     return header
+
+
+def _check_entries(path: Path, header: dict[str, Any]) -> int:
+    """Every tensor entry well formed, sized as its dtype and shape say, none overlapping; the data's end."""
+    spans = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        where = f"{path}: corrupt safetensors header: tensor {name!r}"
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"{where} is a {type(entry).__name__}, not an object")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(dtype, str) or not isinstance(shape, list) or not all(
+                isinstance(d, int) and d >= 0 for d in shape):
+            raise CheckpointError(f"{where} has no valid dtype and shape")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise CheckpointError(f"{where} has no valid data_offsets [start, end]")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if dtype in ST_ITEMSIZE and offsets[1] - offsets[0] != numel * ST_ITEMSIZE[dtype]:
+            raise CheckpointError(f"{where} holds {offsets[1] - offsets[0]} bytes, but {dtype} {shape} needs "
+                                  f"{numel * ST_ITEMSIZE[dtype]}")
+        spans.append((offsets[0], offsets[1], name))
+    spans.sort()
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        if start < end:
+            raise CheckpointError(f"{path}: corrupt safetensors header: the data of tensors {a!r} and {b!r} "
+                                  "overlap")
+    return max((end for _, end, _ in spans), default=0)
 
 
 class Checkpoint:
@@ -82,13 +123,37 @@ class Checkpoint:
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r})"
 
+    def _native(self, p: Path) -> str:
+        """`p` (this dir or a file in it) as a path the Rust libraries (tokenizers, safetensors) can open.
+
+        They take only UTF-8 paths; a dir whose name is not (Linux allows any bytes) is reached through a
+        symlink with a plain name in a temp dir that lives as long as this Checkpoint.
+        """
+        try:
+            return os.fsencode(p).decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+        if "_link" not in self.__dict__:
+            tmp = tempfile.mkdtemp(prefix="healer-path-")
+            link = Path(tmp) / "model"
+            link.symlink_to(self.path.resolve())
+            weakref.finalize(self, shutil.rmtree, tmp, True)
+            self.__dict__["_link"] = link
+        return str(self.__dict__["_link"] / p.resolve().relative_to(self.path.resolve()))
+
     def file(self, name: str) -> Path | None:
         p = self.path / name
         return p if p.is_file() else None
 
     def _json(self, name: str) -> Any:
+        """A JSON file of the dir (None if absent); every one a checkpoint holds is an object."""
         p = self.file(name)
-        return None if p is None else read_json(p)
+        if p is None:
+            return None
+        data = read_json(p)
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{p}: expected a JSON object, got a {type(data).__name__}")
+        return data
 
     # --- configuration -------------------------------------------------------------------
 
@@ -142,15 +207,30 @@ class Checkpoint:
         """The default chat template, from chat_template.jinja, chat_template.json or tokenizer_config."""
         p = self.file("chat_template.jinja")
         if p is not None:
-            return p.read_text(encoding="utf-8")
+            try:
+                return p.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise CheckpointError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            except OSError as e:
+                raise CheckpointError(f"{p}: cannot read ({e.strerror or e})") from None
         ct = self._json("chat_template.json")
-        if isinstance(ct, dict) and ct.get("chat_template"):
-            return ct["chat_template"]
+        if ct and ct.get("chat_template"):
+            return _template_text(ct["chat_template"], self.path / "chat_template.json")
         tpl = self.tokenizer_config.get("chat_template")
         if isinstance(tpl, list):
             named = {t.get("name"): t.get("template") for t in tpl if isinstance(t, dict)}
             tpl = named.get("default") or next(iter(named.values()), None)
-        return tpl or None
+        return _template_text(tpl, self.path / "tokenizer_config.json") or None
+
+    @property
+    def chat_template_file(self) -> str | None:
+        """Which file the default chat template comes from (for messages about it)."""
+        if self.file("chat_template.jinja") is not None:
+            return "chat_template.jinja"
+        ct = self._json("chat_template.json")
+        if ct and ct.get("chat_template"):
+            return "chat_template.json"
+        return "tokenizer_config.json" if self.tokenizer_config.get("chat_template") else None
 
     def special_token(self, name: str) -> str | None:
         """Content of bos/eos/pad/unk token as tokenizer_config (or special_tokens_map) declares it."""
@@ -188,7 +268,7 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: no tokenizer.json")
         _ = self.tokenizer_json  # parse first: a clear JSON error before tokenizers' own
         try:
-            return Tokenizer.from_file(str(p))
+            return Tokenizer.from_file(self._native(p))
         except Exception as e:
             raise CheckpointError(f"{p}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from e
 
@@ -203,12 +283,18 @@ class Checkpoint:
 
         for name in ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.json"):
             self._json(name)  # clear errors for broken JSON before transformers' tracebacks
+        _ = self.chat_template  # and for a template file that is not text (transformers reads it too)
+        tj = self.tokenizer_json
+        if tj is not None and not (isinstance(tj.get("model"), dict) and isinstance(tj.get("added_tokens", []), list)
+                                   and "added_tokens" in tj):
+            raise CheckpointError(f"{self.path / 'tokenizer.json'}: needs a \"model\" object and an \"added_tokens\" "
+                                  "list (empty if there are none); transformers cannot load it without them")
         if self.has_sentencepiece:
             self.sentencepiece()
         verbosity = transformers.logging.get_verbosity()
         transformers.logging.set_verbosity_error()
         try:
-            return transformers.AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
+            return transformers.AutoTokenizer.from_pretrained(self._native(self.path), local_files_only=True)
         except Exception as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(f"{self.path}: transformers cannot load the tokenizer ({msg})") from e
@@ -278,7 +364,7 @@ class Checkpoint:
             return self._bin(path)[name]
         self._header(path)
         try:
-            with safe_open(str(path), framework="pt") as f:
+            with safe_open(self._native(path), framework="pt") as f:
                 return f.get_tensor(name)
         except Exception as e:
             raise CheckpointError(f"{path}: cannot read tensor {name} ({str(e).splitlines()[0]})") from e
@@ -312,7 +398,58 @@ class Checkpoint:
         n = self.config.get("vocab_size")
         return int(n) if isinstance(n, int) else None
 
+    def check_head_tensors(self) -> None:
+        """CheckpointError unless the embedding and lm_head are 2-D float tensors [rows, hidden_size]."""
+        hidden = self.config.get("hidden_size")
+        for name in (self.embed_name, self.lm_head_name):
+            if name is None:
+                continue
+            shape = self.tensor_shape(name)
+            path = self._locate(name)
+            dtype = self._header(path)[name]["dtype"] if path.suffix == ".safetensors" else None
+            if dtype is not None and dtype not in FLOAT_DTYPES:
+                raise CheckpointError(f"{path}: tensor {name} is stored as {dtype}; an embedding or output head "
+                                      "holds floating point weights (F32, F16 or BF16)")
+            if len(shape) != 2 or (isinstance(hidden, int) and shape[1] != hidden):
+                hint = " (transposed?)" if len(shape) == 2 and shape[0] == hidden else ""
+                raise CheckpointError(f"{path}: tensor {name} has shape {list(shape)}, expected [rows, hidden_size "
+                                      f"{hidden}]{hint}")
+
     @property
     def tie_word_embeddings(self) -> bool:
         # transformers' default is True for most decoder configs when the key is absent
         return bool(self.config.get("tie_word_embeddings", self.model_type in ("gemma", "gemma2", "gemma3_text")))
+
+
+def _template_text(value: Any, source: Path) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise CheckpointError(f"{source}: chat_template must be a string (or a list of named templates), "
+                          f"got {type(value).__name__}")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_adapter_config(cfg: Any, path: Path) -> None:
+    """CheckpointError naming `path` (an adapter_config.json) and the key, unless the LoRA settings make sense:
+    r a positive integer, lora_alpha a finite number, rank_pattern/alpha_pattern maps of valid regexes."""
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got a {type(cfg).__name__}")
+    r = cfg.get("r", 8)
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise CheckpointError(f"{path}: r (the LoRA rank) must be a positive integer, got {r!r}")
+    if not _number(cfg.get("lora_alpha", 8)):
+        raise CheckpointError(f"{path}: lora_alpha must be a finite number, got {cfg.get('lora_alpha')!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        patterns = cfg.get(key) or {}
+        if not isinstance(patterns, dict):
+            raise CheckpointError(f"{path}: {key} must map module name patterns to numbers, got {patterns!r}")
+        for pattern, value in patterns.items():
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise CheckpointError(f"{path}: {key} key {pattern!r} is not a valid regex ({e})") from None
+            if not _number(value) or (key == "rank_pattern" and (not isinstance(value, int) or value < 1)):
+                raise CheckpointError(f"{path}: {key}[{pattern!r}] must be a positive number, got {value!r}")

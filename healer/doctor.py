@@ -54,7 +54,9 @@ def read_corpus(path: str | Path | None) -> tuple[str, ...]:
 def diagnose(path: str | Path, *, corpus: str | Path | None = None, check_weights: bool = False) -> Report:
     """Run every check on the model dir at `path`; raises CheckpointError if it cannot be read at all."""
     ckpt = Checkpoint(path)
-    _ = ckpt.config  # unreadable config: nothing else can be diagnosed
+    _ = ckpt.config, ckpt.generation_config  # unreadable configs: nothing else can be diagnosed
+    if ckpt.has_weights:
+        ckpt.check_head_tensors()  # a transposed or integer embedding: every check on it would mislead
     ctx = Context(corpus=read_corpus(corpus), check_weights=check_weights)
     report = Report(model=str(path))
     for fn in all_checks():

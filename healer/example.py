@@ -113,8 +113,11 @@ def build_example(out: str | Path | None = None, *, hidden_size: int = 64, num_l
     assert hidden_size % 32 == 0 and num_layers >= 1, (hidden_size, num_layers)
     import sentencepiece as spm
     import torch
+    from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from healer.errors import OutputError
 
     out = Path(out) if out is not None else Path(tempfile.gettempdir()) / "healer-example"
     staging = Path(tempfile.mkdtemp(prefix=".healer-example-", dir=out.parent))
@@ -142,6 +145,9 @@ def build_example(out: str | Path | None = None, *, hidden_size: int = 64, num_l
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)
+    except (OSError, SafetensorError) as e:  # a full or read-only disk (safetensors reports it its own way)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise OutputError(f"cannot write {out}: {getattr(e, 'strerror', None) or e}") from e
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

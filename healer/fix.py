@@ -775,7 +775,7 @@ def repair(path: str | Path, out: str | Path, *, chatml: bool = False, template:
         report.changes, report.unfixable = draft.changes, draft.unfixable
         report.changes += _plan(src, before.findings, opts, PASS_TWO).changes
         return report
-    with _staging(out) as (stage_one, stage_two):
+    with _staging(out, src.path) as (stage_one, stage_two):
         _write(draft, stage_one)
         middle = Checkpoint(stage_one)
         mid_report = diagnose(stage_one, corpus=corpus)
@@ -788,7 +788,8 @@ def repair(path: str | Path, out: str | Path, *, chatml: bool = False, template:
         if still:
             raise FixError(f"fix claimed to repair {', '.join(still)} but the output still fails "
                            f"{'it' if len(still) == 1 else 'them'}; nothing was written", report)
-        (stage_two / REPORT_NAME).write_text(report.to_json(), encoding="utf-8")
+        # a path that is not UTF-8 goes into the JSON as an escape (\udcff), not refused
+        (stage_two / REPORT_NAME).write_text(report.to_json(), encoding="utf-8", errors="backslashreplace")
         _replace(stage_two, out)
     report.written = True
     return report
@@ -834,8 +835,9 @@ def _check_output(out: Path, force: bool, inputs: list[str | Path | None]) -> No
 
 
 @contextmanager
-def _staging(out: Path) -> Iterator[tuple[Path, Path]]:
-    """Two temp dirs beside `out`, removed on any exit, SIGTERM included.
+def _staging(out: Path, src: Path) -> Iterator[tuple[Path, Path]]:
+    """Two temp dirs beside `out`, removed on any exit, SIGTERM included; an OSError inside becomes a
+    CheckpointError (reading a file of `src`) or an OutputError (writing: a full or read-only disk).
 
     The dir is named after this process (`.OUT.healer-PID`): what a SIGKILLed earlier run left
     there is removed here once its process is gone.
@@ -859,6 +861,13 @@ def _staging(out: Path) -> Iterator[tuple[Path, Path]]:
         one.mkdir()
         two.mkdir()
         yield one, two
+    except OSError as e:
+        name = os.fsdecode(e.filename) if e.filename is not None else ""
+        # abspath, not resolve: a dangling symlink in the input resolves to somewhere else
+        if name and any(Path(os.path.abspath(name)).is_relative_to(d) for d in (Path(os.path.abspath(src)),
+                                                                               src.resolve())):
+            raise CheckpointError(f"{name}: cannot read ({e.strerror or e})") from e
+        raise OutputError(f"cannot write {out}: {e.strerror or e} (nothing was written)") from e
     finally:
         remove(stage)
         if previous is not None:

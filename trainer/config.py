@@ -229,6 +229,17 @@ def validate(cfg: TrainConfig, required: tuple[str, ...] = REQUIRED) -> TrainCon
     return cfg
 
 
+def check_data_file(name: str) -> None:
+    """ConfigError for a --data path that is not a file, or an empty one (before any loading)."""
+    p = Path(name)
+    if not p.exists():
+        raise ConfigError(f"{p}: data file not found")
+    if not p.is_file():
+        raise ConfigError(f"{p}: not a file (--data takes a .jsonl, .json, .parquet or .csv file)")
+    if p.stat().st_size == 0:
+        raise ConfigError(f"{p}: the data file is empty")
+
+
 def check_template_file(name: str | None) -> None:
     """ConfigError naming a --template FILE that is not UTF-8 text or does not parse (before any loading)."""
     if name is None or not (name.endswith(".jinja") or Path(name).is_file()) or not Path(name).is_file():

@@ -33,7 +33,14 @@ from healer.checkpoint import Checkpoint
 from healer.errors import CheckpointError, OutputError
 from healer.outputs import refuse_overlap, remove
 from trainer.checkpointing import set_gradient_checkpointing
-from trainer.config import MAX_PLANNED_SEQUENCES, ConfigError, TrainConfig, check_template_file, validate
+from trainer.config import (
+    MAX_PLANNED_SEQUENCES,
+    ConfigError,
+    TrainConfig,
+    check_data_file,
+    check_template_file,
+    validate,
+)
 from trainer.data import (
     IGNORE_INDEX,
     Batch,
@@ -487,6 +494,7 @@ def train(config: TrainConfig, *, console=None, resume: bool = False, force: boo
     Under torchrun (WORLD_SIZE > 1) the ranks train data-parallel and only rank 0 writes.
     """
     cfg = validate(config)
+    check_data_file(cfg.data)
     check_template_file(cfg.template)
     template_file = cfg.template if cfg.template and Path(cfg.template).is_file() else None
     refuse_overlap(cfg.out, [cfg.model, cfg.data, template_file, *inputs], flag="--out")

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from healer.checkpoint import check_adapter_config
 from trainer.config import DEFAULT_TARGET_MODULES, ConfigError
 from trainer.models.ops import kernels_enabled
 
@@ -283,6 +284,7 @@ def read_adapter_config(adapter_dir: str | Path) -> LoRASettings:
         raise ConfigError(f"{p.parent}: not a LoRA adapter (no {ADAPTER_CONFIG})") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{p}: not valid JSON (line {e.lineno})") from None
+    check_adapter_config(cfg, p)
     if cfg.get("peft_type") != "LORA":
         raise ConfigError(f"{p}: peft_type is {cfg.get('peft_type')!r}, only LORA adapters are supported")
     targets = cfg.get("target_modules")
