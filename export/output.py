@@ -8,7 +8,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from healer.errors import OutputError
-from healer.outputs import refuse_overlap, remove_stale_staging, staging_path
+from healer.outputs import (
+    refuse_overlap,
+    remove_stale_staging,
+    short_write,
+    staging_path,
+    terminate_as_interrupt,
+)
 from healer.outputs import remove as _remove
 
 
@@ -30,18 +36,19 @@ def atomic_output(out: Path, force: bool, inputs: Iterable[Path | None] = ()) ->
         remove_stale_staging(out, tag)
     tmp = staging_path(out, "tmp")
     _remove(tmp)
-    try:
-        yield tmp
-        if out.exists() or out.is_symlink():
-            old = staging_path(out, "old")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            _remove(old)
-        else:
-            os.replace(tmp, out)
-    except OSError as e:
-        _remove(tmp)
-        raise OutputError(f"cannot write {out}: {e.strerror or e} (nothing was written)") from e
-    except BaseException:
-        _remove(tmp)
-        raise
+    with terminate_as_interrupt():
+        try:
+            yield tmp
+            if out.exists() or out.is_symlink():
+                old = staging_path(out, "old")
+                os.replace(out, old)
+                os.replace(tmp, out)
+                _remove(old)
+            else:
+                os.replace(tmp, out)
+        except OSError as e:
+            _remove(tmp)
+            raise OutputError(f"cannot write {out}: {short_write(e)} (nothing was written)") from e
+        except BaseException:
+            _remove(tmp)
+            raise

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -25,7 +24,7 @@ from typing import Any
 from healer.checkpoint import Checkpoint
 from healer.doctor import diagnose, read_corpus
 from healer.errors import CheckpointError, HealerError, OutputError
-from healer.outputs import refuse_overlap, remove, remove_stale_staging, staging_path
+from healer.outputs import refuse_overlap, remove, remove_stale_staging, staging_path, terminate_as_interrupt
 from healer.report import Finding, Report
 
 REPORT_NAME = "healer_report.json"
@@ -775,7 +774,7 @@ def repair(path: str | Path, out: str | Path, *, chatml: bool = False, template:
         report.changes, report.unfixable = draft.changes, draft.unfixable
         report.changes += _plan(src, before.findings, opts, PASS_TWO).changes
         return report
-    with _staging(out, src.path) as (stage_one, stage_two):
+    with terminate_as_interrupt(), _staging(out, src.path) as (stage_one, stage_two):
         _write(draft, stage_one)
         middle = Checkpoint(stage_one)
         mid_report = diagnose(stage_one, corpus=corpus)
@@ -847,15 +846,6 @@ def _staging(out: Path, src: Path) -> Iterator[tuple[Path, Path]]:
     stage = staging_path(out, STAGING_TAG)
     remove(stage)
     stage.mkdir()
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def on_term(signum, frame):
-        raise KeyboardInterrupt
-
-    try:
-        signal.signal(signal.SIGTERM, on_term)
-    except ValueError:  # not the main thread: the caller owns signal handling
-        previous = None
     try:
         one, two = stage / "pass1", stage / "pass2"
         one.mkdir()
@@ -870,8 +860,6 @@ def _staging(out: Path, src: Path) -> Iterator[tuple[Path, Path]]:
         raise OutputError(f"cannot write {out}: {e.strerror or e} (nothing was written)") from e
     finally:
         remove(stage)
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def _replace(staged: Path, out: Path) -> None:

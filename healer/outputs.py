@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterable
+import signal
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from healer.errors import OutputError
@@ -82,3 +84,40 @@ def remove_stale_staging(out: Path, tag: str) -> list[Path]:
             remove(p)
             removed.append(p)
     return removed
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (raised inside terminate_as_interrupt)."""
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """Inside, SIGTERM raises Terminated (a KeyboardInterrupt), so `finally` blocks remove staging files as
+    Ctrl-C does; the default action would end the process on the spot and leave them. Once they have run,
+    the process ends by SIGTERM after all, as its caller expects. Outside the main thread the caller owns
+    signal handling and nothing changes."""
+    def on_term(signum, frame):
+        raise Terminated
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:
+        previous = None
+    try:
+        yield
+    except Terminated:
+        if previous is None:
+            raise
+        signal.signal(signal.SIGTERM, previous)
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def short_write(e: OSError) -> str:
+    """What an OSError says, with numpy's bare short write ('N requested and M written') named as a full disk."""
+    if e.errno is None and "requested and" in str(e):
+        return f"No space left on device ({e})"
+    return e.strerror or str(e)

@@ -31,7 +31,7 @@ from torch import nn
 
 from healer.checkpoint import Checkpoint
 from healer.errors import CheckpointError, OutputError
-from healer.outputs import refuse_overlap, remove
+from healer.outputs import refuse_overlap, remove, terminate_as_interrupt
 from trainer.checkpointing import set_gradient_checkpointing
 from trainer.config import (
     MAX_PLANNED_SEQUENCES,
@@ -500,7 +500,8 @@ def train(config: TrainConfig, *, console=None, resume: bool = False, force: boo
     refuse_overlap(cfg.out, [cfg.model, cfg.data, template_file, *inputs], flag="--out")
     dp = from_environment(cfg.device)
     try:
-        return _train(cfg, console, resume, dp, force)
+        with terminate_as_interrupt():  # a SIGTERMed run is marked failed in run.json like any other
+            return _train(cfg, console, resume, dp, force)
     finally:
         shutdown(dp)
 
