@@ -358,13 +358,23 @@ def _preview(config, n: int, as_json: bool) -> None:
               help="hf weights dtype: auto (the base's), bfloat16, float16 or float32.")
 @click.option("--base", type=click.Path(path_type=Path), help="Base model dir (default: the one the adapter records).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--verify", is_flag=True,
+              help="Then run the GGUF in llama.cpp (needs llama-cpp-python) on the run's first examples against "
+                   "the merged model in transformers: token ids, top-1 agreement, KL; writes verify.json beside it.")
 @friendly_errors
-def trainer_export(source: Path, out: Path, fmt: str, quant: str, dtype: str, base: Path | None, force: bool) -> None:
+def trainer_export(source: Path, out: Path, fmt: str, quant: str, dtype: str, base: Path | None, force: bool,
+                   verify: bool) -> None:
     """Merge the LoRA adapter of SOURCE (run dir, adapter dir or model dir) into its base and write OUT."""
     import export
 
     if fmt == "hf" and quant != "f16":
         raise click.UsageError("--quant applies to --format gguf; use --dtype for hf output")
+    if verify:
+        from export.verify import require_llama_cpp
+
+        if fmt != "gguf":
+            raise click.UsageError("--verify checks a GGUF file in llama.cpp; use it with --format gguf")
+        require_llama_cpp()
     notes: list[str] = []
     with warnings.catch_warnings(record=True, action="always", category=export.TokenizationWarning) as caught:
         if fmt == "gguf":
@@ -377,6 +387,30 @@ def trainer_export(source: Path, out: Path, fmt: str, quant: str, dtype: str, ba
     for note in notes:
         click.echo(f"note: {note}", err=True)
     _console().print(f"Wrote {written}", highlight=False)
+    if verify:
+        _verify_gguf(source, written, base, quant)
+
+
+def _verify_gguf(source: Path, gguf_path: Path, base: Path | None, quant: str) -> None:
+    from rich.table import Table
+
+    from export.verify import RESULT_FILE, verify_gguf
+
+    result = verify_gguf(source, gguf_path, base=base)
+    table = Table("example", "tokens", "ids equal", "top-1", "mean KL", title=f"{gguf_path.name} ({quant}) in "
+                  "llama.cpp vs transformers")
+    for e in result.examples:
+        table.add_row(e.where, str(e.tokens), "yes" if e.ids_equal else f"no (from token {e.first_difference})",
+                      f"{e.top1:.1%}", f"{e.kl:.5f}")
+    table.add_row("all", str(sum(e.tokens for e in result.examples)), "yes" if result.ids_equal else "no",
+                  f"{result.top1:.1%}", f"{result.kl:.5f}")
+    _console().print(table)
+    _console().print(f"Wrote {gguf_path.parent / RESULT_FILE}", highlight=False)
+    if not result.ids_equal:
+        click.echo("error: llama.cpp tokenizes the run's data differently from training (see the table): the "
+                   "served model would see other tokens than it learned; check the chat template and tokenizer",
+                   err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

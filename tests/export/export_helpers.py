@@ -6,9 +6,10 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+
+from export.verify import LlamaCppFile
 
 ALL_LINEAR = "all-linear"
 
@@ -119,63 +120,14 @@ def llama_cpp_required():
     import_llama_cpp()
 
 
-class LlamaCppModel:
-    """A GGUF file opened in llama.cpp itself through llama-cpp-python's C API: its tokenizer and logits.
-
-    Every test opens GGUF files through this, never llama_cpp.Llama, because Llama gives no access
-    to the model parameters: on these CPUs (with AMX) llama.cpp's CPU backend repacks K-quant
-    weights into an extra AMX buffer type, and llama-cpp-python 0.3.36 built here segfaults
-    evaluating any K-quant file that way (llama.cpp's own Q4_K_M included); use_extra_bufts =
-    False keeps weights in plain CPU buffers.
-    """
+class LlamaCppModel(LlamaCppFile):
+    """The one way tests open a GGUF in llama.cpp: export.verify.LlamaCppFile, which loads it with
+    use_extra_bufts = False (llama.cpp's AMX repacking of K-quant weights segfaults on these CPUs),
+    after skipping (failing under CI=true) when llama_cpp cannot be imported."""
 
     def __init__(self, path: Path, n_ctx: int = 512):
-        self.lib = lib = import_llama_cpp()
-        lib.llama_backend_init()
-        params = lib.llama_model_default_params()
-        params.use_extra_bufts = False
-        self.model = lib.llama_model_load_from_file(str(path).encode(), params)
-        assert self.model, f"llama.cpp could not load {path}"
-        ctx_params = lib.llama_context_default_params()
-        ctx_params.n_ctx = ctx_params.n_batch = ctx_params.n_ubatch = n_ctx
-        ctx_params.n_threads = ctx_params.n_threads_batch = 2
-        self.ctx = lib.llama_init_from_model(self.model, ctx_params)
-        assert self.ctx, f"llama.cpp could not make a context for {path}"
-        self.vocab = lib.llama_model_get_vocab(self.model)
-        self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
-
-    def tokenize(self, text: str, add_bos: bool = True, special: bool = True) -> list[int]:
-        data = text.encode("utf-8")
-        buf = (self.lib.llama_token * (len(data) + 8))()
-        n = self.lib.llama_tokenize(self.vocab, data, len(data), buf, len(buf), add_bos, special)
-        assert n >= 0, f"llama.cpp could not tokenize {text!r}"
-        return list(buf[:n])
-
-    def logits(self, ids: list[int]) -> torch.Tensor:
-        """float32 [len(ids), n_vocab]: the next-token logits after each prefix of `ids`, from an empty cache."""
-        lib = self.lib
-        lib.llama_memory_clear(lib.llama_get_memory(self.ctx), True)
-        batch = lib.llama_batch_init(len(ids), 0, 1)
-        try:
-            batch.n_tokens = len(ids)
-            for i, token in enumerate(ids):
-                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, i, 1, True
-                batch.seq_id[i][0] = 0
-            assert lib.llama_decode(self.ctx, batch) == 0, "llama_decode failed"
-            out = np.ctypeslib.as_array(lib.llama_get_logits(self.ctx), shape=(len(ids), self.n_vocab))
-            return torch.from_numpy(out.copy())
-        finally:
-            lib.llama_batch_free(batch)
-
-    def close(self) -> None:
-        self.lib.llama_free(self.ctx)
-        self.lib.llama_model_free(self.model)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+        import_llama_cpp()
+        super().__init__(path, n_ctx)
 
 
 def llama_cpp_quantize(src: Path, dst: Path, ftype) -> Path:

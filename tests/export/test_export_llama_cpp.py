@@ -96,7 +96,7 @@ CASES = {
 def llama_cpp_run(path: Path, ids: list[int], text: str) -> tuple[list[int], torch.Tensor]:
     """llama.cpp's tokenization of `text` (its own BOS rule, special tokens parsed) and its logits for `ids`."""
     with LlamaCppModel(path, n_ctx=128) as llm:
-        return llm.tokenize(text, add_bos=True, special=True), llm.logits(ids)
+        return llm.tokenize(text, add_special=True, parse_special=True), llm.logits(ids)
 
 
 @pytest.mark.parametrize("case", list(CASES))
