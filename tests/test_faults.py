@@ -310,6 +310,20 @@ CASES = [
          "names the template 'chat_template', not its file: Checkpoint.chat_template_file says which it is"),
     Case("doctor-tokenizer-json-without-added-tokens", "healer", ("doctor", "{model}"), 2, "tokenizer.json: needs",
          breaks=edit_json("model/tokenizer.json", lambda t: t.pop("added_tokens"))),
+    Case("template-messages-not-json", "healer", ("template", "render", "chatml", "--messages", "{work}/m.json"), 2,
+         "m.json: invalid JSON", breaks=write_file("m.json", "x{")),
+    Case("template-messages-a-number", "healer", ("template", "render", "chatml", "--messages", "{work}/m.json"), 2,
+         "m.json: expected a JSON object", breaks=write_file("m.json", "7")),
+    Case("doctor-corpus-not-utf8", "healer", ("doctor", "{model}", "--corpus", "{work}/c.txt"), 2,
+         "c.txt: corpus is not UTF-8", breaks=write_file("c.txt", b"\xff\xfe")),
+    Case("demo-out-holds-other-files", "healer", ("demo", "--out", "{model}", "--size", "tiny", "--device", "cpu"), 2,
+         "holds no earlier demo"),
+    Case("run-resume-not-a-run", "trainer", ("run", "--resume", "{model}"), 2, "not a trainer run dir"),
+    Case("export-no-adapter-weights", "trainer", (*EXPORT, "-o", "{out}"), 2, "no adapter_model.safetensors",
+         breaks=remove("run/adapter/adapter_model.safetensors")),
+    Case("fix-out-is-an-unrelated-file", "healer", (*FIX, "-o", "{data}"), 2, "exists and is not empty"),
+    Case("fix-force-replaces-out", "healer", (*FIX, "-o", "{out}", "--force"), 0, "Wrote",
+         breaks=write_file("out/old.txt", "an earlier output"), writes=("out",)),
     # 6. leftovers of killed runs are removed by the next run
     Case("fix-removes-stale-staging", "healer", (*FIX, "-o", "{out}"), 0, "Wrote",
          stale=(".out.healer-{dead}/pass1/model.safetensors", ".out.healer-old-{dead}/x"), writes=("out",)),
@@ -436,3 +450,14 @@ def test_a_failed_run_is_marked_failed_and_needs_force(pristine: Path, tmp_path:
     assert record["status"] == "failed" and "No space left" in record["error"]
     again = CliRunner().invoke(cli.trainer, args)
     assert again.exit_code == 2 and "holds an earlier run (failed)" in again.stderr
+
+
+def test_debug_shows_the_traceback_that_is_otherwise_one_line(pristine: Path, tmp_path: Path) -> None:
+    from healer.errors import CheckpointError
+
+    model = shutil.copytree(pristine / "model", tmp_path / "model")
+    (model / "tokenizer.json").write_text("[1, 2]")
+    quiet = CliRunner().invoke(cli.healer, ["doctor", str(model)])
+    assert quiet.exit_code == 2 and isinstance(quiet.exception, SystemExit) and "Traceback" not in quiet.output
+    loud = CliRunner().invoke(cli.healer, ["--debug", "doctor", str(model)])
+    assert isinstance(loud.exception, CheckpointError) and "tokenizer.json" in str(loud.exception)
