@@ -207,7 +207,7 @@ class StepResult:
 def params_finite(params: list[nn.Parameter]) -> torch.Tensor:
     """True (a tensor) when every element of `params` is finite: one multi-tensor norm, no host sync."""
     # the max norm, not the 2-norm: squares of large finite weights would overflow to inf
-    return torch.isfinite(torch.nn.utils.get_total_norm([p.detach() for p in params], math.inf, foreach=True))
+    return torch.isfinite(torch.nn.utils.get_total_norm(params, math.inf, foreach=True))
 
 
 def _grads_finite(params: list[nn.Parameter]) -> torch.Tensor:
