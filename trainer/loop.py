@@ -61,7 +61,8 @@ BLOCKING_CHECKS = ("tokenizer.id_out_of_range", "tokenizer.bos_missing")
 
 
 class TrainingDiverged(Exception):
-    """The NaN guard stopped the run: too many consecutive steps with non-finite loss or gradients."""
+    """The NaN guard stopped the run: too many consecutive steps with non-finite loss or gradients, or an
+    update that made the trained parameters non-finite."""
 
     def __init__(self, message: str, steps: list[int], rows: list[int]):
         super().__init__(message)
@@ -634,7 +635,8 @@ def run_steps(model: nn.Module, sequences: list[TrainSequence], plan: list[list[
               dp: DataParallel | None = None, save=None) -> dict[str, Any]:
     """Run the steps of `plan` after progress.step, appending to metrics.jsonl (rank 0) and calling
     `save()` every cfg.save_steps steps (on every rank: it gathers their random states to rank 0);
-    raise TrainingDiverged after max_bad_steps bad steps in a row.
+    raise TrainingDiverged after max_bad_steps bad steps in a row, or once an update has made the trained
+    parameters non-finite (before any later checkpoint is saved).
 
     `progress` is updated in place; the result holds its history, skipped steps, tokens and wall time, and
     with --cuda-graphs the shapes captured and micro-batches replayed (else None)."""
