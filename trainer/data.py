@@ -122,7 +122,7 @@ class ExampleRenderer:
         self.tokenizer, self.template, self.bos_id = tokenizer, template, bos_id
         if not getattr(tokenizer, "is_fast", False):
             raise DataError("training needs a fast tokenizer (tokenizer.json) for assistant masks")
-        self.masker = ChatMasker(template.entry, tokenizer) if template.entry is not None else None
+        self.masker = ChatMasker(template.entry, tokenizer, bos_id) if template.entry is not None else None
         self.variables = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
 
     def check_fits(self) -> None:
@@ -149,7 +149,6 @@ class ExampleRenderer:
             ids, labels = chat.input_ids, chat.labels
         else:
             ids, labels = self._prefix_masked(example)
-        ids, labels = with_one_bos(ids, labels, self.bos_id)
         return (ids, list(ids)) if train_on_inputs else (ids, labels)
 
     def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
@@ -162,6 +161,7 @@ class ExampleRenderer:
         """Masks for a template outside the registry: each assistant turn is what rendering
         messages[:i+1] adds to messages[:i] rendered with the generation prompt."""
         from healer.templates.mask import labels_for
+        from healer.tokenizers.bos import drop_template_bos
 
         text = self._render(messages, False)
         spans = []
@@ -174,8 +174,13 @@ class ExampleRenderer:
                 raise DataError(f"template {self.template.name!r} does not render conversations turn by turn, so "
                                 "assistant turns cannot be found; use a registry template (--template)")
             spans.append((len(before), len(upto)))
+        if self.bos_id is None:
+            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            return enc["input_ids"], labels_for(enc["input_ids"], enc["offset_mapping"], spans)
+        text, cut = drop_template_bos(text, self.tokenizer.convert_ids_to_tokens(self.bos_id))
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        return enc["input_ids"], labels_for(enc["input_ids"], enc["offset_mapping"], spans)
+        labels = labels_for(enc["input_ids"], enc["offset_mapping"], [(a - cut, b - cut) for a, b in spans])
+        return [self.bos_id, *enc["input_ids"]], [IGNORE_INDEX, *labels]
 
 
 # ----------------------------------------------------------------------------- examples

@@ -64,9 +64,12 @@ def labels_for(input_ids: Sequence[int], offsets: Sequence[tuple[int, int]], spa
 class ChatMasker:
     """Renders conversations with a registry template and tokenizes them with masks (build once, call often)."""
 
-    def __init__(self, template: ChatTemplate | str, tokenizer: Any):
+    def __init__(self, template: ChatTemplate | str, tokenizer: Any, bos_id: int | None = None):
+        """`bos_id`: the BOS every sequence starts with (healer.tokenizers.bos): a BOS the template writes is
+        dropped from the text, the rest tokenized as a sequence start and the id put in front, untrained."""
         from tokenizers import Tokenizer
 
+        self.bos_id = bos_id
         self.template = get(template) if isinstance(template, str) else template
         if not getattr(tokenizer, "is_fast", False):
             raise TemplateError("assistant masks need a fast tokenizer (tokenizer.json) for character offsets")
@@ -83,11 +86,20 @@ class ChatMasker:
 
     def __call__(self, messages: Sequence[Message], *, add_generation_prompt: bool = False,
                  **variables: Any) -> MaskedChat:
+        from healer.tokenizers.bos import drop_template_bos
+
         text, spans = render_spans(self.template.tracked_source, messages, add_generation_prompt=add_generation_prompt,
                                    name=self.template.name, **{**self._variables, **variables})
+        if self.bos_id is None:
+            enc = self._backend.encode(text, add_special_tokens=False)
+            offsets = [tuple(o) for o in enc.offsets]
+            return MaskedChat(text, list(enc.ids), labels_for(enc.ids, offsets, spans), spans, offsets)
+        text, cut = drop_template_bos(text, self.tokenizer.convert_ids_to_tokens(self.bos_id))
+        spans = [(max(a - cut, 0), b - cut) for a, b in spans if b > cut]
         enc = self._backend.encode(text, add_special_tokens=False)
-        offsets = [tuple(o) for o in enc.offsets]
-        return MaskedChat(text, list(enc.ids), labels_for(enc.ids, offsets, spans), spans, offsets)
+        offsets = [(0, 0), *(tuple(o) for o in enc.offsets)]
+        ids = [self.bos_id, *enc.ids]
+        return MaskedChat(text, ids, [IGNORE_INDEX, *labels_for(enc.ids, offsets[1:], spans)], spans, offsets)
 
 
 def render_with_mask(template: ChatTemplate | str, messages: Sequence[Message], tokenizer: Any, *,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from healer.checkpoint import Checkpoint
 from healer.doctor import Check, Context
 from healer.report import Finding
-from healer.tokenizers.bos import starts_with_bos, with_one_bos
+from healer.tokenizers.bos import chat_ids, starts_with_bos
 from healer.tokenizers.corpus import builtin_corpus
 from healer.tokenizers.inventory import inventory, special_tokens
 
@@ -227,16 +227,14 @@ def check_bos(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
         ))
     rendered = render_sample(ckpt) if ckpt.chat_template else None
     if rendered is not None:
-        # the chat path: rendered text without special tokens, then BOS once if the template wrote none
-        chat_ids = tok.encode(rendered, add_special_tokens=False)
-        if expected:
-            chat_ids, _ = with_one_bos(chat_ids, None, bos_id)
-        if chat_ids[:2] == [bos_id, bos_id]:
+        # the chat path, as trainer run trains and llama.cpp serves it (healer.tokenizers.bos)
+        ids_of_chat = chat_ids(tok, rendered, bos_id if expected else None)
+        if ids_of_chat[:2] == [bos_id, bos_id]:
             findings.append(Finding(
                 "tokenizer.double_bos", "warning",
                 f"The chat template writes {bos!r} twice at the start: templated examples start with two BOS tokens.",
                 fix=fix_command(ckpt),
-                details={"bos_token": bos, "encoded": chat_ids[:6]},
+                details={"bos_token": bos, "encoded": ids_of_chat[:6]},
             ))
     return findings
 

@@ -70,16 +70,18 @@ def training_ids(model: Path, data: Path, template: str | None = None) -> list[l
 
 
 def transformers_ids(model: Path, bos_first: bool) -> list[list[int]]:
-    """apply_chat_template's ids (no special tokens added), with BOS once in front for BOS families."""
+    """apply_chat_template's ids (no special tokens added); for BOS families the template's own BOS text
+    dropped and BOS put in front as an id, as llama.cpp serves it (common/chat.cpp)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model))
     out = []
     for row in CHATS:
-        ids = list(tok.apply_chat_template(row["messages"], tokenize=True, return_dict=False))
-        if bos_first and ids[:1] != [tok.bos_token_id]:
-            ids = [tok.bos_token_id, *ids]
-        out.append(ids)
+        if not bos_first:
+            out.append(list(tok.apply_chat_template(row["messages"], tokenize=True, return_dict=False)))
+            continue
+        text = tok.apply_chat_template(row["messages"], tokenize=False).removeprefix(tok.bos_token)
+        out.append([tok.bos_token_id, *tok.encode(text, add_special_tokens=False)])
     return out
 
 
