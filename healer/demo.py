@@ -252,21 +252,39 @@ def train_command(config) -> str:
 
 
 def greedy_answers(model_dir: str | Path, questions: list[str]) -> list[str]:
-    """Greedy answers of the HF checkpoint at `model_dir` (loaded by transformers) to one-turn chats."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Greedy answers of the HF checkpoint at `model_dir` (loaded by transformers) to one-turn chats.
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    Prompts follow the BOS rule training used (healer.tokenizers.bos), as llama.cpp serves them.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from healer.checkpoint import Checkpoint
+
+    tokenizer = Checkpoint(model_dir).hf_tokenizer()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     answers = []
     with torch.no_grad():
-        for question in questions:
-            enc = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                                return_tensors="pt", return_dict=True)
+        for ids in prompt_ids(model_dir, questions):
+            prompt = torch.tensor([ids])
             # generation_config.json (written by fix) stops at <|im_end|> as well as </s>
-            ids = model.generate(**enc, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-            answers.append(tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+            out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                                 max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+            answers.append(tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True).strip())
     return answers
+
+
+def prompt_ids(model_dir: str | Path, questions: list[str]) -> list[list[int]]:
+    """The served prompt of each one-turn chat: template with the generation prompt, BOS by the rule."""
+    from healer.checkpoint import Checkpoint
+    from healer.tokenizers.bos import chat_ids, starts_with_bos
+
+    ckpt = Checkpoint(model_dir)
+    tokenizer = ckpt.hf_tokenizer()
+    bos = tokenizer.bos_token_id if starts_with_bos(ckpt.model_type, ckpt.tokenizer_config) else None
+    return [chat_ids(tokenizer, tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                                              add_generation_prompt=True), bos)
+            for q in questions]
 
 
 def gguf_tensor_count(path: str | Path) -> int:

@@ -116,3 +116,60 @@ def test_demo_refuses_a_non_empty_directory_it_did_not_write(tmp_path):
     assert result.exit_code == 2
     assert "not empty" in result.output
     assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_demo_trains_with_one_bos_first(demo_out):
+    from healer.checkpoint import Checkpoint
+    from trainer.data import prepare_model_data
+
+    out, _ = demo_out
+    ckpt = Checkpoint(out / "fixed-model")
+    _, data = prepare_model_data(ckpt, out / "reverse-chat.jsonl", None, max_seq_len=256, train_on_inputs=False,
+                                 limit=20)
+    bos = ckpt.hf_tokenizer().bos_token_id
+    assert bos is not None
+    assert all(ex.input_ids[0] == bos and ex.input_ids[1] != bos for ex in data.examples)
+
+
+@pytest.mark.slow
+def test_demo_gguf_answers_in_llama_cpp_as_the_merged_model_does(demo_out):
+    """llama.cpp, on the demo's q8_0 GGUF and its own tokenization of the served prompt (the GGUF's template,
+    its add_bos flag), answers the held-out questions greedily as transformers does on the merged model."""
+    from healer.demo import N_HELD_OUT, N_ROWS, greedy_answers, prompt_ids
+
+    _llama_cpp()
+    from export.verify import LlamaCppFile
+
+    out, _ = demo_out
+    _, held_out = reversal_chats(N_ROWS, N_HELD_OUT)
+    questions = [q for q, _ in held_out[:5]]
+    want = greedy_answers(out / "merged", questions)
+    from healer.checkpoint import Checkpoint
+
+    tok = Checkpoint(out / "merged").hf_tokenizer()
+    stops = {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
+    got = []
+    with LlamaCppFile(out / "model-q8_0.gguf", n_ctx=128) as llm:
+        for question, ids in zip(questions, prompt_ids(out / "merged", questions)):
+            text = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                           add_generation_prompt=True).removeprefix(tok.bos_token)
+            assert llm.tokenize(text, True, True) == ids  # llama.cpp serves the prompt training saw
+            answer: list[int] = []
+            while len(answer) < 16:
+                token = int(llm.logits(ids + answer)[-1].argmax())
+                if token in stops:
+                    break
+                answer.append(token)
+            got.append(tok.decode(answer, skip_special_tokens=True).strip())
+    assert got == want
+
+
+def _llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError as e:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"llama_cpp cannot be imported ({e}); CI must run the llama.cpp tests", pytrace=False)
+        pytest.skip("llama-cpp-python is not installed")
+    return llama_cpp
