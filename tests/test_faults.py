@@ -211,6 +211,8 @@ CASES = [
     Case("fix-out-is-input-parent", "healer", (*FIX, "-o", "{work}", "--force"), 2, "contains the input"),
     Case("fix-out-is-input", "healer", (*FIX, "-o", "{model}", "--force"), 2, "is the input"),
     Case("fix-out-inside-input", "healer", (*FIX, "-o", "{model}/fixed"), 2, "lies inside the input"),
+    Case("fix-out-is-a-link-to-input", "healer", (*FIX, "-o", "{work}/link", "--force"), 2, "is the input",
+         breaks=lambda work: (work / "link").symlink_to(work / "model")),
     Case("fix-out-is-corpus", "healer", (*FIX, "-o", "{data}", "--corpus", "{data}", "--force"), 2, "is the input"),
     Case("fix-out-exists", "healer", (*FIX, "-o", "{run}"), 2, "--force"),
     Case("export-out-is-base", "trainer", (*EXPORT, "-o", "{model}", "--force"), 2, "is the input"),
