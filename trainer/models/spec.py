@@ -142,9 +142,10 @@ class ModelSpec:
         pad = config.get("pad_token_id")
         vocab = _need(config, "vocab_size")
         scalar = config.get("query_pre_attn_scalar", family.query_pre_attn_scalar)
-        attn_softcap, final_softcap = (config.get("attn_logit_softcapping", family.softcaps[0]),
-                                       config.get("final_logit_softcapping", family.softcaps[1])) \
-            if family.softcaps is not None else (None, None)
+        attn_softcap = final_softcap = None
+        if family.softcaps is not None:  # Gemma 2 caps by default; Gemma 3 only where config.json says
+            attn_softcap = config.get("attn_logit_softcapping", family.softcaps[0])
+            final_softcap = config.get("final_logit_softcapping", family.softcaps[1])
         windows = _sliding_windows(config, family, layers)
         return cls(
             family=model_type,
