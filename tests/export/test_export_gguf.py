@@ -268,3 +268,18 @@ def test_qwen2_bpe_vocab_and_pre_tokenizer_equal_llama_cpps_gguf(exported):
     assert tokens == ref["tokens"][:len(tokens)] and len(tokens) > 151_000
     assert field(reader, K.MERGES) == ref["merges"]
     assert field(reader, K.EOS_ID) == ref["eos"]
+
+
+@pytest.mark.parametrize("family,overrides,named", [
+    # llama.cpp scales scores by head_dim (16 here) whatever query_pre_attn_scalar says (src/models/gemma*.cpp)
+    ("gemma2", {"query_pre_attn_scalar": 24}, "query_pre_attn_scalar=24"),
+    ("gemma3_text", {"query_pre_attn_scalar": 24}, "query_pre_attn_scalar=24"),
+    # llama.cpp's gemma3 has no attention softcap (its converter asserts there is none)
+    ("gemma3_text", {"attn_logit_softcapping": 50.0}, "attn_logit_softcapping=50.0"),
+])
+def test_settings_llama_cpp_would_ignore_are_refused_before_writing(tmp_path, family, overrides, named):
+    base = builders.sentencepiece_checkpoint(tmp_path / "base", testdata.sentencepiece_model("llama-spm"),
+                                             family=family, **{"query_pre_attn_scalar": 16, **overrides})
+    with pytest.raises(export.UnsupportedError, match=named):
+        export.to_gguf(base, tmp_path / "m.gguf", "f16")
+    assert not (tmp_path / "m.gguf").exists()
