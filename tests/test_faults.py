@@ -198,7 +198,8 @@ class Case:
     breaks: Callable[[Path], None] | None = None
     disk: str | None = None  # "full" or "readonly": {out} lies on a small tmpfs
     writes: tuple[str, ...] = ()  # paths under the case dir the command may create or change
-    stale: tuple[str, ...] = ()  # leftovers of a killed earlier run (a dead pid) the command must remove
+    stale: tuple[str, ...] = ()  # made just before the command, must be gone after: a killed run's leftovers
+    # ({dead}: a pid no process has), an OUT that --force replaces
     xfail: str | None = None
 
 
@@ -324,11 +325,10 @@ CASES = [
     Case("export-no-adapter-weights", "trainer", (*EXPORT, "-o", "{out}"), 2, "no adapter_model.safetensors",
          breaks=remove("run/adapter/adapter_model.safetensors")),
     Case("fix-out-is-an-unrelated-file", "healer", (*FIX, "-o", "{data}"), 2, "exists and is not empty"),
-    Case("fix-force-replaces-out", "healer", (*FIX, "-o", "{out}", "--force"), 0, "Wrote",
-         breaks=write_file("out/old.txt", "an earlier output"), writes=("out",)),
     # 6. leftovers of killed runs are removed by the next run
-    Case("fix-removes-stale-staging", "healer", (*FIX, "-o", "{out}"), 0, "Wrote",
-         stale=(".out.healer-{dead}/pass1/model.safetensors", ".out.healer-old-{dead}/x"), writes=("out",)),
+    Case("fix-force-replaces-out-and-removes-stale-staging", "healer", (*FIX, "-o", "{out}", "--force"), 0, "Wrote",
+         writes=("out",), stale=("out/old.txt", ".out.healer-{dead}/pass1/model.safetensors",
+                                  ".out.healer-old-{dead}/x")),
     Case("export-removes-stale-gguf-tmp", "trainer", (*EXPORT, "--format", "gguf", "-o", "{out}.gguf"), 0, "Wrote",
          stale=(".out.gguf.tmp-{dead}",), writes=("out.gguf",)),
 ]
@@ -422,6 +422,8 @@ def test_fault(case: Case, pristine: Path, tmp_path: Path, mount) -> None:
     assert case.fragment in (result.stderr if case.code == 2 else said), said[-2000:]
     assert elapsed < CASE_SECONDS
 
+    kept = [rel for rel in case.stale if os.path.lexists(work / rel.format(dead=dead))]
+    assert kept == [], f"should be gone: {kept}"
     after = tree(work)
     allowed = tuple(case.writes)
     changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k)
