@@ -96,3 +96,28 @@ def test_gemma3_with_a_vision_tower_says_only_text_models_are_supported(llama2, 
                     text_config={"model_type": "gemma3_text", "hidden_size": 64},
                     vision_config={"model_type": "siglip_vision_model"})
     assert "'gemma3'" in line and "vision tower" in line and "only text models" in line
+
+
+def test_every_default_template_is_a_registry_entry():
+    from healer.templates import registry
+
+    for family in families.FAMILIES.values():
+        if family.template is not None:
+            assert registry.get(family.template).name == family.template
+
+
+@pytest.mark.parametrize("name", ["qwen3", "gemma3"])
+def test_default_template_renders_like_the_official_one(name):
+    from transformers import AutoTokenizer
+
+    from healer.templates import registry
+
+    model_type, _ = REAL_TOKENIZER_MODELS[name]
+    tok = AutoTokenizer.from_pretrained(str(testdata.real_tokenizer(name)))
+    entry = registry.get(families.get(model_type).template)
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Colour of item 3?"}]
+    for prompt in (False, True):
+        official = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=prompt)
+        assert entry.render(chat, add_generation_prompt=prompt, bos_token=tok.bos_token or "",
+                            eos_token=tok.eos_token) == official
