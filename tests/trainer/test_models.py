@@ -284,8 +284,11 @@ def test_tensor_shape_disagreeing_with_config_is_a_checkpoint_error(tmp_path):
         load_model(tmp_path, dtype=torch.float32)
 
 
-def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tmp_path):
-    hf_checkpoint(tmp_path, "mistral", sliding_window=8)
+@pytest.mark.parametrize("family,overrides", [("mistral", dict(sliding_window=8)),
+                                              ("gemma3_text", dict(num_hidden_layers=3, layer_types=[
+                                                  "sliding_attention", "full_attention", "sliding_attention"]))])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tmp_path, family, overrides):
+    hf_checkpoint(tmp_path, family, **overrides)
     model: CausalLM = load_model(tmp_path, dtype=torch.float32)
     model.model.embed_tokens.weight.requires_grad_(True)
     ids, labels = _inputs()
