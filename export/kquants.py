@@ -52,6 +52,14 @@ def _f32(v: float) -> float:
     return float(np.float32(v))
 
 
+def _rdiv(num: float, t: torch.Tensor) -> torch.Tensor:
+    """num / t as C divides. torch computes `python number / tensor` as number * (1 / t), one ulp off
+    for about a quarter of inputs, and that ulp moves the codes landing on .5 (every sub-block's
+    maximum on Q5_K's and Q2_K's first grid, nmax - 0.5): blocks identical to llama.cpp's on the
+    same f16 values went from 84.3% to 99.4% (Q5_K) and 94.2% to 100% (Q2_K) with true division."""
+    return torch.tensor(num, dtype=t.dtype, device=t.device) / t
+
+
 def _scale_min_search(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
                       use_mad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """make_qkx2_quants over the last axis: (scale, min, codes) with x ~ scale * code - min, codes in [0, nmax].
@@ -70,14 +78,14 @@ def _scale_min_search(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, 
         diff = scale * codes + mn - x
         return (w * (diff.abs() if use_mad else diff * diff)).sum(-1, keepdim=True)
 
-    iscale = nmax / torch.where(flat, one, hi - lo)
-    scale = 1 / iscale
+    iscale = _rdiv(nmax, torch.where(flat, one, hi - lo))
+    scale = _rdiv(1, iscale)
     codes = torch.round(iscale * (x - lo)).clamp(0, nmax)
     best = error(scale, codes, lo)
     mn = lo
     for step in range(nstep + 1):
         # the C loop moves `min` to each better candidate's, so later grids start from it
-        grid = _f32(_f32(rmin + _f32(_f32(rdelta) * step)) + nmax) / torch.where(flat, one, hi - mn)
+        grid = _rdiv(_f32(_f32(rmin + _f32(_f32(rdelta) * step)) + nmax), torch.where(flat, one, hi - mn))
         cand = torch.round(grid * (x - mn)).clamp(0, nmax)
         sum_l = (w * cand).sum(-1, keepdim=True)
         sum_l2 = (w * cand * cand).sum(-1, keepdim=True)
@@ -118,13 +126,13 @@ def _symmetric_search(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.T
         codes = torch.round(iscale * x).clamp(-nmax, nmax - 1)
         return codes, (w * x * codes).sum(-1, keepdim=True), (w * codes * codes).sum(-1, keepdim=True)
 
-    codes, sumlx, suml2 = fit(-nmax / mx)
+    codes, sumlx, suml2 = fit(_rdiv(-nmax, mx))
     scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(sumlx))
     best = scale * sumlx
     for step in range(-9, 10):
         if step == 0:
             continue
-        cand, slx, sl2 = fit(-_f32(nmax + _f32(_f32(0.1) * step)) / mx)
+        cand, slx, sl2 = fit(_rdiv(-_f32(nmax + _f32(_f32(0.1) * step)), mx))
         better = (sl2 > 0) & (slx * slx > best * sl2)
         codes = torch.where(better, cand, codes)
         scale = torch.where(better, slx / sl2, scale)
@@ -144,7 +152,7 @@ def _q3_search(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     zero = mx.abs() < GROUP_MAX_EPS
     mx = torch.where(zero, torch.ones_like(mx), mx)
     w = x * x
-    codes = torch.round(-nmax / mx * x).clamp(-nmax, nmax - 1)
+    codes = torch.round(_rdiv(-nmax, mx) * x).clamp(-nmax, nmax - 1)
     sumlx = (w * x * codes).sum(-1, keepdim=True)
     suml2 = (w * codes * codes).sum(-1, keepdim=True)
     for _ in range(5):
@@ -201,8 +209,8 @@ def _q4_q5_k(x: torch.Tensor, nmax: int, rmin: float, nstep: int):
     scales, mins, search_codes = _scale_min_search(sub, rms + sub.abs(), nmax, rmin, 0.1, nstep, False)
     max_scale = scales.amax(1).clamp(min=0)
     max_min = mins.amax(1).clamp(min=0)
-    inv_scale = torch.where(max_scale > 0, 63 / max_scale, torch.zeros_like(max_scale))
-    inv_min = torch.where(max_min > 0, 63 / max_min, torch.zeros_like(max_min))
+    inv_scale = torch.where(max_scale > 0, _rdiv(63, max_scale), torch.zeros_like(max_scale))
+    inv_min = torch.where(max_min > 0, _rdiv(63, max_min), torch.zeros_like(max_min))
     ls = _u8(torch.round(inv_scale[:, :, None] * scales)).clamp(max=63)
     lm = _u8(torch.round(inv_min[:, :, None] * mins)).clamp(max=63)
     d = (max_scale / 63).half()
@@ -236,8 +244,8 @@ def _q6_k(x: torch.Tensor):
     scales, search_codes = _symmetric_search(sub, 32)
     max_scale = _signed_max(scales.view(n, 16))
     zero = max_scale.abs() < GROUP_MAX_EPS
-    iscale = -128 / torch.where(zero, torch.ones_like(max_scale), max_scale)
-    d = torch.where(zero, torch.zeros_like(iscale), 1 / iscale).half()
+    iscale = _rdiv(-128, torch.where(zero, torch.ones_like(max_scale), max_scale))
+    d = torch.where(zero, torch.zeros_like(iscale), _rdiv(1, iscale)).half()
     sc = torch.round(iscale[:, :, None] * scales).clamp(max=127)
     sc = torch.where(zero[:, :, None], torch.zeros_like(sc), sc)
     dl = d.float()[:, :, None] * sc
@@ -260,10 +268,10 @@ def _q3_k(x: torch.Tensor):
     scales, search_codes = _q3_search(sub, 4)
     max_scale = _signed_max(scales.view(n, 16))
     nonzero = max_scale != 0
-    iscale = -32 / torch.where(nonzero, max_scale, torch.ones_like(max_scale))
+    iscale = _rdiv(-32, torch.where(nonzero, max_scale, torch.ones_like(max_scale)))
     ls = torch.round(iscale[:, :, None] * scales).clamp(-32, 31) + 32
     ls = torch.where(nonzero[:, :, None], ls, torch.zeros_like(ls)).view(n, 16).to(torch.uint8)
-    d = torch.where(nonzero, 1 / iscale, torch.zeros_like(iscale)).half()
+    d = torch.where(nonzero, _rdiv(1, iscale), torch.zeros_like(iscale)).half()
     dl = d.float()[:, :, None] * (ls.float() - 32).view(n, 16, 1)
     codes = torch.round(sub / dl).clamp(-4, 3) + 4
     codes = torch.where(dl == 0, search_codes, codes).to(torch.uint8)
@@ -284,8 +292,8 @@ def _q2_k(x: torch.Tensor):
     max_min = mins.amax(1).clamp(min=0)
     has_scale, has_min = max_scale > 0, max_min > 0
     one = torch.ones_like(max_scale)
-    ls = torch.round(15 / torch.where(has_scale, max_scale, one)[:, :, None] * scales)
-    lm = torch.round(15 / torch.where(has_min, max_min, one)[:, :, None] * mins)
+    ls = torch.round(_rdiv(15, torch.where(has_scale, max_scale, one))[:, :, None] * scales)
+    lm = torch.round(_rdiv(15, torch.where(has_min, max_min, one))[:, :, None] * mins)
     ls = torch.where(has_scale[:, :, None], ls, torch.zeros_like(ls))
     lm = torch.where(has_min[:, :, None], lm, torch.zeros_like(lm))
     sc_bytes = _u8(ls) | (_u8(lm) << 4)
