@@ -21,15 +21,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-# Families whose pretraining put BOS at the start of every sequence: encoding without it
-# shifts every position the model was trained on.
-BOS_FAMILIES = frozenset({"llama", "mistral", "mixtral", "gemma", "gemma2", "gemma3", "gemma3_text"})
+from healer import families
+
 IGNORE_INDEX = -100
 
 
 def starts_with_bos(model_type: str | None, tokenizer_config: Mapping[str, Any]) -> bool:
-    """Whether this model's sequences start with BOS: configured, or the family is trained with it."""
-    return tokenizer_config.get("add_bos_token") is True or model_type in BOS_FAMILIES
+    """Whether this model's sequences start with BOS: configured, or the family is trained with it
+    (healer.families: Llama, Mistral, Gemma; not Qwen or Phi-3)."""
+    return tokenizer_config.get("add_bos_token") is True or families.starts_with_bos(model_type)
 
 
 def drop_template_bos(text: str, bos_token: str | None) -> tuple[str, int]:
