@@ -764,6 +764,8 @@ def repair(path: str | Path, out: str | Path, *, chatml: bool = False, template:
     if not src.has_tokenizer:
         raise CheckpointError(f"{src.path}: no tokenizer files (tokenizer.json or tokenizer.model): fix repairs a "
                               "checkpoint against its tokenizer; copy the base model's tokenizer files in first")
+    if dataset is not None:
+        _check_dataset(Path(dataset))
     opts = Options(chatml=chatml, template=template, corpus=read_corpus(corpus), all_untrained=all_untrained,
                    dataset=str(dataset) if dataset else None, out_of_range=out_of_range)
     assert out_of_range in ("auto", "grow", "drop"), out_of_range
@@ -821,6 +823,14 @@ def _plan(ckpt: Checkpoint, findings: list[Finding], opts: Options, fixes: list[
         fix(draft, findings, opts)
     grow_rows(draft)
     return draft
+
+
+def _check_dataset(path: Path) -> None:
+    """A --dataset that cannot be read, or holds no record, is bad input even when no row needs it."""
+    from healer.templates.formats import load_examples
+
+    if not load_examples(path):
+        raise CheckpointError(f"{path}: the dataset holds no records")
 
 
 def _check_output(out: Path, force: bool, inputs: list[str | Path | None]) -> None:
