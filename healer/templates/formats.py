@@ -1,7 +1,8 @@
 """Dataset records -> OpenAI-style messages (role/content), or plain text.
 
 Accepted record shapes:
-- OpenAI / TRL: {"messages": [{"role": ..., "content": ...}, ...]}
+- OpenAI / TRL: {"messages": [{"role": ..., "content": ...}, ...]}; an assistant turn may carry
+  "reasoning_content" (Qwen3's thinking), which the qwen3 template renders as its <think> block
 - ShareGPT: {"conversations": [{"from": "human" | "gpt" | "system", "value": ...}, ...]}
   ("user" and "assistant" are accepted as `from` values too)
 - Alpaca: {"instruction": ..., "input": ... (optional), "output": ...}; a non-empty input
@@ -58,7 +59,12 @@ def _turns(items: Any, key: str, role_key: str, text_key: str, roles: Mapping[st
         role = item[role_key]
         if role not in roles:
             raise DatasetFormatError(f"{where}: {key}[{i}] has {role_key}={role!r}; expected one of {', '.join(roles)}")
-        out.append({"role": roles[role], "content": _string(item[text_key], f"{key}[{i}].{text_key}", where)})
+        turn = {"role": roles[role], "content": _string(item[text_key], f"{key}[{i}].{text_key}", where)}
+        # Qwen3-style reasoning beside the answer; templates that know it (qwen3) render it, others ignore it.
+        # datasets fills keys a row lacks with None, so None means absent.
+        if turn["role"] == "assistant" and item.get("reasoning_content") is not None:
+            turn["reasoning_content"] = _string(item["reasoning_content"], f"{key}[{i}].reasoning_content", where)
+        out.append(turn)
     return out
 
 

@@ -46,3 +46,24 @@ def test_prepare_data_masks_with_the_models_own_template(tmp_path, name, entry):
         trained = [i for i, label in zip(ex.input_ids, ex.labels, strict=True) if label != IGNORE_INDEX]
         assert all(label in (i, IGNORE_INDEX) for i, label in zip(ex.input_ids, ex.labels, strict=True))
         assert tok.decode(trained) == "".join(text[a:b] for a, b in spans), key
+
+
+def test_reasoning_content_of_a_dataset_row_is_rendered_and_trained_with_qwen3(tmp_path):
+    """A `reasoning_content` field (how reasoning datasets ship Qwen3's thinking) reaches the template:
+    the ids equal the official template's for the same messages, and the reasoning is trained."""
+    from trainer.data import prepare_model_data
+
+    model = builders.real_checkpoint(tmp_path / "model", testdata.real_tokenizer("qwen3"), "qwen3")
+    conv = [{"role": "user", "content": "2 + 2?"},
+            {"role": "assistant", "content": "4.", "reasoning_content": "Two plus two is four."}]
+    data = tmp_path / "chats.jsonl"
+    # a second row without the field: datasets then fills it with None in the first row's schema
+    data.write_text(json.dumps({"messages": conv}) + "\n" + json.dumps({"messages": conv[:1] + [
+        {"role": "assistant", "content": "Hi."}]}) + "\n", encoding="utf-8")
+    ckpt = Checkpoint(model)
+    tok = ckpt.hf_tokenizer()
+    _, prepared = prepare_model_data(ckpt, data, None, max_seq_len=4096, train_on_inputs=False)
+    ex = prepared.examples[0]
+    assert ex.input_ids == tok.apply_chat_template(conv, tokenize=True, return_dict=True)["input_ids"]
+    trained = tok.decode([i for i, label in zip(ex.input_ids, ex.labels, strict=True) if label != IGNORE_INDEX])
+    assert trained == "<think>\nTwo plus two is four.\n</think>\n\n4.<|im_end|>"
