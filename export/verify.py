@@ -10,6 +10,7 @@ transformers (base + adapter through PEFT, float32): top-1 agreement and mean KL
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -80,6 +81,8 @@ class LlamaCppFile:
     def __init__(self, path: str | Path, n_ctx: int = 512):
         self.lib = lib = require_llama_cpp()
         lib.llama_backend_init()
+        # llama-cpp-python prints llama.cpp's log through this logger; Llama(verbose=False) sets the same
+        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
         params = lib.llama_model_default_params()
         # On CPUs with AMX, llama.cpp's CPU backend repacks K-quant weights into an extra buffer type
         # for it, and llama-cpp-python 0.3.36 built from source segfaults evaluating such a model
