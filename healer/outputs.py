@@ -48,7 +48,8 @@ def staging_path(out: Path, tag: str) -> Path:
     return out.parent / f".{out.name}.{tag}-{os.getpid()}"
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (this one included)."""
     if pid == os.getpid():
         return True
     try:
@@ -80,7 +81,7 @@ def remove_stale_staging(out: Path, tag: str) -> list[Path]:
         if not p.name.startswith(prefix):
             continue
         pid = p.name[len(prefix):].split("-", 1)[0].split(".", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             remove(p)
             removed.append(p)
     return removed

@@ -156,6 +156,10 @@ def mark_failed(work: Path) -> None:
     edit_json("run/run.json", lambda r: r.update(status="failed", error="out of GPU memory"))(work)
 
 
+def mark_killed(work: Path) -> None:
+    edit_json("run/run.json", lambda r: r.update(status="running", pid=dead_pid()))(work)
+
+
 def non_utf8_copy(work: Path) -> None:
     os.rename(work / "model", os.fsencode(work) + b"/model-\xff")
 
@@ -225,6 +229,7 @@ CASES = [
     Case("run-out-contains-data", "trainer", (*RUN, "--out", "{work}", "--force"), 2, "contains the input"),
     Case("run-into-finished-run", "trainer", (*RUN, "--out", "{run}"), 2, "--resume"),
     Case("run-into-failed-run", "trainer", (*RUN, "--out", "{run}"), 2, "failed", breaks=mark_failed),
+    Case("run-into-killed-run", "trainer", (*RUN, "--out", "{run}"), 2, "(killed)", breaks=mark_killed),
     # 2. nonsense that used to succeed
     Case("run-lr-inf", "trainer", (*RUN, "--out", "{out}", "--lr", "inf"), 2, "lr must be a finite number"),
     Case("run-lr-huge", "trainer", (*RUN, "--out", "{out}", "--lr", "1e300"), 2, "lr must be positive and at most"),

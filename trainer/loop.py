@@ -31,7 +31,7 @@ from torch import nn
 
 from healer.checkpoint import Checkpoint
 from healer.errors import CheckpointError, OutputError
-from healer.outputs import refuse_overlap, remove, terminate_as_interrupt
+from healer.outputs import process_alive, refuse_overlap, remove, terminate_as_interrupt
 from trainer.checkpointing import set_gradient_checkpointing
 from trainer.config import (
     MAX_PLANNED_SEQUENCES,
@@ -317,11 +317,15 @@ def is_run_dir(path: Path) -> bool:
 
 
 def run_status(path: Path) -> str:
-    """What run.json says of the run: running (or killed while running), finished or failed."""
+    """What run.json says of the run: running, killed (running, but its process is gone), finished or failed."""
     try:
-        return str(json.loads((path / RUN_MARKER).read_text(encoding="utf-8")).get("status", "finished"))
+        record = json.loads((path / RUN_MARKER).read_text(encoding="utf-8"))
+        status = str(record.get("status", "finished"))
     except (OSError, ValueError, AttributeError):
         return "unknown"
+    if status == "running" and isinstance(record.get("pid"), int) and not process_alive(record["pid"]):
+        return "killed"
+    return status
 
 
 def check_out_dir(path: str | Path, *, resume: bool = False, force: bool = False) -> Path:
@@ -575,7 +579,7 @@ def _train(cfg: TrainConfig, console, resume: bool, dp: DataParallel | None, for
             out.mkdir(parents=True, exist_ok=True)
             write_atomic(out / RUN_MARKER, json.dumps({"kind": "trainer-run", "model": str(model_dir),
                                                        "started": datetime.now(UTC).isoformat(),
-                                                       "status": "running"}) + "\n")
+                                                       "status": "running", "pid": os.getpid()}) + "\n")
             write_atomic(out / "config.yaml", resolved.to_yaml())
         run = _run(cfg, model, settings, data, sequences, plan, pad_id, device, dtype, out, resume, console, dp,
                    model_dir, repaired)
