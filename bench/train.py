@@ -1,12 +1,14 @@
 """Benchmark (GPU): QLoRA training of a random-weight model, our trainer against the Hugging Face stack.
 
-One process per variant (bench/train_variants.py), the same random weights (Llama-3-8B, Mistral-7B or
-Gemma-7B shape, written once from a config: no downloads), the same LoRA initialization and the same
+One process per variant (bench/train_variants.py), the same random weights (Llama-3-8B, Mistral-7B,
+Gemma-7B, Qwen3-8B or Gemma-3-12B shape, written once from a config: no downloads), the same LoRA initialization and the same
 random token batches: micro-batch 2 x 2048 tokens, grad-accum 4, LoRA r=32 alpha=32 on q,k,v,o,gate,up,
 down, NF4 base (double quantization), bf16 autocast, paged 8-bit AdamW. Variants: ours with Triton
 kernels, ours in plain PyTorch (TRAINER_KERNELS=0), both with the --gc gradient checkpointing mode; the
 Hugging Face stack (transformers 4-bit + PEFT + SDPA + gradient checkpointing, as its docs show) and the
-same with Liger-Kernel applied (apply_liger_kernel_to_<family>() before the model is built).
+same with Liger-Kernel applied (apply_liger_kernel_to_<family>() before the model is built); Unsloth
+(FastLanguageModel in 4-bit, its get_peft_model and "unsloth" gradient checkpointing, the HF variant's
+step), which needs carried wheels on the GPU machine: bench/README.md, "Running the Unsloth comparison".
 
 Per variant: tokens/s after warm-up, model-FLOPs utilization, memory after load, peak allocated and
 reserved, per-step losses; with --max-seq the longest sequence that trains at batch 1 (one step per
@@ -23,7 +25,8 @@ length and D = heads x head_dim the attention width:
                  for the forward, the recompute and twice for the backward
 LoRA's own FLOPs (about 1% at r=32) and the embedding lookup are not counted.
 
-    python bench/train.py [--shape llama3-8b|mistral-7b|gemma-7b|tiny...] [--steps 6] [--only ours,Liger]
+    python bench/train.py [--shape llama3-8b|mistral-7b|gemma-7b|qwen3-8b|gemma3-12b|tiny...] [--steps 6]
+                          [--only ours,Liger,Unsloth]
                           [--gc on|offload|off] [--max-seq [--max-seq-limit N | --max-seq-lengths A,B,..]
                                                 [--time-budget S]]
                           [--peak-tflops 785] [--json out.json] [--markdown]
@@ -58,6 +61,14 @@ SHAPES = {
     "gemma-7b": dict(model_type="gemma", vocab_size=256000, hidden_size=3072, intermediate_size=24576,
                      num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=16, head_dim=256,
                      rope_theta=10000.0, max_position_embeddings=8192),
+    "qwen3-8b": dict(model_type="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+                     num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                     rope_theta=1e6, max_position_embeddings=40960, max_window_layers=36),
+    # the text model of Gemma 3 12B: 5 sliding-window (1024) layers to 1 global, global RoPE scaled 8x
+    "gemma3-12b": dict(model_type="gemma3_text", vocab_size=262208, hidden_size=3840, intermediate_size=15360,
+                       num_hidden_layers=48, num_attention_heads=16, num_key_value_heads=8, head_dim=256,
+                       rope_theta=1e6, rope_local_base_freq=10000.0, rope_scaling={"rope_type": "linear", "factor": 8.0},
+                       sliding_window=1024, sliding_window_pattern=6, max_position_embeddings=131072),
     # small versions of each family, for a quick check of the whole path
     "tiny": dict(model_type="llama", vocab_size=32000, hidden_size=256, intermediate_size=688,
                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0,
@@ -68,6 +79,13 @@ SHAPES = {
     "tiny-gemma": dict(model_type="gemma", vocab_size=32000, hidden_size=192, intermediate_size=512,
                        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=128,
                        rope_theta=10000.0, max_position_embeddings=8192),
+    "tiny-qwen3": dict(model_type="qwen3", vocab_size=32000, hidden_size=256, intermediate_size=688,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                       rope_theta=1e6, max_position_embeddings=40960, max_window_layers=2),
+    "tiny-gemma3": dict(model_type="gemma3_text", vocab_size=32000, hidden_size=192, intermediate_size=512,
+                        num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1, head_dim=128,
+                        rope_theta=1e6, rope_local_base_freq=10000.0, rope_scaling={"rope_type": "linear", "factor": 8.0},
+                        sliding_window=64, sliding_window_pattern=3, max_position_embeddings=131072),
 }
 FAMILIES = {
     "llama": dict(architectures=["LlamaForCausalLM"], hidden_act="silu", rms_norm_eps=1e-5,
@@ -78,7 +96,17 @@ FAMILIES = {
     "gemma": dict(architectures=["GemmaForCausalLM"], hidden_act="gelu_pytorch_tanh",
                   hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6, tie_word_embeddings=True,
                   bos_token_id=2, eos_token_id=1),
+    "qwen3": dict(architectures=["Qwen3ForCausalLM"], hidden_act="silu", rms_norm_eps=1e-6,
+                  tie_word_embeddings=False, attention_bias=False, use_sliding_window=False, sliding_window=None,
+                  bos_token_id=151643, eos_token_id=151645),
+    # Gemma 3 also norms each head of q and k, and around the MLP (pre/post_feedforward_layernorm)
+    "gemma3_text": dict(architectures=["Gemma3ForCausalLM"], hidden_activation="gelu_pytorch_tanh",
+                        rms_norm_eps=1e-6, tie_word_embeddings=True, query_pre_attn_scalar=256,
+                        final_logit_softcapping=None, attn_logit_softcapping=None, bos_token_id=2, eos_token_id=1),
 }
+QK_NORM = ("qwen3", "gemma3_text")  # q_norm and k_norm over each head
+SANDWICH_NORMS = ("gemma3_text",)  # pre_ and post_feedforward_layernorm
+NORM_OFFSET = ("gemma", "gemma3_text")  # the norm multiplies by (1 + w): neutral weight 0
 REFERENCES = ("ours, plain PyTorch", "HF transformers+PEFT")
 
 
@@ -101,7 +129,7 @@ def generate(shape: str, out: Path) -> Path:
     h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
     q, kv = hd * cfg["num_attention_heads"], hd * cfg["num_key_value_heads"]
-    norm = 0.0 if cfg["model_type"] == "gemma" else 1.0
+    norm = 0.0 if cfg["model_type"] in NORM_OFFSET else 1.0
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator(device=dev).manual_seed(0)
 
@@ -125,6 +153,11 @@ def generate(shape: str, out: Path) -> Path:
                  p + "self_attn.v_proj.weight": rnd(kv, h), p + "self_attn.o_proj.weight": rnd(h, q),
                  p + "mlp.gate_proj.weight": rnd(i, h), p + "mlp.up_proj.weight": rnd(i, h),
                  p + "mlp.down_proj.weight": rnd(h, i)}
+        if cfg["model_type"] in QK_NORM:
+            shard |= {p + "self_attn.q_norm.weight": norm_weight(hd), p + "self_attn.k_norm.weight": norm_weight(hd)}
+        if cfg["model_type"] in SANDWICH_NORMS:
+            shard |= {p + "pre_feedforward_layernorm.weight": norm_weight(h),
+                      p + "post_feedforward_layernorm.weight": norm_weight(h)}
         name = f"model-layer{n:03d}.safetensors"
         save_file(shard, out / name, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, name))
@@ -252,9 +285,33 @@ def _selected(only: str | None) -> list[str]:
     names = list(train_variants.VARIANTS)
     if not only:
         return names
-    if any(only in n for n in names):  # one piece of a name, commas included ("ours, Triton")
-        return [n for n in names if only in n]
-    return [n for n in names if any(part.strip() and part.strip() in n for part in only.split(","))]
+    only = only.lower()
+    if any(only in n.lower() for n in names):  # one piece of a name, commas included ("ours, Triton")
+        return [n for n in names if only in n.lower()]
+    return [n for n in names if any(part.strip() and part.strip() in n.lower() for part in only.split(","))]
+
+
+INSTALL_WHEELS = ("python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade "
+                  "--target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit;")
+
+
+def missing_imports(names: list[str]) -> str | None:
+    """One line saying what to carry and how, if a selected variant's package does not import here."""
+    for name in names:
+        if name not in train_variants.NEEDS:
+            continue
+        module, pins = train_variants.NEEDS[name]
+        env = {**os.environ, **train_variants.ENV.get(name, {})}
+        proc = subprocess.run([sys.executable, "-c", f"import {module}"], env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            lines = proc.stderr.strip().splitlines()
+            why = lines[-1] if lines else f"exit status {proc.returncode}"
+            return (f"bench/train.py: variant {name!r} needs {' and '.join(pins)}, "
+                    f"and `import {module}` fails here ({why}); make the wheels on a machine with PyPI "
+                    "(`python bench/unsloth_wheels.py`: .whl/, studio/ stripped), carry .whl in the device "
+                    f"call and begin its command with `{INSTALL_WHEELS}` "
+                    "(bench/README.md, 'Running the Unsloth comparison')")
+    return None
 
 
 def merge_reports(paths: list[str]) -> tuple[dict, dict]:
@@ -355,6 +412,8 @@ def main() -> None:
     settings = train_variants.Settings(args.steps, args.batch, args.seq, args.accum, args.gc, args.max_seq,
                                        args.max_seq_limit, args.time_budget, lengths)
     if args.variant:
+        # bench/kernels.py would stand in for the `kernels` package, which transformers imports where installed
+        sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
         result = train_variants.run(args.variant, model_dir, settings)
         if os.environ.get("RANK", "0") == "0":
             print(json.dumps(result))
@@ -362,6 +421,10 @@ def main() -> None:
     names = _selected(args.only)
     if not names:
         ap.error(f"--only {args.only!r} matches no variant of: {', '.join(train_variants.VARIANTS)}")
+    missing = missing_imports(names)
+    if missing:
+        print(missing, file=sys.stderr)
+        sys.exit(2)
     generate(args.shape, model_dir)
     cfg = model_config(args.shape)
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -387,7 +450,9 @@ def main() -> None:
             results[name] = {"error": err.splitlines()[-1] if err else f"exit status {proc.returncode}"}
             print(proc.stderr[-3000:], file=sys.stderr)
         else:
-            results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+            # the result is the last line that is a JSON object (a library may print after it, at exit)
+            line = next(x for x in reversed(proc.stdout.splitlines()) if x.startswith("{"))
+            results[name] = json.loads(line)
             # losses are compared only between results on the same data
             results[name]["batches"] = [args.batch, args.seq, args.accum]
         add_mfu(results, cfg, args.seq, args.peak_tflops)

@@ -6,15 +6,22 @@ generator) and is measured by the same code: `throughput` (timed optimizer steps
 --max-seq, `longest_sequence` (one step at batch 1 per length until the GPU runs out of memory).
 A variant is an object with `vocab`, `after_load_gib`, `step(micro_batches) -> loss` and
 `recover()` (drop what a step that ran out of memory left behind).
+
+The Unsloth variant needs packages the GPU machine lacks (UNSLOTH_PINS); bench/unsloth_wheels.py makes the
+wheels to carry and bench/README.md says how to run it.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import gc
+import io
 import json
+import logging
 import math
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +34,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 _LORA_A = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_A(?:\.default)?\.weight$")
 # lengths tried at batch 1: dense up to 128K (where the targets sit), then every 32K up to --max-seq-limit
 LADDER = [8192, 16384, 32768, 49152, 65536, 98304, 131072]
+UNSLOTH_PINS = ("unsloth==2026.10.9", "unsloth_zoo==2026.10.9")
 
 
 @dataclass
@@ -186,12 +194,15 @@ class HFStack:
         self.opt = bnb.optim.PagedAdamW8bit(self.params, lr=2e-4)
         self.vocab = model.config.vocab_size
 
+    def loss(self, ids: torch.Tensor) -> torch.Tensor:
+        """Mean next-token loss of one micro-batch, as transformers computes it from `labels`."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+            return self.model(input_ids=ids, labels=ids).loss
+
     def step(self, micro: list[torch.Tensor]) -> float:
         total = 0.0
         for ids in micro:
-            ids = ids.to(self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16):
-                loss = self.model(input_ids=ids, labels=ids).loss / len(micro)
+            loss = self.loss(ids.to(self.device)) / len(micro)
             loss.backward()
             total += float(loss)
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
@@ -204,6 +215,149 @@ class HFStack:
 
     def close(self) -> None:
         pass
+
+
+class Unsloth(HFStack):
+    """Unsloth as its docs show it: FastLanguageModel.from_pretrained(load_in_4bit=True, dtype=bf16) (NF4,
+    double quantization), FastLanguageModel.get_peft_model(r=32, alpha=32, dropout 0, no bias, the seven
+    projections, use_gradient_checkpointing="unsloth"), paged 8-bit AdamW; the step is HFStack's (the
+    same `labels` loss under bf16 autocast, clipping and optimizer), so only the model differs.
+
+    `import unsloth` patches transformers and PEFT, so it comes first in this process. Unsloth loads a
+    tokenizer beside the model; the random checkpoint has none, so it gets a four-token one of its own
+    (`_placeholder_tokenizer`: the benchmark feeds token ids, never text). `max_seq_length` is the longest
+    length this run feeds, because Unsloth silently truncates longer inputs; past the config's
+    max_position_embeddings it adds linear RoPE scaling, which changes no FLOP. `report()` says whether
+    Unsloth's own code ran (`unsloth_report`)."""
+
+    def __init__(self, model_dir: Path, s: Settings):
+        self.imported_first = not any(m in sys.modules for m in ("transformers", "peft", "trl"))
+        try:
+            import unsloth  # noqa: F401  (before transformers and PEFT: it patches them)
+        except Exception as e:  # bench/train.py checks this first; a direct run gets the same advice
+            raise SystemExit(f"import unsloth failed ({type(e).__name__}: {e}): see bench/README.md, "
+                             "'Running the Unsloth comparison'") from None
+        import bitsandbytes as bnb
+        from unsloth import FastLanguageModel
+
+        self.log = _UnslothLog()
+        for name in ("unsloth", "unsloth_zoo"):
+            logging.getLogger(name).addHandler(self.log)
+        self.device = _device()
+        self.max_seq_length = max([s.seq, *((s.lengths or ladder(s.max_seq_limit)) if s.max_seq else ())])
+        torch.manual_seed(0)
+        printed = io.StringIO()  # its banner names the attention kernels it found (FA2, xformers)
+        try:
+            with contextlib.redirect_stdout(printed):
+                model, _ = FastLanguageModel.from_pretrained(
+                    str(model_dir), max_seq_length=self.max_seq_length, dtype=torch.bfloat16, load_in_4bit=True,
+                    tokenizer_name=str(_placeholder_tokenizer(model_dir)), fix_tokenizer=False,
+                    use_exact_model_name=True)
+                self.after_load_gib = _gib("memory_allocated")
+                model = FastLanguageModel.get_peft_model(
+                    model, r=LORA_RANK, lora_alpha=LORA_RANK, lora_dropout=0.0, bias="none",
+                    target_modules=LORA_TARGETS, use_gradient_checkpointing="unsloth", use_rslora=False,
+                    loftq_config=None)
+        finally:  # stdout carries the result line only; the parent shows stderr when a variant fails
+            sys.stderr.write(printed.getvalue())
+        self.printed = [line for line in printed.getvalue().splitlines() if line.strip()]
+        same_lora_init(model)
+        model.train()
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = bnb.optim.PagedAdamW8bit(self.params, lr=2e-4)
+        self.vocab = model.config.vocab_size
+        self.loss_functions: collections.Counter | None = None
+
+    def loss(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.shape[1] > self.max_seq_length:  # Unsloth would train on the first max_seq_length tokens
+            raise ValueError(f"{ids.shape[1]} tokens > max_seq_length {self.max_seq_length}")
+        loss = super().loss(ids)
+        if self.loss_functions is None:  # the first micro-batch of the run: which Functions built the loss
+            self.loss_functions = autograd_functions(loss)
+        return loss
+
+    def report(self) -> dict:
+        import unsloth
+        import unsloth_zoo
+
+        return {"version": unsloth.__version__, "zoo_version": unsloth_zoo.__version__,
+                "imported_before_transformers": self.imported_first,
+                **unsloth_report(self.model), "log": self.log.lines, "printed": self.printed,
+                "loss_autograd_functions": dict(self.loss_functions or {})}
+
+
+class _UnslothLog(logging.Handler):
+    """Keeps what Unsloth logs (its "patched N layers with ..." line among them) for the result."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def _placeholder_tokenizer(model_dir: Path) -> Path:
+    """`<model_dir>-tokenizer`: a four-token fast tokenizer (unk, bos, eos, pad), made once."""
+    out = model_dir.with_name(model_dir.name + "-tokenizer")
+    if not (out / "tokenizer_config.json").exists():
+        from tokenizers import Tokenizer, models
+        from transformers import PreTrainedTokenizerFast
+
+        vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
+        tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+                                      unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+        tok.save_pretrained(out)
+    return out
+
+
+def _from_unsloth(fn: object) -> bool:
+    fn = getattr(fn, "__func__", fn)  # a bound method
+    fn = getattr(fn, "func", fn)  # a functools.partial
+    return str(getattr(fn, "__module__", None) or "").startswith("unsloth")
+
+
+def unsloth_report(model: torch.nn.Module) -> dict:
+    """Whether Unsloth's code sits where it claims to: per decoder layer, its fused LoRA autograd functions
+    for q/k/v, o and the MLP (the check behind its "patched N layers with ..." log line), and the module
+    that defines each patched class's forward. `fast_path` is True only when every layer has all three."""
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    fused = collections.Counter()
+    for layer in layers:
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        fused["qkv"] += _from_unsloth(getattr(attn, "apply_qkv", None))
+        fused["o"] += _from_unsloth(getattr(attn, "apply_o", None))
+        fused["mlp"] += any(_from_unsloth(vars(mlp).get(n)) for n in ("forward", "_unsloth_forward"))
+    attn = getattr(layers[0], "self_attn", None) if layers else None
+    forwards = {}  # FastModel's route (Gemma 3) compiles patched copies of these instead of fusing per layer
+    for m in (layers[0] if layers else None, attn, getattr(layers[0], "mlp", None) if layers else None,
+              getattr(attn, "q_proj", None), model.get_base_model()):
+        if m is not None:
+            forwards[type(m).__name__] = getattr(type(m).forward, "__module__", None)
+    try:
+        from unsloth.utils.attention_dispatch import select_attention_backend
+
+        attention = select_attention_backend()
+    except ImportError as e:  # the module moved: say so instead of guessing
+        attention = f"unknown ({e})"
+    return {"layers": len(layers), "fused_lora": dict(fused),
+            "fast_path": bool(layers) and all(fused[k] == len(layers) for k in ("qkv", "o", "mlp")),
+            "class_forwards": forwards, "attention_backend": attention,
+            "gradient_checkpointing": str(getattr(model, "_unsloth_gradient_checkpointing", None))}
+
+
+def autograd_functions(t: torch.Tensor) -> collections.Counter:
+    """Node names of `t`'s autograd graph, counted (checkpointed layers show as one node each)."""
+    seen, todo, names = set(), [t.grad_fn], collections.Counter()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names[type(node).__name__] += 1
+        todo.extend(n for n, _ in node.next_functions)
+    return names
 
 
 def throughput(v: Ours | HFStack, s: Settings, gen: torch.Generator) -> dict:
@@ -339,6 +493,8 @@ def run(name: str, model_dir: Path, s: Settings) -> dict:
             result["max_seq"] = longest_sequence(v, s, gen)
     if isinstance(v, Ours) and v.graphs is not None:
         result["graph_replays"] = v.graphs.replays
+    if isinstance(v, Unsloth):
+        result["unsloth"] = v.report()
     v.close()
     return result
 
@@ -350,5 +506,11 @@ VARIANTS = {
     "ours, plain PyTorch": Ours,  # the parent sets TRAINER_KERNELS=0 for this one
     "HF transformers+PEFT": HFStack,
     "HF+PEFT + Liger-Kernel": lambda model_dir, s: HFStack(model_dir, s, liger=True),
+    "Unsloth": Unsloth,
 }
-ENV = {"ours, plain PyTorch": {"TRAINER_KERNELS": "0"}}
+# Unsloth: no hub traffic (its usage statistics, a tokenizer lookup), and its compiled modules outside the tree
+ENV = {"ours, plain PyTorch": {"TRAINER_KERNELS": "0"},
+       "Unsloth": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "UNSLOTH_DISABLE_STATISTICS": "1",
+                   "UNSLOTH_COMPILE_LOCATION": "/tmp/unsloth_compiled_cache"}}
+# what a variant's process must import, and the pins that provide it; bench/train.py checks before any run
+NEEDS = {"Unsloth": ("unsloth", UNSLOTH_PINS)}
