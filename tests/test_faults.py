@@ -299,6 +299,9 @@ CASES = [
     # 4. hangs
     Case("doctor-template-nested-loops", "healer", ("doctor", "{model}"), 1, "template.render_error",
          breaks=template_file(TEMPLATE_LOOP)),
+    Case("run-template-file-nested-loops", "trainer", (*RUN[:5], "--out", "{out}", "--template", "{work}/t.jinja",
+                                                      *TRAIN[2:]), 2, "t.jinja' cannot render this conversation",
+         breaks=write_file("t.jinja", TEMPLATE_LOOP)),
     Case("doctor-template-10gb-string", "healer", ("doctor", "{model}"), 1, "template.render_error",
          breaks=template_file(TEMPLATE_10GB)),
     # 5. messages that say what is wrong

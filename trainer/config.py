@@ -251,12 +251,19 @@ def check_template_file(name: str | None) -> None:
         raise ConfigError(f"{p}: template file is not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:
         raise ConfigError(f"{p}: cannot read the template file ({e.strerror or e})") from None
-    from healer.templates.render import TemplateError, compile_template
+    from healer.templates.render import TemplateBudgetError, TemplateError, compile_template, render_source
 
     try:
         compile_template(source, str(p))
     except TemplateError as e:
         raise ConfigError(str(e)) from None
+    try:  # one short conversation: a template that runs out of its budget on it does on every example
+        render_source(source, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+                      name=str(p))
+    except TemplateBudgetError as e:
+        raise ConfigError(str(e)) from None
+    except TemplateError:
+        pass  # it may refuse this sample (no system turn, say): the data's own conversations decide
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,10 @@ class TemplateError(HealerError):
     """A chat template is unknown, does not parse, or refuses to render a conversation."""
 
 
+class TemplateBudgetError(TemplateError):
+    """A chat template ran past the render budget: a template bug, whatever the conversation."""
+
+
 class _GenerationBlocks(jinja2.ext.Extension):
     """`{% generation %}` blocks: record the character span each one occupies in the output."""
 
@@ -214,7 +218,9 @@ def render_spans(source: str, messages: Sequence[Message], *, add_generation_pro
             emitted += len(piece)
             if emitted > MAX_OUTPUT_CHARS:
                 raise _OverBudget(f"the output passed {MAX_OUTPUT_CHARS:,} characters")
-    except jinja2.TemplateError as e:  # raise_exception(), undefined variables, sandbox violations, budget
+    except _OverBudget as e:
+        raise TemplateBudgetError(f"chat template {name!r} cannot render this conversation: {e.message}") from e
+    except jinja2.TemplateError as e:  # raise_exception(), undefined variables, sandbox violations
         raise TemplateError(f"chat template {name!r} cannot render this conversation: {e.message}") from e
     except (TypeError, ValueError, KeyError, IndexError, AttributeError, RecursionError, OverflowError,
             MemoryError) as e:
