@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 import zipfile
@@ -88,3 +89,13 @@ def test_random_checkpoints_of_the_new_families_hold_every_tensor_transformers_a
     assert any("q_norm" in n for n in norms)
     offset = shape == "tiny-gemma3"  # Gemma's norms scale by (1 + w): a neutral weight is 0
     assert all(torch.all(p == (0.0 if offset else 1.0)) for p in norms.values())
+
+
+def test_graph_variants_under_several_gpus_are_reported_not_run_instead_of_run_eagerly(tmp_path):
+    proc = subprocess.run([sys.executable, "bench/train.py", "--shape", "tiny", "--gpus", "2", "--only", "CUDA graphs",
+                           "--cache", str(tmp_path), "--json", str(tmp_path / "out.json")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((tmp_path / "out.json").read_text())["results"]
+    assert set(results) == {"ours, Triton kernels + CUDA graphs", "ours, Triton + CUDA graphs + FP8"}
+    assert all(r["error"].startswith("not run: CUDA graphs are off under data parallelism") for r in results.values())
