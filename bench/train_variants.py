@@ -220,8 +220,9 @@ class HFStack:
 class Unsloth(HFStack):
     """Unsloth as its docs show it: FastLanguageModel.from_pretrained(load_in_4bit=True, dtype=bf16) (NF4,
     double quantization), FastLanguageModel.get_peft_model(r=32, alpha=32, dropout 0, no bias, the seven
-    projections, use_gradient_checkpointing="unsloth"), paged 8-bit AdamW; the step is HFStack's (the
-    same `labels` loss under bf16 autocast, clipping and optimizer), so only the model differs.
+    projections, use_gradient_checkpointing="unsloth"), for_training (as its trainer does), paged 8-bit
+    AdamW; the step is HFStack's (the same `labels` loss under bf16 autocast, clipping and optimizer),
+    so only the model differs.
 
     `import unsloth` patches transformers and PEFT, so it comes first in this process. Unsloth loads a
     tokenizer beside the model; the random checkpoint has none, so it gets a four-token one of its own
@@ -262,7 +263,7 @@ class Unsloth(HFStack):
             sys.stderr.write(printed.getvalue())
         self.printed = [line for line in printed.getvalue().splitlines() if line.strip()]
         same_lora_init(model)
-        model.train()
+        FastLanguageModel.for_training(model)  # what its trainer does: train mode, checkpointing armed
         self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = bnb.optim.PagedAdamW8bit(self.params, lr=2e-4)
@@ -344,7 +345,8 @@ def unsloth_report(model: torch.nn.Module) -> dict:
     return {"layers": len(layers), "fused_lora": dict(fused),
             "fast_path": bool(layers) and all(fused[k] == len(layers) for k in ("qkv", "o", "mlp")),
             "class_forwards": forwards, "attention_backend": attention,
-            "gradient_checkpointing": str(getattr(model, "_unsloth_gradient_checkpointing", None))}
+            "gradient_checkpointing": str(getattr(model, "_unsloth_gradient_checkpointing", None)),
+            "checkpointing_modules": sum(bool(getattr(m, "gradient_checkpointing", False)) for m in model.modules())}
 
 
 def autograd_functions(t: torch.Tensor) -> collections.Counter:
