@@ -118,3 +118,30 @@ def test_our_blocks_of_the_f16_values_are_llama_cpps_blocks(model, mix, qtype, t
     assert total > 0
     print(f"{qtype.name}: {same} of {total} blocks identical")
     assert same >= 0.95 * total
+
+
+FAMILIES = {
+    # tied output: token_embd takes the output's type; no output.weight
+    "gemma": lambda p: builders.sentencepiece_checkpoint(p, testdata.sentencepiece_model("llama-spm"),
+                                                         family="gemma", **SHAPE),
+    # fused attn_qkv (an attn_v-like tensor for llama.cpp) and ffn_up holding gate and up
+    "phi3": lambda p: builders.sentencepiece_checkpoint(p, testdata.sentencepiece_model("phi-3"), family="phi3",
+                                                        vocab_size=32064, **SHAPE,
+                                                        tokenizer_json=testdata.fast_tokenizer_json("phi-3")),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_tied_and_fused_families_get_llama_cpps_types_and_size(family, tmp_path):
+    base = FAMILIES[family](tmp_path / "base")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", export.TokenizationWarning)
+        f16 = export.to_gguf(base, tmp_path / "f16.gguf", "f16")
+        ours = export.to_gguf(base, tmp_path / "ours.gguf", "q4_k_m")
+    theirs = llama_cpp_quantize(f16, tmp_path / "theirs.gguf", kquants.MIXES["q4_k_m"][1])
+    our_types = {t.name: t.tensor_type for t in gguf.GGUFReader(ours).tensors}
+    assert our_types == {t.name: t.tensor_type for t in gguf.GGUFReader(theirs).tensors}
+    assert Q.Q6_K in our_types.values()
+    assert ours.stat().st_size == theirs.stat().st_size
+    with LlamaCppModel(ours) as m:
+        assert torch.isfinite(m.logits(m.tokenize("Hello world"))).all()
