@@ -87,9 +87,10 @@ def _scale_min_search(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, 
         # the C loop moves `min` to each better candidate's, so later grids start from it
         grid = _rdiv(_f32(_f32(rmin + _f32(_f32(rdelta) * step)) + nmax), torch.where(flat, one, hi - mn))
         cand = torch.round(grid * (x - mn)).clamp(0, nmax)
-        sum_l = (w * cand).sum(-1, keepdim=True)
-        sum_l2 = (w * cand * cand).sum(-1, keepdim=True)
-        sum_xl = (w * cand * x).sum(-1, keepdim=True)
+        wl = w * cand
+        sum_l = wl.sum(-1, keepdim=True)
+        sum_l2 = (wl * cand).sum(-1, keepdim=True)
+        sum_xl = (wl * x).sum(-1, keepdim=True)
         det = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
