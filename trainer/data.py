@@ -43,8 +43,16 @@ def load_rows(path: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
     kind = FORMATS.get(p.suffix.lower())
     if kind is None:
         raise DataError(f"{p}: unsupported dataset file type {p.suffix!r} (use {', '.join(FORMATS)})")
-    # datasets' JSON errors carry no line numbers: read_records names the malformed line first
-    where = [w for w, _ in read_records(p)] if kind == "json" else None
+    # datasets' JSON errors carry no line numbers: read_records names the malformed line first, and a
+    # record that is no object (pyarrow would say "Column() changed from object to ...") is named here
+    where = None
+    if kind == "json":
+        where = []
+        for w, record in read_records(p):
+            if not isinstance(record, dict):
+                raise DataError(f"{w}: expected a JSON object (a chat, Alpaca or text record), "
+                                f"got {type(record).__name__}")
+            where.append(w)
     import datasets
 
     datasets.disable_progress_bars()

@@ -66,7 +66,8 @@ def check_template(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
             rendered = render(template, SAMPLE[1:], ckpt)
         except TemplateRenderError as e:
             return [Finding(
-                "template.render_error", "error", f"The chat template does not render: {e}",
+                "template.render_error", "error",
+                f"The chat template ({ckpt.chat_template_file or 'chat_template'}) does not render: {e}",
                 fix=fix_command(ckpt, " --template NAME"),
                 details={"error": str(e)},
             )]
