@@ -100,7 +100,7 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path):
 
 def test_unsupported_quant_type_is_refused_before_reading_anything(tmp_path):
     with pytest.raises(UnsupportedError) as e:
-        export.to_gguf(tmp_path / "does-not-exist", tmp_path / "out.gguf", "q4_k_m")
+        export.to_gguf(tmp_path / "does-not-exist", tmp_path / "out.gguf", "q4_k")
     assert "q8_0" in one_line(e.value)
 
 
