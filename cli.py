@@ -373,7 +373,7 @@ def trainer_export(source: Path, out: Path, fmt: str, quant: str, dtype: str, ba
         from export.verify import require_llama_cpp
 
         if fmt != "gguf":
-            raise click.UsageError("--verify checks a GGUF file in llama.cpp; use it with --format gguf")
+            raise export.UnsupportedError("--verify checks a GGUF file in llama.cpp; use it with --format gguf")
         require_llama_cpp()
     notes: list[str] = []
     with warnings.catch_warnings(record=True, action="always", category=export.TokenizationWarning) as caught:

@@ -67,7 +67,7 @@ def test_verify_exits_1_when_llama_cpp_tokenizes_the_training_text_differently(t
 def test_verify_needs_gguf_output_and_llama_cpp_with_one_line_and_exit_2(tmp_path, monkeypatch):
     run = chatml_run(tmp_path, healed_chatml_llama(tmp_path / "base"))
     hf = CliRunner().invoke(trainer, ["export", str(run), "-o", str(tmp_path / "merged"), "--verify"])
-    assert hf.exit_code == 2 and "--format gguf" in hf.output
+    assert hf.exit_code == 2 and hf.output.strip().count("\n") == 0 and "--format gguf" in hf.output
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if llama-cpp-python were not installed
     missing = cli_export(run, tmp_path / "m.gguf", "--verify")
     assert missing.exit_code == 2 and missing.output.strip().count("\n") == 0
