@@ -3,11 +3,14 @@
     python bench/export.py                 # 32 layers: ~16 GB base in bench/cache (made once)
     python bench/export.py --layers 4      # same widths and vocabulary, 4 layers (~3.2 GB)
     python bench/export.py --convert-script PATH/convert_hf_to_gguf.py   # also time llama.cpp's route
+    python bench/export.py --quant q4_k_m --convert-script ...           # a k-quant mix, both routes
 
 Each export runs in a fresh subprocess; wall time and that process's peak RSS (os.wait4) are
-reported. Exports: merged bf16 safetensors (export.merge) and q8_0 GGUF (export.to_gguf,
-directly from the merged tensors). With --convert-script, llama.cpp's own route is timed too:
-the merged bf16 checkpoint converted with convert_hf_to_gguf.py --outtype q8_0.
+reported. Exports: merged bf16 safetensors (export.merge) and a GGUF of --quant (default q8_0;
+export.to_gguf, directly from the merged tensors). With --convert-script, llama.cpp's own route
+is timed too: the merged bf16 checkpoint converted with convert_hf_to_gguf.py --outtype q8_0, or
+for a k-quant mix --outtype f16 and then llama-quantize's library call (llama_cpp.llama_model_quantize,
+needs llama-cpp-python), as Unsloth's and Axolotl's GGUF export do.
 """
 
 from __future__ import annotations
@@ -136,9 +139,47 @@ def timed(code: str, argv: list[str], env: dict | None = None) -> tuple[float, f
     return wall, peak_kb / 1024**2
 
 
+# llama-quantize's library call; the ftype is the one export writes for the mix (gguf's LlamaFileType)
+LLAMA_QUANTIZE = ("\nimport ctypes, sys, llama_cpp\nfrom export.kquants import MIXES\n"
+                  "llama_cpp.llama_backend_init()\np = llama_cpp.llama_model_quantize_default_params()\n"
+                  "p.ftype = int(MIXES[sys.argv[3]][1])\n"
+                  "assert llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)) == 0\n")
+
+
 def size_gb(path: Path) -> float:
     files = [path] if path.is_file() else list(path.rglob("*"))
     return sum(f.stat().st_size for f in files if f.is_file()) / 1e9
+
+
+def export_routes(adapter: Path, out: Path, q: str, convert_script: Path | None) -> list[tuple]:
+    """(name, wall s, peak RSS GB, output GB) of our routes and, with convert_script, llama.cpp's."""
+    sys.path.insert(0, str(ROOT))
+    from export.kquants import MIXES
+
+    merged, ours = out / "merged-bf16", out / f"model-{q}.gguf"
+    rows = []
+    call = "\nimport export, sys\nexport.{}(sys.argv[1], sys.argv[2], {}, force=True)\n"
+    wall, rss = timed(call.format("merge", "dtype='bfloat16'"), [str(adapter), str(merged)])
+    rows.append(("merge -> bf16 safetensors (export.merge)", wall, rss, size_gb(merged)))
+    wall, rss = timed(call.format("to_gguf", repr(q)), [str(adapter), str(ours)])
+    rows.append((f"{q} GGUF from run (export.to_gguf)", wall, rss, size_gb(ours)))
+    if convert_script:
+        env = dict(os.environ, PYTHONPATH=f"{convert_script.parent}:{convert_script.parent / 'gguf-py'}")
+        mix = q in MIXES
+        ref = out / f"llama-cpp-{'f16' if mix else q}.gguf"
+        convert = "\nimport runpy, sys\nsys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n"
+        cwall, crss = timed(convert, [str(convert_script), str(merged), "--outtype", "f16" if mix else q,
+                                      "--outfile", str(ref)], env)
+        rows.append((f"llama.cpp convert_hf_to_gguf.py bf16 dir -> {'f16' if mix else q}", cwall, crss,
+                     size_gb(ref)))
+        steps = [rows[0], rows[-1]]
+        if mix:
+            quantized = out / f"llama-cpp-{q}.gguf"
+            qwall, qrss = timed(LLAMA_QUANTIZE, [str(ref), str(quantized), q])
+            rows.append((f"llama-quantize (llama_model_quantize) f16 -> {q}", qwall, qrss, size_gb(quantized)))
+            steps.append(rows[-1])
+        rows.append(("  = llama.cpp route, end to end", sum(r[1] for r in steps), max(r[2] for r in steps), None))
+    return rows
 
 
 def main() -> None:
@@ -147,6 +188,7 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=ROOT / "bench" / "cache")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     ap.add_argument("--convert-script", type=Path, help="llama.cpp's convert_hf_to_gguf.py (optional)")
+    ap.add_argument("--quant", default="q8_0", help="GGUF type or k-quant mix (export.QUANTS)")
     args = ap.parse_args()
     base = args.cache / f"llama3-8b-shape-{args.layers}L"
     adapter = args.cache / f"llama3-8b-shape-{args.layers}L-lora-r{RANK}"
@@ -156,21 +198,7 @@ def main() -> None:
     if not adapter.exists():
         make_adapter(adapter, base, args.layers)
     args.out.mkdir(parents=True, exist_ok=True)
-    merged, q8 = args.out / "merged-bf16", args.out / "model-q8_0.gguf"
-    rows = []
-    call = "\nimport export, sys\nexport.{}(sys.argv[1], sys.argv[2], {}, force=True)\n"
-    wall, rss = timed(call.format("merge", "dtype='bfloat16'"), [str(adapter), str(merged)])
-    rows.append(("merge -> bf16 safetensors (export.merge)", wall, rss, size_gb(merged)))
-    wall, rss = timed(call.format("to_gguf", "'q8_0'"), [str(adapter), str(q8)])
-    rows.append(("q8_0 GGUF from run (export.to_gguf)", wall, rss, size_gb(q8)))
-    if args.convert_script:
-        env = dict(os.environ, PYTHONPATH=f"{args.convert_script.parent}:{args.convert_script.parent / 'gguf-py'}")
-        ref = args.out / "llama-cpp-q8_0.gguf"
-        convert = "\nimport runpy, sys\nsys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n"
-        cwall, crss = timed(convert, [str(args.convert_script), str(merged), "--outtype", "q8_0",
-                                      "--outfile", str(ref)], env)
-        rows.append(("llama.cpp convert_hf_to_gguf.py bf16 dir -> q8_0", cwall, crss, size_gb(ref)))
-        rows.append(("  = merge + convert (llama.cpp route)", rows[0][1] + cwall, max(rows[0][2], crss), None))
+    rows = export_routes(adapter, args.out, args.quant, args.convert_script)
     print(f"\nLlama-3-8B widths, {args.layers} layers, base {size_gb(base):.1f} GB bf16, LoRA r={RANK} on all "
           f"projections; {os.cpu_count()} CPUs\n")
     print(f"{'export':<52}{'wall s':>10}{'peak RSS GB':>14}{'output GB':>12}")
