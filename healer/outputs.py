@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -122,3 +123,15 @@ def short_write(e: OSError) -> str:
     if e.errno is None and "requested and" in str(e):
         return f"No space left on device ({e})"
     return e.strerror or str(e)
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write a file through a temp file in the same directory and a rename: never half-written."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

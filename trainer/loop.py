@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from healer.checkpoint import Checkpoint
-from healer.errors import CheckpointError, OutputError
-from healer.outputs import process_alive, refuse_overlap, remove, terminate_as_interrupt
+from healer.errors import CheckpointError
+from healer.outputs import refuse_overlap, remove, terminate_as_interrupt, write_atomic
 from trainer.checkpointing import set_gradient_checkpointing
 from trainer.config import (
     MAX_PLANNED_SEQUENCES,
@@ -55,8 +55,8 @@ from trainer.distributed import DataParallel, from_environment, shard_step, shut
 from trainer.graphs import MicroBatchGraphs, forward_backward, padded_length
 from trainer.lora import LoRASettings, apply_lora, save_adapter, trainable_parameters, use_fp8_products
 from trainer.resume import Progress, save_checkpoint
+from trainer.run_dir import RUN_MARKER, check_out_dir, is_run_dir, mark_run
 
-RUN_MARKER = "run.json"
 BLOCKING_CHECKS = ("tokenizer.id_out_of_range", "tokenizer.bos_missing")
 
 
@@ -301,71 +301,6 @@ def train_step(model: nn.Module, micro_batches: list[Batch], optimizer: torch.op
     first_bad = next((i for i, f in enumerate(ok) if not f), None)
     bad_rows = micro_batches[first_bad].rows if first_bad is not None else (rows if skipped else [])
     return StepResult(loss, grad_norm, lr, skipped, rows, list(bad_rows), after)
-
-
-# ----------------------------------------------------------------------------- run dir
-
-
-def is_run_dir(path: Path) -> bool:
-    marker = path / RUN_MARKER
-    if not marker.is_file():
-        return False
-    try:
-        return json.loads(marker.read_text(encoding="utf-8")).get("kind") == "trainer-run"
-    except (json.JSONDecodeError, AttributeError):
-        return False
-
-
-def run_status(path: Path) -> str:
-    """What run.json says of the run: running, killed (running, but its process is gone), finished or failed."""
-    try:
-        record = json.loads((path / RUN_MARKER).read_text(encoding="utf-8"))
-        status = str(record.get("status", "finished"))
-    except (OSError, ValueError, AttributeError):
-        return "unknown"
-    if status == "running" and isinstance(record.get("pid"), int) and not process_alive(record["pid"]):
-        return "killed"
-    return status
-
-
-def check_out_dir(path: str | Path, *, resume: bool = False, force: bool = False) -> Path:
-    """The run dir to use; OutputError if it is a file or a non-empty directory that is not a run dir,
-    or an earlier run (finished, failed or killed) that neither `resume` nor `force` lets us touch."""
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise OutputError(f"{p}: exists and is not a directory")
-    if p.is_dir() and any(p.iterdir()):
-        if not is_run_dir(p):
-            raise OutputError(f"{p}: directory is not empty and is not a trainer run dir; choose another --out")
-        if not (resume or force):
-            raise OutputError(f"{p}: holds an earlier run ({run_status(p)}); pass --resume {p} to continue it, "
-                              f"--force to replace it, or choose another --out")
-    return p
-
-
-def mark_run(out: Path, status: str, **fields: Any) -> None:
-    """Record the run's status in run.json, keeping what is there (best effort: the disk may be full)."""
-    try:
-        record = json.loads((out / RUN_MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        record = {"kind": "trainer-run"}
-    record.update(status=status, **fields)
-    try:
-        write_atomic(out / RUN_MARKER, json.dumps(record) + "\n")
-    except OSError:
-        pass  # the run's own error is the one to report
-
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write a file through a temp file in the same directory and a rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_loss_plot(path: Path, steps: list[int], losses: list[float]) -> None:

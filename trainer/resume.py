@@ -30,6 +30,7 @@ from torch import nn
 from healer.errors import HealerError
 from trainer.config import TrainConfig, config_fields, resolve_config
 from trainer.distributed import DataParallel
+from trainer.run_dir import RUN_MARKER, is_run_dir
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.pt"
@@ -189,8 +190,6 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
 def resume_config(run_dir: str | Path, **overrides: Any) -> TrainConfig:
     """The saved config of the run at run_dir (out=run_dir) with `overrides` that are not None applied;
     ResumeError if one of them would change tensor shapes or the data plan."""
-    from trainer.loop import RUN_MARKER, is_run_dir
-
     p = Path(run_dir)
     if not p.is_dir():
         raise ResumeError(f"{p}: no such run dir to resume")

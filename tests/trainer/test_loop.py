@@ -32,7 +32,6 @@ from trainer.graphs import padded_length, unsupported_reason
 from trainer.loop import (
     ModelCheckError,
     TrainingDiverged,
-    check_out_dir,
     collector_frozen,
     lr_lambda,
     repair_untrained_rows,
@@ -41,6 +40,7 @@ from trainer.loop import (
 )
 from trainer.lora import LoRASettings, apply_lora, lora_modules, trainable_parameters
 from trainer.models import load_model
+from trainer.run_dir import check_out_dir
 
 CPU = torch.device("cpu")
 

@@ -617,9 +617,8 @@ Projection = tuple[nn.Module, torch.Tensor | None, torch.Tensor | None, float]  
 
 
 def _projection(module: nn.Module) -> Projection:
-    from trainer.lora import LoRALinear
-
-    if isinstance(module, LoRALinear):
+    # a trainer.lora.LoRALinear, by its parts: this module sits below trainer.lora, which calls it
+    if hasattr(module, "base_layer") and hasattr(module, "lora_A"):
         assert isinstance(module.lora_dropout, nn.Identity), "LoRA dropout: use the plain path"
         return module.base_layer, module.lora_A.weight, module.lora_B.weight, module.scaling
     return module, None, None, 0.0
