@@ -127,10 +127,7 @@ def check_id_out_of_range(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
     rows = ckpt.embedding_rows
     if rows is None or not ckpt.has_tokenizer:
         return []
-    seen: dict[int, str] = {}
-    for c in inventory(ckpt).claims:
-        if c.id >= rows:
-            seen.setdefault(c.id, c.content)
+    seen = inventory(ckpt).ids_from(rows)
     if not seen:
         return []
     tokens = [{"id": i, "token": t} for i, t in sorted(seen.items())]
@@ -147,11 +144,10 @@ def check_dangling_added_token(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
     if not ckpt.has_tokenizer:
         return []
     inv = inventory(ckpt)
-    by_id = inv.by_id()
     findings: list[Finding] = []
     collisions = [
         {"id": i, "tokens": {t: inv.sources_of(i, t) for t in sorted(contents)}}
-        for i, contents in sorted(by_id.items()) if len(contents) > 1
+        for i, contents in sorted(inv.collisions().items())
     ]
     if collisions:
         c = collisions[0]
