@@ -8,25 +8,13 @@ in its own package (`healer/tokenizers/checks.py`, `healer/templates/checks.py`,
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 from healer.checkpoint import Checkpoint
 from healer.errors import CheckpointError
-from healer.report import Finding, Report
-
-
-@dataclass
-class Context:
-    """Options that checks share: extra corpus lines, whether to stream all weights."""
-
-    corpus: tuple[str, ...] = ()
-    check_weights: bool = False
-
-
-Check = Callable[[Checkpoint, Context], list[Finding]]
+from healer.report import Check, Context, Finding, Report, fix_command
 
 
 def all_checks() -> list[Check]:
@@ -98,8 +86,6 @@ def check_vocab_sizes(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
         sizes["lm_head rows"] = ckpt.tensor_shape(ckpt.lm_head_name)[0]
     if ckpt.has_tokenizer:
         sizes["tokenizer length"] = inventory(ckpt).max_id + 1
-    from healer.tokenizers.checks import fix_command
-
     fix = fix_command(ckpt)
     rows = [v for k, v in sizes.items() if k != "tokenizer length"]
     findings = []

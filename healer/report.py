@@ -1,13 +1,35 @@
-"""Findings and reports: what doctor found, for people (rich table) and pipelines (JSON)."""
+"""Findings and reports: what doctor found, for people (rich table) and pipelines (JSON).
+
+Also what a check is (`Check`, with the `Context` checks share) and the fix command a finding
+names, so every area's checks build on this module alone (doctor runs them; nothing imports back).
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from healer.checkpoint import Checkpoint
 
 Severity = Literal["error", "warning", "info"]
 SEVERITIES: tuple[Severity, ...] = ("error", "warning", "info")
+
+
+@dataclass
+class Context:
+    """Options that checks share: extra corpus lines, whether to stream all weights."""
+
+    corpus: tuple[str, ...] = ()
+    check_weights: bool = False
+
+
+def fix_command(ckpt: Checkpoint, extra: str = "") -> str:
+    """The command that repairs `ckpt`, writing beside it (the input is never modified)."""
+    out = ckpt.path.parent / f"{ckpt.path.name}-fixed"
+    return f"healer fix {ckpt.path} -o {out}{extra}"
 
 
 @dataclass
@@ -26,6 +48,10 @@ class Finding:
     @property
     def area(self) -> str:
         return self.check.split(".", 1)[0]
+
+
+Check = Callable[["Checkpoint", Context], list[Finding]]
+"""A check: a small function over a model dir with a stable id per finding (`tokenizer.fast_mismatch`, ...)."""
 
 
 @dataclass

@@ -14,12 +14,11 @@ from typing import Any
 import torch
 
 from healer.checkpoint import Checkpoint
-from healer.doctor import Check, Context
 from healer.embeddings.repair import EmbeddingNames, checkpoint_untrained_rows
 from healer.embeddings.rows import EPS, StoredMatrix, row_absmax, row_chunks, stored_matrix
 from healer.embeddings.usage import Vocab, describe, load_vocab, protected_ids, special_token_ids, token_use
 from healer.errors import CheckpointError
-from healer.report import Finding
+from healer.report import Check, Context, Finding
 
 SHOWN = 20
 _absmax_cache: weakref.WeakKeyDictionary[Checkpoint, dict[str, torch.Tensor]] = weakref.WeakKeyDictionary()

@@ -5,10 +5,8 @@ from __future__ import annotations
 import re
 
 from healer.checkpoint import Checkpoint
-from healer.doctor import Check, Context
-from healer.report import Finding
+from healer.report import Check, Context, Finding, fix_command
 from healer.templates.render import TemplateError, render_source
-from healer.tokenizers.checks import fix_command
 from healer.tokenizers.inventory import inventory
 
 REPLY = "Paris is the capital of France."

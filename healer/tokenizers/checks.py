@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 from healer.checkpoint import Checkpoint
-from healer.doctor import Check, Context
-from healer.report import Finding
+from healer.report import Check, Context, Finding, fix_command
 from healer.tokenizers.bos import chat_ids, starts_with_bos
 from healer.tokenizers.corpus import builtin_corpus
 from healer.tokenizers.inventory import inventory, special_tokens
 
 MAX_LISTED = 20
-
-
-def fix_command(ckpt: Checkpoint, extra: str = "") -> str:
-    """The command that repairs `ckpt`, writing beside it (the input is never modified)."""
-    out = ckpt.path.parent / f"{ckpt.path.name}-fixed"
-    return f"healer fix {ckpt.path} -o {out}{extra}"
 
 
 def check_missing_fast(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
