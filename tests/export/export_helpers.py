@@ -141,3 +141,30 @@ def llama_cpp_quantize(src: Path, dst: Path, ftype) -> Path:
     params.nthread = 2
     assert lib.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
     return dst
+
+
+def confident_weights(path: Path) -> Path:
+    """Make the random Llama at `path` decide its next token: embeddings 10x HF's init dominate the residual
+    and the head adds 0.02x a shuffled copy of them, so most positions have a clear winner in f16 (a plain
+    random model's top-1 is a coin flip that any quantization noise changes). Rewrites model.safetensors."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(path / "model.safetensors")
+    embed = weights["model.embed_tokens.weight"] * 10
+    perm = torch.randperm(embed.shape[0], generator=torch.Generator().manual_seed(0))
+    weights["model.embed_tokens.weight"] = embed
+    weights["lm_head.weight"] = weights["lm_head.weight"] + 0.02 * embed[perm]
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+def log_probs(path: Path, ids: list[int]) -> torch.Tensor:
+    """float64 next-token log-probabilities of the GGUF at `path` after each prefix of `ids`, in llama.cpp."""
+    with LlamaCppModel(path) as model:
+        return torch.log_softmax(model.logits(ids).double(), -1)
+
+
+def kl_and_top1(ref: torch.Tensor, got: torch.Tensor) -> tuple[float, float]:
+    """(mean KL(ref || got), top-1 agreement) of two [positions, vocab] log-probability tensors."""
+    kl = (ref.exp() * (ref - got)).sum(-1).mean()
+    return float(kl), float((ref.argmax(-1) == got.argmax(-1)).double().mean())

@@ -17,8 +17,14 @@ import numpy as np
 import pytest
 import testdata
 import torch
-from export_helpers import LlamaCppModel, llama_cpp_quantize, llama_cpp_required  # noqa: F401 (fixture)
-from safetensors.torch import load_file, save_file
+from export_helpers import (  # noqa: F401
+    LlamaCppModel,
+    confident_weights,
+    kl_and_top1,
+    llama_cpp_quantize,
+    llama_cpp_required,
+    log_probs,
+)
 
 import export
 from export import kquants
@@ -36,27 +42,10 @@ N_TOKENS = 300
 
 
 def confident_llama(path: Path) -> Path:
-    """A random Llama whose next token is partly decided: embeddings 10x HF's init dominate the residual
-    and the head adds 0.02x a shuffled copy of them, so ~85% of positions have a clear winner in f16
-    (a plain random model's top-1 is a coin flip that any quantization noise changes)."""
+    """A random Llama whose next token is partly decided (export_helpers.confident_weights): ~85% of
+    positions have a clear winner in f16."""
     builders.sentencepiece_checkpoint(path, testdata.sentencepiece_model("llama-spm"), family="llama", **SHAPE)
-    weights = load_file(path / "model.safetensors")
-    embed = weights["model.embed_tokens.weight"] * 10
-    perm = torch.randperm(embed.shape[0], generator=torch.Generator().manual_seed(0))
-    weights["model.embed_tokens.weight"] = embed
-    weights["lm_head.weight"] = weights["lm_head.weight"] + 0.02 * embed[perm]
-    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
-    return path
-
-
-def log_probs(path: Path, ids: list[int]) -> torch.Tensor:
-    with LlamaCppModel(path) as model:
-        return torch.log_softmax(model.logits(ids).double(), -1)
-
-
-def kl_and_top1(ref: torch.Tensor, got: torch.Tensor) -> tuple[float, float]:
-    kl = (ref.exp() * (ref - got)).sum(-1).mean()
-    return float(kl), float((ref.argmax(-1) == got.argmax(-1)).double().mean())
+    return confident_weights(path)
 
 
 @pytest.fixture(scope="module")

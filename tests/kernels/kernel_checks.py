@@ -40,7 +40,7 @@ def device() -> torch.device:
     """The GPU when there is one, else the CPU (kernels then run under TRITON_INTERPRET=1)."""
     if torch.cuda.is_available():
         return torch.device("cuda")
-    assert os.environ.get("TRITON_INTERPRET") == "1", "no GPU: tests/kernels/conftest.py sets TRITON_INTERPRET"
+    assert os.environ.get("TRITON_INTERPRET") == "1", "no GPU: tests/conftest.py sets TRITON_INTERPRET"
     return torch.device("cpu")
 
 

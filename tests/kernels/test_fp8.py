@@ -10,25 +10,21 @@ after the product), to bf16 rounding; that FP8 is less exact than bf16 is bench/
 import math
 import os
 
+import bitsandbytes.functional as bnbf
+import pytest
 import torch
+import triton
+import triton.language as tl
+from kernel_checks import dequantized_4bit, device, relative_error, seed
+from test_lora_fused import BF16_BOUND, adapted, base_linear, mlp_modules, plain_mlp
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: CI runs the kernels on CPU
-
-import bitsandbytes.functional as bnbf  # noqa: E402
-import pytest  # noqa: E402
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-from kernel_checks import dequantized_4bit, device, relative_error, seed  # noqa: E402
-from test_lora_fused import BF16_BOUND, adapted, base_linear, mlp_modules, plain_mlp  # noqa: E402
-
-from trainer.config import ConfigError, resolve_config  # noqa: E402
-from trainer.kernels import fp8  # noqa: E402
-from trainer.kernels.fp8 import E4M3, quantize_rows  # noqa: E402
-from trainer.kernels.lora_fused import _plan, fp8_weight, lora_linear, lora_mlp, lora_projections  # noqa: E402
-from trainer.kernels.nf4 import dequantize_nf4, row_absmax  # noqa: E402
-from trainer.kernels.triton_math import e4m3_bits  # noqa: E402
-from trainer.lora import LoRALinear, LoRASettings, apply_lora, use_fp8_products  # noqa: E402
+from trainer.config import ConfigError, resolve_config
+from trainer.kernels import fp8
+from trainer.kernels.fp8 import E4M3, quantize_rows
+from trainer.kernels.lora_fused import _plan, fp8_weight, lora_linear, lora_mlp, lora_projections
+from trainer.kernels.nf4 import dequantize_nf4, row_absmax
+from trainer.kernels.triton_math import e4m3_bits
+from trainer.lora import LoRALinear, LoRASettings, apply_lora, use_fp8_products
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 

@@ -1,15 +1,10 @@
-import os
 
+import pytest
 import torch
+from kernel_checks import DTYPES, device, relative_error, seed, store_rounding_ulps
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: CI runs the kernels on CPU
-
-import pytest  # noqa: E402
-from kernel_checks import DTYPES, device, relative_error, seed, store_rounding_ulps  # noqa: E402
-
-from trainer.kernels.fused_linear_ce import fused_linear_cross_entropy  # noqa: E402
-from trainer.models import ops  # noqa: E402
+from trainer.kernels.fused_linear_ce import fused_linear_cross_entropy
+from trainer.models import ops
 
 # The interpreter's numpy overflows exp() in saturated tails on purpose (exp -> inf -> 1 - 0).
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")

@@ -1,15 +1,10 @@
-import os
 
+import pytest
 import torch
+from kernel_checks import DTYPES, assert_close, device, seed
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: CI runs the kernels on CPU
-
-import pytest  # noqa: E402
-from kernel_checks import DTYPES, assert_close, device, seed  # noqa: E402
-
-from trainer.kernels.gated_act import gated_activation  # noqa: E402
-from trainer.models import ops  # noqa: E402
+from trainer.kernels.gated_act import gated_activation
+from trainer.models import ops
 
 ACTIVATIONS = ["silu", "gelu_tanh", "gelu"]
 

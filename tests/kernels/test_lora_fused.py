@@ -8,23 +8,17 @@ the plain path is (both round intermediates; the fused path rounds fewer of them
 """
 
 import contextlib
-import os
+from pathlib import Path
 
+import builders
+import pytest
 import torch
+from kernel_checks import assert_close, dequantized_4bit, device, relative_error, seed
+from torch import nn
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: CI runs the kernels on CPU
-
-from pathlib import Path  # noqa: E402
-
-import builders  # noqa: E402
-import pytest  # noqa: E402
-from kernel_checks import assert_close, dequantized_4bit, device, relative_error, seed  # noqa: E402
-from torch import nn  # noqa: E402
-
-from trainer.checkpointing import set_gradient_checkpointing  # noqa: E402
-from trainer.data import IGNORE_INDEX  # noqa: E402
-from trainer.kernels.lora_fused import (  # noqa: E402
+from trainer.checkpointing import set_gradient_checkpointing
+from trainer.data import IGNORE_INDEX
+from trainer.kernels.lora_fused import (
     cached_factor_casts,
     clear_workspaces,
     dense_weight,
@@ -34,8 +28,8 @@ from trainer.kernels.lora_fused import (  # noqa: E402
     lora_mlp,
     lora_projections,
 )
-from trainer.kernels.rope import apply_rope, rotatable_in_place  # noqa: E402
-from trainer.lora import (  # noqa: E402
+from trainer.kernels.rope import apply_rope, rotatable_in_place
+from trainer.lora import (
     LoRALinear,
     LoRASettings,
     apply_lora,
@@ -43,7 +37,7 @@ from trainer.lora import (  # noqa: E402
     mlp_uses_kernel,
     use_fp8_products,
 )
-from trainer.models import load_model, ops  # noqa: E402
+from trainer.models import load_model, ops
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 

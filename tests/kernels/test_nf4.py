@@ -5,20 +5,15 @@ CUDA kernel; the comparison is exact: both compute each scale and value in float
 dtype, so any difference is a bug (a wrong nibble order, absmax block, nested scale or rounding).
 """
 
-import os
 
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbf
+import pytest
 import torch
+from kernel_checks import DTYPES, dequantized_4bit, device, seed
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: CI runs the kernels on CPU
-
-import bitsandbytes as bnb  # noqa: E402
-import bitsandbytes.functional as bnbf  # noqa: E402
-import pytest  # noqa: E402
-from kernel_checks import DTYPES, dequantized_4bit, device, seed  # noqa: E402
-
-from trainer.kernels.lora_fused import dense_weight  # noqa: E402
-from trainer.kernels.nf4 import NF4_GPU_BLOCKSIZES, dequantize_nf4  # noqa: E402
+from trainer.kernels.lora_fused import dense_weight
+from trainer.kernels.nf4 import NF4_GPU_BLOCKSIZES, dequantize_nf4
 
 
 def reference(weight: torch.Tensor, quant_state) -> torch.Tensor:

@@ -1,12 +1,7 @@
-import os
 
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: CI runs the kernels on CPU
-
-import pytest  # noqa: E402
-from kernel_checks import (  # noqa: E402
+from kernel_checks import (
     DTYPES,
     assert_close,
     device,
@@ -16,8 +11,8 @@ from kernel_checks import (  # noqa: E402
     tiny_decoder,
 )
 
-from trainer.kernels.rms_norm import add_rms_norm, rms_norm  # noqa: E402
-from trainer.models import ops  # noqa: E402
+from trainer.kernels.rms_norm import add_rms_norm, rms_norm
+from trainer.models import ops
 
 
 def _check(shape: tuple[int, ...], dtype: torch.dtype, offset: float, eps: float = 1e-6,

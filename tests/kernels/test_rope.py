@@ -1,12 +1,7 @@
-import os
 
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: CI runs the kernels on CPU
-
-import pytest  # noqa: E402
-from kernel_checks import (  # noqa: E402
+from kernel_checks import (
     DTYPES,
     assert_close,
     device,
@@ -16,9 +11,9 @@ from kernel_checks import (  # noqa: E402
     tiny_decoder,
 )
 
-from trainer.checkpointing import set_gradient_checkpointing  # noqa: E402
-from trainer.kernels.rope import apply_rope  # noqa: E402
-from trainer.models import ops  # noqa: E402
+from trainer.checkpointing import set_gradient_checkpointing
+from trainer.kernels.rope import apply_rope
+from trainer.models import ops
 
 
 def _tables(batch: int, seq: int, rotated: int, *, theta: float = 10000.0, scaling: float = 1.0,
