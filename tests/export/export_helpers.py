@@ -143,9 +143,9 @@ def llama_cpp_quantize(src: Path, dst: Path, ftype) -> Path:
     return dst
 
 
-def confident_weights(path: Path) -> Path:
+def confident_weights(path: Path, head: float = 0.02) -> Path:
     """Make the random Llama at `path` decide its next token: embeddings 10x HF's init dominate the residual
-    and the head adds 0.02x a shuffled copy of them, so most positions have a clear winner in f16 (a plain
+    and the head adds `head` x a shuffled copy of them, so most positions have a clear winner in f16 (a plain
     random model's top-1 is a coin flip that any quantization noise changes). Rewrites model.safetensors."""
     from safetensors.torch import load_file, save_file
 
@@ -153,7 +153,7 @@ def confident_weights(path: Path) -> Path:
     embed = weights["model.embed_tokens.weight"] * 10
     perm = torch.randperm(embed.shape[0], generator=torch.Generator().manual_seed(0))
     weights["model.embed_tokens.weight"] = embed
-    weights["lm_head.weight"] = weights["lm_head.weight"] + 0.02 * embed[perm]
+    weights["lm_head.weight"] = weights["lm_head.weight"] + head * embed[perm]
     save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
     return path
 
