@@ -242,7 +242,7 @@ def check_data_file(name: str) -> None:
 
 def check_template_file(name: str | None) -> None:
     """ConfigError naming a --template FILE that is not UTF-8 text or does not parse (before any loading)."""
-    if name is None or not (name.endswith(".jinja") or Path(name).is_file()) or not Path(name).is_file():
+    if name is None or not Path(name).is_file():
         return  # a registry name, or a missing file (reported where the template is resolved)
     p = Path(name)
     try:
