@@ -140,9 +140,9 @@ def _run_examples(run_dir: Path, ckpt, limit: int):
     """(where, llama.cpp input text, add BOS?, parse special tokens?, training ids) of the run's first examples."""
     from healer.templates.formats import normalize
     from healer.templates.render import render_source
-    from healer.tokenizers.bos import drop_template_bos
+    from healer.tokenizers.bos import bos_first, drop_template_bos
     from trainer.config import resolve_config
-    from trainer.data import ExampleRenderer, bos_first, load_rows, resolve_template
+    from trainer.data import ExampleRenderer, load_rows, resolve_template
 
     if not (run_dir / "config.yaml").is_file():
         raise ExportError(f"{run_dir}: --verify needs the run dir (its config.yaml names the data and template)")

@@ -277,11 +277,11 @@ def greedy_answers(model_dir: str | Path, questions: list[str]) -> list[str]:
 def prompt_ids(model_dir: str | Path, questions: list[str]) -> list[list[int]]:
     """The served prompt of each one-turn chat: template with the generation prompt, BOS by the rule."""
     from healer.checkpoint import Checkpoint
-    from healer.tokenizers.bos import chat_ids, starts_with_bos
+    from healer.tokenizers.bos import bos_first, chat_ids
 
     ckpt = Checkpoint(model_dir)
     tokenizer = ckpt.hf_tokenizer()
-    bos = tokenizer.bos_token_id if starts_with_bos(ckpt.model_type, ckpt.tokenizer_config) else None
+    bos = bos_first(ckpt)
     return [chat_ids(tokenizer, tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
                                                               add_generation_prompt=True), bos)
             for q in questions]

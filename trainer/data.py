@@ -253,19 +253,12 @@ def prepare_data(path: str | Path, tokenizer, template: Template, *, max_seq_len
     return PreparedData(examples, len(rows), truncated, dropped, where)
 
 
-def bos_first(ckpt) -> int | None:
-    """The id every example of this model starts with (healer.tokenizers.bos's rule), None if it uses none."""
-    from healer.tokenizers.bos import starts_with_bos
-
-    if not starts_with_bos(ckpt.model_type, ckpt.tokenizer_config):
-        return None
-    return ckpt.hf_tokenizer().bos_token_id
-
-
 def prepare_model_data(ckpt, data: str | Path, template: str | None, *, max_seq_len: int, train_on_inputs: bool,
                        limit: int | None = None) -> tuple[Template, PreparedData]:
     """The template and the prepared examples of `data` for the model dir `ckpt` (a healer Checkpoint):
     what `trainer run` trains on, and what `trainer run --preview` shows."""
+    from healer.tokenizers.bos import bos_first
+
     tokenizer = ckpt.hf_tokenizer()
     resolved = resolve_template(template, ckpt.chat_template, ckpt.path, bos_token=tokenizer.bos_token,
                                 eos_token=tokenizer.eos_token)

@@ -32,6 +32,13 @@ def starts_with_bos(model_type: str | None, tokenizer_config: Mapping[str, Any])
     return tokenizer_config.get("add_bos_token") is True or families.starts_with_bos(model_type)
 
 
+def bos_first(ckpt: Any) -> int | None:
+    """The BOS id every sequence of the model dir `ckpt` (a Checkpoint) starts with; None if it uses none."""
+    if not starts_with_bos(ckpt.model_type, ckpt.tokenizer_config):
+        return None
+    return ckpt.hf_tokenizer().bos_token_id
+
+
 def drop_template_bos(text: str, bos_token: str | None) -> tuple[str, int]:
     """`text` without a BOS the template wrote at its start, and how many characters were dropped."""
     if bos_token and text.startswith(bos_token):
