@@ -57,11 +57,13 @@ def check_template(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
     template = ckpt.chat_template
     if not template:
         return _missing(ckpt)
+    messages = SAMPLE
     try:
-        rendered = render(template, SAMPLE, ckpt)
+        rendered = render(template, messages, ckpt)
     except TemplateRenderError:
+        messages = SAMPLE[1:]  # a template that refuses a system turn
         try:
-            rendered = render(template, SAMPLE[1:], ckpt)
+            rendered = render(template, messages, ckpt)
         except TemplateRenderError as e:
             return [Finding(
                 "template.render_error", "error",
@@ -88,16 +90,16 @@ def check_template(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
     eot = _end_of_turn(ckpt, entry, rendered)
     if eot is not None and eot not in not_single:  # a marker that is no token cannot be an eos id
         findings.extend(_eos_mismatch(ckpt, tok, eot))
-    findings.extend(_generation_prompt_ignored(ckpt, rendered, eot))
+    findings.extend(_generation_prompt_ignored(ckpt, messages, rendered, eot))
     return findings
 
 
-def _generation_prompt_ignored(ckpt: Checkpoint, rendered: str, eot: str | None) -> list[Finding]:
+def _generation_prompt_ignored(ckpt: Checkpoint, messages: list[dict], rendered: str,
+                               eot: str | None) -> list[Finding]:
     """A conversation ending in an assistant turn must render ending with that turn when
     add_generation_prompt is off, and (where the template has a generation prompt at all) unlike
     the render with it on; else every training example ends with an empty assistant header
     (Llama 3's template as first released)."""
-    messages = SAMPLE if _safe_render(ckpt, SAMPLE) == rendered else SAMPLE[1:]
     at = rendered.rfind(REPLY)
     rest = rendered[at + len(REPLY):].strip() if at >= 0 else ""
     for ending in (eot, ckpt.special_token("eos")):
