@@ -11,7 +11,7 @@ Measured on the H100 (bench/fp8_matmul.py, 4,096 tokens, the GPU kept busy so th
 the e4m3 product alone takes 0.50 ms against bf16's 0.85 for gate/up (14336 x 4096), 0.52 against 0.72 for
 down, 0.18 against 0.23 for q/o, the same for k/v; casting with plain torch ops costs more than that saves,
 hence these one-pass kernels. In a Llama-3-8B training step (graphs + offload) --fp8 gave 13,436 tokens/s
-against 11,369 in bf16 (bench/KERNEL_NOTES.md, session 8).
+against 11,369 in bf16 (one H100; bench/README.md).
 
 What it costs in accuracy: e4m3 keeps 3 mantissa bits, so each operand carries up to 1/16 relative
 rounding error (bf16: 1/256). On random Llama-3-8B-sized operands a product's relative error is 3.8%
