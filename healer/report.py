@@ -1,7 +1,8 @@
-"""Findings and reports: what doctor found, for people (rich table) and pipelines (JSON).
+"""Findings and reports: what doctor found and what fix changed, for people (rich tables) and pipelines (JSON).
 
 Also what a check is (`Check`, with the `Context` checks share) and the fix command a finding
 names, so every area's checks build on this module alone (doctor runs them; nothing imports back).
+A fix records each edit as a `Change`; `FixReport` is what `healer.fix.repair` returns.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from healer.checkpoint import Checkpoint
+
+REPORT_NAME = "healer_report.json"  # the FixReport fix writes into its output
 
 Severity = Literal["error", "warning", "info"]
 SEVERITIES: tuple[Severity, ...] = ("error", "warning", "info")
@@ -109,6 +112,72 @@ class Report:
         console.print(table)
         s = self.summary()
         console.print(f"{s['error']} error(s), {s['warning']} warning(s), {s['info']} info")
+
+
+@dataclass
+class Change:
+    """One edit of the output: which check it answers, what was there, what is there now."""
+
+    check: str
+    target: str
+    description: str
+    before: Any = None
+    after: Any = None
+
+
+@dataclass
+class FixReport:
+    """What fix did: findings before, changes made, findings after, checks it could not fix."""
+
+    model: str
+    out: str | None
+    changes: list[Change] = field(default_factory=list)
+    unfixable: list[Finding] = field(default_factory=list)
+    before: Report | None = None
+    after: Report | None = None
+    written: bool = False
+
+    @property
+    def claimed(self) -> set[str]:
+        return {c.check for c in self.changes}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "out": self.out,
+            "written": self.written,
+            "changes": [asdict(c) for c in self.changes],
+            "unfixable": [asdict(f) for f in self.unfixable],
+            "before": self.before.to_dict() if self.before else None,
+            "after": self.after.to_dict() if self.after else None,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False, default=str)
+
+    def render(self, console, *, dry_run: bool = False, title: str | None = None) -> None:
+        """Print the table of changes (check, file or tensor, change), what was not fixed, and where it wrote."""
+        from rich.markup import escape
+        from rich.table import Table
+
+        table = Table(title=title or ("planned changes" if dry_run else "changes"), expand=True)
+        table.add_column("check", no_wrap=True)
+        table.add_column("file/tensor", no_wrap=True)
+        table.add_column("change", ratio=1, overflow="fold")
+        for c in self.changes:
+            table.add_row(c.check, c.target, escape(c.description))
+        if self.changes:
+            console.print(table)
+        else:
+            console.print("Nothing to change.")
+        for f in self.unfixable:
+            console.print(f"[bold red]not fixed[/] {f.check}: {escape(f.message)}")
+        if dry_run:
+            console.print("[dim]--dry-run: nothing written[/]")
+        elif self.written:
+            after = self.after.summary() if self.after else {}
+            console.print(f"Wrote [bold]{escape(str(self.out))}[/] ({after.get('error', 0)} error(s), "
+                          f"{after.get('warning', 0)} warning(s) left); details in {REPORT_NAME}", highlight=False)
 
 
 def _jsonable(value: Any) -> Any:

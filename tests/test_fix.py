@@ -297,3 +297,60 @@ def test_eos_mismatch_adds_the_end_of_turn_token_to_generation_eos(tmp_path):
     gen = json.loads((tmp_path / "out" / "generation_config.json").read_text())
     assert gen["eos_token_id"] == [128001, 128009]
     assert "template.eos_mismatch" not in healer.diagnose(tmp_path / "out").checks()
+
+
+def test_fixes_run_after_every_fix_they_need():
+    from healer.fix import FIXES, RUN_ORDER
+
+    position = {f.name: i for i, f in enumerate(RUN_ORDER)}
+    assert sorted(position) == sorted(f.name for f in FIXES)
+    for fix in RUN_ORDER:
+        for need in fix.needs:
+            assert position[need] < position[fix.name], (fix.name, need)
+    assert [f.phase for f in RUN_ORDER] == sorted(f.phase for f in RUN_ORDER)
+    # the order fix has always run in (byte-identical outputs, changes listed in the same order)
+    assert [f.name for f in RUN_ORDER] == [
+        "tokenizer.dangling_added_tokens", "tokenizer.out_of_range", "template.chatml", "template.set",
+        "template.generation_prompt", "tokenizer.fast_tokenizer", "tokenizer.bos_missing",
+        "tokenizer.setting_ignored", "tokenizer.double_bos", "tokenizer.pad", "template.eos_mismatch",
+        "embeddings.grow_rows", "embeddings.untrained"]
+
+
+def test_the_fix_order_follows_needs_not_registration():
+    from healer.draft import Fix
+    from healer.fix import order
+
+    def nop(draft, findings, opts):
+        pass
+
+    fixes = [Fix("c", nop, needs=("b",)), Fix("later", nop, phase=2), Fix("a", nop), Fix("b", nop, needs=("a",))]
+    assert [f.name for f in order(fixes)] == ["a", "b", "c", "later"]
+
+
+@pytest.mark.parametrize("fixes, refusal", [
+    ([("a", ("nowhere",), 1)], "'a' needs 'nowhere', which is not a registered fix"),
+    ([("a", ("b",), 1), ("b", ("c",), 1), ("c", ("a",), 1), ("d", (), 1)], "cycle"),
+    ([("a", ("a",), 1)], "cycle"),
+    ([("a", ("b",), 1), ("b", (), 2)], "runs later"),
+    ([("a", (), 1), ("a", (), 1)], "two fixes are named 'a'"),
+])
+def test_the_fix_order_refuses_unknown_needs_and_cycles(fixes, refusal):
+    from healer.draft import Fix
+    from healer.fix import order
+
+    def nop(draft, findings, opts):
+        pass
+
+    with pytest.raises(ValueError, match=refusal):
+        order([Fix(name, nop, needs=needs, phase=phase) for name, needs, phase in fixes])
+
+
+def test_a_fix_adding_ids_after_the_rows_were_grown_is_refused(example):
+    from healer.draft import Draft, Options
+    from healer.embeddings.fixes import grow_rows
+    from healer.tokenizers.surgery import append_token
+
+    draft = Draft(healer.Checkpoint(example))
+    grow_rows(draft, [], Options())
+    with pytest.raises(AssertionError, match="needs"):
+        append_token(draft, "<|late|>", user_defined=True)

@@ -12,8 +12,7 @@ from rich.console import Console
 
 import cli
 from healer.example import build_example
-from healer.fix import REPORT_NAME, Change, FixReport
-from healer.report import Finding, Report
+from healer.report import REPORT_NAME, Change, Finding, FixReport, Report
 
 MARKUP_DESCRIPTION = "set [bold]x[/] to 1"
 
