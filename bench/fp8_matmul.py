@@ -152,9 +152,8 @@ def ours(tokens: int) -> list[dict]:
         x = torch.randn(tokens, in_f, device="cuda", dtype=torch.bfloat16)
 
         def forward(fp8: bool, m=m, x=x):
-            m.base_layer.fp8_products = fp8
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-                return lora_linear(x, m.base_layer, m.lora_A.weight, m.lora_B.weight, m.scaling)
+                return lora_linear(x, m.base_layer, m.lora_A.weight, m.lora_B.weight, m.scaling, fp8=fp8)
 
         row = {"projection": name,
                "nf4 -> bf16 ms": timed(lambda q=q: dense_weight(q, torch.bfloat16)),

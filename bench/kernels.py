@@ -5,8 +5,8 @@ Llama-3-8B, Mistral-7B and Gemma-7B sizes.
     python bench/kernels.py [--shapes llama3-8b,mistral-7b,gemma-7b] [--tokens 4096] [--no-compile]
                             [--json results.json]
 
-Needs a CUDA GPU. `plain` is the trainer.models.ops function with TRAINER_KERNELS=0 (set below: on CUDA
-ops would route to the kernel), `triton` calls trainer.kernels directly. Prints the measured ceilings (device-to-device copy, bf16 matmul), then one row per
+Needs a CUDA GPU. `plain` is the trainer.models.ops function on its plain path (its default, kernel=False),
+`triton` calls trainer.kernels directly. Prints the measured ceilings (device-to-device copy, bf16 matmul), then one row per
 (kernel, shape, implementation): median times, the fewest bytes the op must move (each input read
 once, each output written once) and the bandwidth that implies, or for the fused cross-entropy the
 matmul FLOP rate and the peak memory above the inputs. Timings are medians of triton.testing.do_bench
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -33,8 +32,6 @@ from queued_timing import queued_call_ms  # noqa: E402
 
 from trainer import kernels  # noqa: E402
 from trainer.models import ops  # noqa: E402
-
-os.environ["TRAINER_KERNELS"] = "0"  # ops.* (and torch.compile of them) take the plain paths; read per call
 
 SHAPES = {
     "llama3-8b": dict(hidden=4096, inter=14336, heads=32, kv=8, head_dim=128, vocab=128256, act="silu",

@@ -42,6 +42,7 @@ from queued_timing import queued_call_ms, sync  # noqa: E402
 from trainer.kernels.lora_fused import clear_workspaces, dense_weight, lora_mlp  # noqa: E402
 from trainer.lora import LoRALinear  # noqa: E402
 from trainer.models import ops  # noqa: E402
+from trainer.options import ModelOptions  # noqa: E402
 
 SHAPES = {
     "llama3-8b": dict(hidden=4096, inter=14336, heads=32, kv=8, head_dim=128, act="silu"),
@@ -148,14 +149,7 @@ def bench_shape(name: str, tokens: int, rank: int, dev: torch.device, rows: list
         m = adapted(n_in, n_out, rank, dev)
         x = torch.randn(2, tokens // 2, n_in, device=dev, dtype=DTYPE, requires_grad=True)
 
-        def plain(x, m=m):
-            m.use_kernel = False
-            return m(x)
-
-        def fused(x, m=m):
-            m.use_kernel = True
-            return m(x)
-
+        plain, fused = m.rebuilt(ModelOptions(kernels="off")), m.rebuilt(ModelOptions(kernels="auto"))
         _measure(block, name, {"plain": plain, "fused": fused}, x, n_out, [x, m.lora_A.weight, m.lora_B.weight],
                  4.0 * tokens * n_in * n_out, dev, rows)
         del m, x
@@ -164,12 +158,14 @@ def bench_shape(name: str, tokens: int, rank: int, dev: torch.device, rows: list
     mods = (gate, up, down)
     x = torch.randn(2, tokens // 2, h, device=dev, dtype=DTYPE, requires_grad=True)
 
-    def composed(x, kernel: bool):
-        for m in mods:
-            m.use_kernel = kernel
-        return down(ops.gated_activation(gate(x), up(x), s["act"]))
+    # the same weights built with the kernels off (LoRALinear's plain path) and on (lora_linear per projection)
+    paths = {kernels: [m.rebuilt(ModelOptions(kernels=kernels)) for m in mods] for kernels in ("off", "auto")}
 
-    impls = {"plain": lambda x: composed(x, False), "fused": lambda x: composed(x, True),
+    def composed(x, kernels: str):
+        g, u, d = paths[kernels]
+        return d(ops.gated_activation(g(x), u(x), s["act"], kernel=x.is_cuda))
+
+    impls = {"plain": lambda x: composed(x, "off"), "fused": lambda x: composed(x, "auto"),
              "mlp": lambda x: lora_mlp(x, gate, up, down, s["act"]),
              "mlp-keep": lambda x: lora_mlp(x, gate, up, down, s["act"], recompute=False)}
     params = [x] + [p for m in mods for p in (m.lora_A.weight, m.lora_B.weight)]

@@ -4,7 +4,7 @@ One process per variant (bench/train_variants.py), the same random weights (Llam
 Gemma-7B, Qwen3-8B or Gemma-3-12B shape, written once from a config: no downloads), the same LoRA initialization and the same
 random token batches: micro-batch 2 x 2048 tokens, grad-accum 4, LoRA r=32 alpha=32 on q,k,v,o,gate,up,
 down, NF4 base (double quantization), bf16 autocast, paged 8-bit AdamW. Variants: ours with Triton
-kernels, ours in plain PyTorch (TRAINER_KERNELS=0), both with the --gc gradient checkpointing mode; the
+kernels, ours in plain PyTorch (ModelOptions kernels="off", `--kernels off`), both with the --gc gradient checkpointing mode; the
 Hugging Face stack (transformers 4-bit + PEFT + SDPA + gradient checkpointing, as its docs show) and the
 same with Liger-Kernel applied (apply_liger_kernel_to_<family>() before the model is built); Unsloth
 (FastLanguageModel in 4-bit, its get_peft_model and "unsloth" gradient checkpointing, the HF variant's

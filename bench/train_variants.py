@@ -94,28 +94,28 @@ def same_lora_init(model: torch.nn.Module) -> int:
 class Ours:
     """Our trainer: load_model in NF4, apply_lora, --gc mode, trainer.loop.train_step, paged 8-bit AdamW."""
 
-    def __init__(self, model_dir: Path, s: Settings, graphs: bool = False, fp8: bool = False):
+    def __init__(self, model_dir: Path, s: Settings, graphs: bool = False, fp8: bool = False, kernels: str = "auto"):
         import bitsandbytes as bnb
 
-        from trainer.checkpointing import set_gradient_checkpointing
         from trainer.distributed import from_environment, wrap
-        from trainer.lora import LoRASettings, apply_lora, trainable_parameters, use_fp8_products
+        from trainer.lora import LoRASettings, apply_lora, fp8_layers, trainable_parameters
         from trainer.models import load_model
+        from trainer.options import ModelOptions
 
         # under torchrun: one rank per GPU, each with its own micro-batches
         self.dp = from_environment("cuda")
         self.device = self.dp.device if self.dp else _device()
         self.world, self.rank = (self.dp.world_size, self.dp.rank) if self.dp else (1, 0)
         torch.manual_seed(0)
-        model = load_model(model_dir, dtype=torch.bfloat16, device=str(self.device), load_in_4bit=True)
+        # as trainer run builds them (trainer.config.model_options): --kernels, --fp8, --gradient-checkpointing
+        options = ModelOptions(kernels=kernels, fp8=fp8, recompute=s.gc)
+        model = load_model(model_dir, dtype=torch.bfloat16, device=str(self.device), load_in_4bit=True,
+                           options=options)
         self.after_load_gib = _gib("memory_allocated")
         apply_lora(model, LoRASettings(r=LORA_RANK, alpha=float(LORA_RANK), target_modules=LORA_TARGETS))
         same_lora_init(model)
         if fp8:  # as trainer run --fp8
-            use_fp8_products(model)
-        self.gc = s.gc
-        self.set_gc = set_gradient_checkpointing
-        set_gradient_checkpointing(model, s.gc)
+            assert fp8_layers(model) > 0
         model.train()
         self.vocab = model.spec.vocab_size
         self.core = model
@@ -145,8 +145,9 @@ class Ours:
 
     def recover(self) -> None:
         self.opt.zero_grad(set_to_none=True)
-        # a fresh offloader: the failed step may have left layer inputs parked in the old one
-        self.set_gc(self.core, self.gc)
+        # the failed step may have left layer inputs parked in the offloader
+        if self.core.model.offloader is not None:
+            self.core.model.offloader.clear()
 
     def close(self) -> None:
         from trainer.distributed import shutdown
@@ -505,14 +506,13 @@ VARIANTS = {
     "ours, Triton kernels": Ours,
     "ours, Triton kernels + CUDA graphs": lambda model_dir, s: Ours(model_dir, s, graphs=True),
     "ours, Triton + CUDA graphs + FP8": lambda model_dir, s: Ours(model_dir, s, graphs=True, fp8=True),
-    "ours, plain PyTorch": Ours,  # the parent sets TRAINER_KERNELS=0 for this one
+    "ours, plain PyTorch": lambda model_dir, s: Ours(model_dir, s, kernels="off"),
     "HF transformers+PEFT": HFStack,
     "HF+PEFT + Liger-Kernel": lambda model_dir, s: HFStack(model_dir, s, liger=True),
     "Unsloth": Unsloth,
 }
 # Unsloth: no hub traffic (its usage statistics, a tokenizer lookup), and its compiled modules outside the tree
-ENV = {"ours, plain PyTorch": {"TRAINER_KERNELS": "0"},
-       "Unsloth": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "UNSLOTH_DISABLE_STATISTICS": "1",
+ENV = {"Unsloth": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "UNSLOTH_DISABLE_STATISTICS": "1",
                    "UNSLOTH_COMPILE_LOCATION": "/tmp/unsloth_compiled_cache"}}
 # what a variant's process must import, and the pins that provide it; bench/train.py checks before any run
 NEEDS = {"Unsloth": ("unsloth", UNSLOTH_PINS)}

@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from healer.errors import HealerError
+from trainer.options import KERNEL_MODES, RECOMPUTE_MODES, ModelOptions
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LR_SCHEDULERS = ("linear", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16")
-GRADIENT_CHECKPOINTING = ("off", "on", "offload")
+GRADIENT_CHECKPOINTING = RECOMPUTE_MODES
 REQUIRED = ("model", "data", "out")
 # Bounds that catch a typo (an extra 000) before any memory is planned: no real run comes near them.
 MAX_EPOCHS = 10_000
@@ -87,11 +88,16 @@ class TrainConfig:
                                   "unpacked rows, no LoRA dropout): less host time per step. Rows are padded "
                                   "(by under a quarter) so that shapes repeat; others run as usual.",
                            flag="--cuda-graphs/--no-cuda-graphs")
+    kernels: str = _f("auto", "Triton kernels: auto (on CUDA GPUs), off (plain PyTorch everywhere: the reference "
+                              "they are tested and measured against) or interpret (everywhere, under "
+                              "TRITON_INTERPRET=1: for tests on CPU).")
+    flex_attention: bool = _f(True, "FlexAttention on CUDA for packed, sliding-window and softcapped attention "
+                                    "(off: dense masks; bench/README.md, attention).",
+                              flag="--flex-attention/--no-flex-attention")
     fp8: bool = _f(False, "Run the NF4 base layers' forward products (and their recompute) in FP8 (e4m3, "
-                          "scaled per row) on GPUs with FP8 matmuls (Ada, Hopper): 1.18x the steps/s of bf16 "
-                          "for Llama-3-8B on an H100. Less exact (a product's error ~4% instead of ~0.2%; the "
-                          "loss moved 0.09%); the backward stays bf16. Needs 4-bit loading, bf16 and no LoRA "
-                          "dropout.", flag="--fp8/--no-fp8")
+                          "scaled per row) on GPUs with FP8 matmuls (Ada, Hopper): faster and less exact "
+                          "(figures: bench/README.md, FP8 forward products); the backward stays bf16. Needs "
+                          "4-bit loading, bf16 and no LoRA dropout.", flag="--fp8/--no-fp8")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -223,10 +229,19 @@ def validate(cfg: TrainConfig, required: tuple[str, ...] = REQUIRED) -> TrainCon
         raise ConfigError("setting fp8 needs lora_dropout 0 (it runs in the fused LoRA projections, which have "
                           "no dropout)")
     for name, allowed in (("lr_scheduler", LR_SCHEDULERS), ("device", DEVICES), ("dtype", DTYPES),
-                          ("gradient_checkpointing", GRADIENT_CHECKPOINTING)):
+                          ("gradient_checkpointing", GRADIENT_CHECKPOINTING), ("kernels", KERNEL_MODES)):
         if getattr(cfg, name) not in allowed:
             raise ConfigError(f"setting {name} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
     return cfg
+
+
+def model_options(cfg: TrainConfig) -> ModelOptions:
+    """The decoder's and LoRA layers' options for this run (trainer.options): built once, here."""
+    try:
+        return ModelOptions(kernels=cfg.kernels, flex_attention=cfg.flex_attention, fp8=cfg.fp8,
+                            recompute=cfg.gradient_checkpointing)
+    except ValueError as e:
+        raise ConfigError(f"setting {e}") from None
 
 
 def check_data_file(name: str) -> None:

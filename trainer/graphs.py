@@ -1,8 +1,8 @@
 """CUDA graphs for training: a micro-batch's forward and backward captured once per shape, then replayed.
 
 Why: at the Llama-3-8B shape on an H100 the eager step is host-bound. Its ~25,000 kernel launches per
-optimizer step cost the host more time (1.5-2.0 s) than the GPU needs to run them (1.29 s), so the GPU
-waits (bench/KERNEL_NOTES.md). A replay queues a whole micro-batch with one call.
+optimizer step cost the host more time than the GPU needs to run them, so the GPU waits (bench/README.md,
+where a step's time goes; bench/KERNEL_NOTES.md). A replay queues a whole micro-batch with one call.
 
 A replay equals the eager run because everything it reads lives at the addresses the capture saw:
 - the token ids, labels and 1 / (the step's target count) are copied into buffers captured with it;
@@ -14,7 +14,7 @@ A replay equals the eager run because everything it reads lives at the addresses
 
 Offloaded checkpointing is captured too: each layer's input goes to a pinned host buffer of its own,
 sized for `max_tokens` and allocated once, so a replay's copies land where the capture's did
-(trainer.checkpointing.ActivationOffloader's static buffers).
+(trainer.recompute.ActivationOffloader's static buffers).
 
 Not captured (those micro-batches run eagerly, as before): packed rows (the decoder looks for document
 boundaries on the GPU and waits for the answer), attention that needs a mask or a score softcap
@@ -71,20 +71,12 @@ class _Captured:
     loss: torch.Tensor
 
 
-def _offloader(model: nn.Module):
-    """The ActivationOffloader of `model`'s layers under offloaded checkpointing, else None."""
-    from trainer.checkpointing import OffloadedLayer
-
-    layers = [layer for layer in model.model.layers if isinstance(layer, OffloadedLayer)]
-    return layers[0].offloader if layers else None
-
-
 def unsupported_reason(model: nn.Module, max_tokens: int | None = None) -> str | None:
     """Why `model`'s micro-batches cannot be captured at all, or None (see the module docstring)."""
     decoder = getattr(model, "model", None)
-    if decoder is None or not hasattr(decoder, "layers"):
+    if decoder is None or not hasattr(decoder, "offloader"):
         return "not a trainer CausalLM"
-    if _offloader(model) is not None and not max_tokens:
+    if model.model.offloader is not None and not max_tokens:
         return "offloaded gradient checkpointing needs the largest micro-batch's token count for its host buffers"
     if any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
         return "LoRA dropout"
@@ -109,7 +101,7 @@ class MicroBatchGraphs:
         self.model, self.params, self.autocast_dtype, self.device = model, params, autocast_dtype, device
         self.reason = unsupported_reason(model, max_tokens)
         self.max_tokens = max_tokens
-        self.offloader = _offloader(model) if self.reason is None else None
+        self.offloader = model.model.offloader if self.reason is None else None
         if self.offloader is not None:
             self.offloader.static_capacity = max_tokens * model.spec.hidden_size
         self.captured: dict[tuple[int, ...], _Captured] = {}

@@ -4,7 +4,7 @@
 step over its micro-batches, with the NaN guard's bookkeeping; data-parallel under torchrun),
 `run_steps` (the loop, with checkpoints every save_steps), `lr_lambda`, `build_optimizer`,
 `repair_untrained_rows`, `check_model`. Resume lives in trainer.resume, gradient checkpointing
-modes in trainer.checkpointing, DDP in trainer.distributed.
+modes in trainer.recompute, DDP in trainer.distributed.
 
 Loss normalization: every micro-batch loss is sum / (predicted tokens of the whole step), so
 an accumulated step equals one big batch whatever the padding or packing of its parts.
@@ -32,13 +32,13 @@ from torch import nn
 from healer.checkpoint import Checkpoint
 from healer.errors import CheckpointError
 from healer.outputs import refuse_overlap, remove, terminate_as_interrupt, write_atomic
-from trainer.checkpointing import set_gradient_checkpointing
 from trainer.config import (
     MAX_PLANNED_SEQUENCES,
     ConfigError,
     TrainConfig,
     check_data_file,
     check_template_file,
+    model_options,
     validate,
 )
 from trainer.data import (
@@ -53,7 +53,8 @@ from trainer.data import (
 )
 from trainer.distributed import DataParallel, from_environment, shard_step, shutdown, wrap
 from trainer.graphs import MicroBatchGraphs, forward_backward, padded_length
-from trainer.lora import LoRASettings, apply_lora, save_adapter, trainable_parameters, use_fp8_products
+from trainer.lora import LoRASettings, apply_lora, fp8_layers, save_adapter, trainable_parameters
+from trainer.options import ModelOptions
 from trainer.resume import Progress, save_checkpoint
 from trainer.run_dir import RUN_MARKER, check_out_dir, is_run_dir, mark_run
 
@@ -225,10 +226,9 @@ def collector_frozen() -> Iterator[None]:
     """Python's cyclic garbage collector leaves alone everything alive on entry (gc.freeze) until exit.
 
     A training step is partly host-bound on a fast GPU, so host pauses show in the step time. Without this
-    a full collection walked the ~390,000 objects that torch, transformers and the model leave alive every
-    few steps: 207-227 ms each, 54 ms per step on average, on the H100 host at the Llama-3-8B shape; frozen,
-    those passes take 2-3 ms (11 ms per step in all: bench/step_jitter.py). Objects made during training are
-    collected as before.
+    a full collection walked the hundreds of thousands of objects that torch, transformers and the model leave
+    alive every few steps, long enough to show in the step time (bench/step_jitter.py; bench/KERNEL_NOTES.md,
+    step-to-step spread). Objects made during training are collected as before.
     """
     gc.collect()
     gc.freeze()
@@ -478,10 +478,11 @@ def _train(cfg: TrainConfig, console, resume: bool, dp: DataParallel | None, for
 
     device = dp.device if dp is not None else resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    options = model_options(cfg)
     if cfg.fp8:
-        _check_fp8(device, dtype)  # before minutes of model loading
+        _check_fp8(device, dtype, options)  # before minutes of model loading
     torch.manual_seed(cfg.seed)
-    model = load_model(model_dir, dtype=dtype, device=device, load_in_4bit=cfg.load_in_4bit)
+    model = load_model(model_dir, dtype=dtype, device=device, load_in_4bit=cfg.load_in_4bit, options=options)
     vocab_rows = model.model.embed_tokens.num_embeddings
     too_big = max(data.token_ids())
     if too_big >= vocab_rows:
@@ -493,9 +494,8 @@ def _train(cfg: TrainConfig, console, resume: bool, dp: DataParallel | None, for
                       f"rows: {', '.join(list(repaired.values())[:8])}")
     settings = apply_lora(model, LoRASettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora,
                                               list(cfg.target_modules), list(cfg.modules_to_save)))
-    set_gradient_checkpointing(model, cfg.gradient_checkpointing)
     if cfg.fp8:
-        marked = use_fp8_products(model)
+        marked = fp8_layers(model)
         console.print(f"--fp8: forward products of {marked} NF4 base layers in e4m3 (backward in {str(dtype)[6:]})")
     model.train()
 
@@ -669,15 +669,14 @@ def _diverged_params_message(step: int, out: Path) -> str:
             f"{kept}. Lower --lr or set --max-grad-norm")
 
 
-def _check_fp8(device: torch.device, dtype: torch.dtype) -> None:
+def _check_fp8(device: torch.device, dtype: torch.dtype, options: ModelOptions) -> None:
     """A ConfigError saying why --fp8 cannot run here, if it cannot."""
-    from trainer.models.ops import kernels_enabled
 
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
         raise ConfigError("--fp8 needs a CUDA GPU with FP8 matmuls (compute capability 8.9 or newer: Ada, Hopper)")
-    if dtype != torch.bfloat16 or not kernels_enabled(torch.empty(0, device=device)):
+    if dtype != torch.bfloat16 or not options.use_kernels(torch.empty(0, device=device)):
         raise ConfigError("--fp8 runs in the fused kernels under bfloat16 (--dtype bfloat16 or auto; not with "
-                          "TRAINER_KERNELS=0)")
+                          "--kernels off)")
 
 
 def _graphs(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, device: torch.device,

@@ -26,7 +26,7 @@ from torch import nn
 
 from healer.checkpoint import check_adapter_config
 from trainer.config import DEFAULT_TARGET_MODULES, ConfigError
-from trainer.models.ops import kernels_enabled
+from trainer.options import DEFAULT_OPTIONS, ModelOptions
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -63,16 +63,15 @@ class LoRALinear(nn.Module):
     """A frozen base linear plus a trainable low-rank update; attribute names follow PEFT's.
 
     Without dropout, forward runs trainer.kernels.lora_fused.lora_linear (hand-written backward, the
-    dequantized NF4 weight is not saved) where ops.kernels_enabled says so (CUDA, TRAINER_KERNELS != 0);
-    `use_kernel` True or False overrides that choice.
+    dequantized NF4 weight is not saved) where options.use_kernels says so, with an NF4 base's forward
+    product in e4m3 under options.fp8.
     """
 
-    use_kernel: bool | None = None
-
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
-                 use_rslora: bool = False):
+                 use_rslora: bool = False, options: ModelOptions = DEFAULT_OPTIONS):
         super().__init__()
         assert r >= 1
+        self.options = options
         self.base_layer = base_layer
         for p in base_layer.parameters():
             p.requires_grad_(False)
@@ -85,6 +84,13 @@ class LoRALinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_lora_parameters()
 
+    def rebuilt(self, options: ModelOptions) -> LoRALinear:
+        """This layer built with other options: the same base layer and the same LoRA factors (shared, not
+        copied, so gradients reach this layer's), to run one set of weights down another path."""
+        twin = LoRALinear(self.base_layer, self.r, 1.0, options=options)
+        twin.lora_A, twin.lora_B, twin.lora_dropout, twin.scaling = self.lora_A, self.lora_B, self.lora_dropout, self.scaling
+        return twin
+
     def reset_lora_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
@@ -95,31 +101,32 @@ class LoRALinear(nn.Module):
         # saved, a [tokens x in] tensor per projection, which is the memory the fused path exists to save.
         if not isinstance(self.lora_dropout, nn.Identity):
             return False
-        return kernels_enabled(x) if self.use_kernel is None else self.use_kernel
+        return self.options.use_kernels(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.uses_kernel(x):  # imported here: the kernels module imports Triton (reads TRITON_INTERPRET)
+        if self.uses_kernel(x):  # imported here: importing Triton costs time the CPU-only paths need not pay
             from trainer.kernels.lora_fused import lora_linear
 
-            return lora_linear(x, self.base_layer, self.lora_A.weight, self.lora_B.weight, self.scaling)
+            return lora_linear(x, self.base_layer, self.lora_A.weight, self.lora_B.weight, self.scaling,
+                               fp8=self.options.fp8)
         result = self.base_layer(x)
         delta = lora_delta(x, self.lora_A.weight, self.lora_B.weight, self.scaling, self.lora_dropout)
         return result + delta.to(result.dtype)
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, scaling={self.scaling:g}"
+        return f"r={self.r}, scaling={self.scaling:g}, options={self.options}"
 
 
-def mlp_uses_kernel(x: torch.Tensor, *projections: nn.Module | None) -> bool:
-    """Whether an MLP with these projections (gate, up, down; None for a missing one) should run as one
-    trainer.kernels.lora_fused.lora_mlp call on input x: every LoRALinear among them takes its fused path
-    and every other one is a frozen base linear (with none adapted, ops.kernels_enabled decides)."""
+def mlp_uses_kernel(x: torch.Tensor, options: ModelOptions, *projections: nn.Module | None) -> bool:
+    """Whether an MLP built with `options` and these projections (gate, up, down; None for a missing one)
+    should run as one trainer.kernels.lora_fused.lora_mlp call on input x: every LoRALinear among them takes
+    its fused path and every other one is a frozen base linear (with none adapted, options decide)."""
     present = [m for m in projections if m is not None]
     adapted = [m for m in present if isinstance(m, LoRALinear)]
     if any(not _is_linear(m) or any(p.requires_grad for p in m.parameters())
            for m in present if not isinstance(m, LoRALinear)):
         return False
-    return all(m.uses_kernel(x) for m in adapted) if adapted else kernels_enabled(x)
+    return all(m.uses_kernel(x) for m in adapted) if adapted else options.use_kernels(x)
 
 
 def projections_use_kernel(x: torch.Tensor, *projections: nn.Module) -> bool:
@@ -128,15 +135,11 @@ def projections_use_kernel(x: torch.Tensor, *projections: nn.Module) -> bool:
     return all(isinstance(m, LoRALinear) and m.uses_kernel(x) for m in projections)
 
 
-def use_fp8_products(model: nn.Module) -> int:
-    """Mark the NF4 base layer of every LoRALinear for e4m3 forward products (trainer.kernels.lora_fused
-    reads the mark where its fused paths run; see trainer.kernels.fp8). Returns how many were marked."""
-    marked = 0
-    for module in lora_modules(model).values():
-        if getattr(module.base_layer.weight, "quant_state", None) is not None:
-            module.base_layer.fp8_products = True
-            marked += 1
-    return marked
+def fp8_layers(model: nn.Module) -> int:
+    """How many LoRALinear layers of `model` run their forward base product in e4m3: built with options.fp8
+    over an NF4 base (trainer.kernels.lora_fused.fp8_capable then decides per call)."""
+    return sum(1 for m in lora_modules(model).values()
+               if m.options.fp8 and getattr(m.base_layer.weight, "quant_state", None) is not None)
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -170,11 +173,15 @@ def resolve_target_modules(model: nn.Module, requested: list[str]) -> list[str]:
     return names
 
 
-def apply_lora(model: nn.Module, settings: LoRASettings) -> LoRASettings:
+def apply_lora(model: nn.Module, settings: LoRASettings, options: ModelOptions | None = None) -> LoRASettings:
     """Freeze `model`, wrap the targeted linears in LoRALinear, unfreeze modules_to_save.
 
-    Returns the settings with target_modules as applied (fused names where the model fuses).
+    The LoRA layers are built with `options`; by default the model's own (trainer.models.CausalLM.options),
+    so that they take the paths the decoder around them takes. Returns the settings with target_modules as
+    applied (fused names where the model fuses).
     """
+    if options is None:
+        options = getattr(model, "options", None) or DEFAULT_OPTIONS
     targets = resolve_target_modules(model, settings.target_modules)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -184,7 +191,7 @@ def apply_lora(model: nn.Module, settings: LoRASettings) -> LoRASettings:
             parent_name, _, attr = name.rpartition(".")
             parent = model.get_submodule(parent_name)
             setattr(parent, attr, LoRALinear(module, settings.r, settings.alpha, settings.dropout,
-                                             settings.use_rslora))
+                                             settings.use_rslora, options))
             wrapped.append(name)
     assert wrapped, targets
     for name in modules_to_save_paths(model, settings.modules_to_save):

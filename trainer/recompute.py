@@ -1,4 +1,4 @@
-"""Gradient checkpointing of the decoder layers: off, on (recompute in backward) or offload.
+"""Activation recompute (gradient checkpointing) of the decoder layers: off, on or offload.
 
 `on` keeps each layer's input on the device and recomputes the layer in backward
 (torch.utils.checkpoint, non-reentrant). `offload` also moves each layer's input to pinned
@@ -7,47 +7,19 @@ prefetching the next layer down while the current one recomputes, so only one or
 inputs stay on the GPU. On CPU the copies are plain references and there are no streams, so the
 same code path runs in tests.
 
-Both modes run the recompute inside `recomputing()`. A recomputed layer's outputs are only
+The mode is ModelOptions.recompute, fixed when the decoder is built (trainer/models/decoder.py). Both
+modes run the recompute inside the layer's own `recomputing()`. A recomputed layer's outputs are only
 differentiated (offload) or dropped (torch.utils.checkpoint keeps just the tensors saved for
 backward), never read, so a layer may skip work whose only product is its output value: the decoder's
-fused MLP then leaves out its down projection (trainer/models/decoder.py).
+fused MLP then leaves out its down projection.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
 from torch import nn
-
-MODES = ("off", "on", "offload")
-
-# per thread: the recompute runs inside backward, on the autograd engine's thread for the device
-_state = threading.local()
-
-
-@contextmanager
-def recomputing() -> Iterator[None]:
-    """Mark the enclosed code as a checkpointed layer's recompute (see in_recompute)."""
-    depth = getattr(_state, "depth", 0)
-    _state.depth = depth + 1
-    try:
-        yield
-    finally:
-        _state.depth = depth
-
-
-def in_recompute() -> bool:
-    """Whether this thread is recomputing a checkpointed layer right now: its outputs will not be read."""
-    return getattr(_state, "depth", 0) > 0
-
-
-def recompute_context() -> tuple[Any, Any]:
-    """torch.utils.checkpoint's context_fn: nothing around the forward, recomputing() around the recompute."""
-    return nullcontext(), recomputing()
 
 
 class ActivationOffloader:
@@ -73,6 +45,12 @@ class ActivationOffloader:
         self.static: dict[int, torch.Tensor] = {}
         # the last input copied to a static buffer and its copy's event, until the compute stream waits for it
         self.held: tuple[torch.Tensor, Any] | None = None
+
+    def clear(self) -> None:
+        """Drop every parked and fetched layer input (after a failed step); the static buffers stay."""
+        self.stored.clear()
+        self.fetched.clear()
+        self.held = None
 
     def _side_stream(self, device: torch.device) -> torch.cuda.Stream | None:
         if device.type != "cuda":
@@ -188,14 +166,15 @@ class _OffloadedLayerFunction(torch.autograd.Function):
                 torch.cuda.set_rng_state(ctx.cuda_rng, x.device)
             x = x.detach().requires_grad_(True)
             with torch.enable_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on), \
-                    recomputing():
+                    ctx.layer.recomputing():
                 out = ctx.layer(x, *ctx.args)
             torch.autograd.backward(out, grad_out)
         return (None, None, None, x.grad) + (None,) * len(ctx.args)
 
 
 class OffloadedLayer(nn.Module):
-    """A decoder layer whose input is offloaded in forward and which is recomputed in backward.
+    """A decoder layer whose input is offloaded in forward and which is recomputed in backward, inside the
+    layer's `recomputing()` context.
 
     The wrapped layer's children are registered as this module's own, so parameter names (and
     with them saved adapters) stay those of the plain layer.
@@ -216,24 +195,3 @@ class OffloadedLayer(nn.Module):
             # graph to this layer's trainable parameters
             x = x.detach().requires_grad_(True)
         return _OffloadedLayerFunction.apply(self.layer, self.offloader, self.index, x, *args)
-
-
-def set_gradient_checkpointing(model: nn.Module, mode: str) -> None:
-    """Switch `model` (a trainer CausalLM) to gradient checkpointing mode off, on or offload."""
-    assert mode in MODES, mode
-    decoder = model.model
-    layers = decoder.layers
-    for i, layer in enumerate(layers):
-        if isinstance(layer, OffloadedLayer):
-            layers[i] = layer.layer
-    decoder.gradient_checkpointing = mode == "on"
-    for layer in layers:
-        # A recomputed layer runs its forward again right before its backward, so the fused MLP keeps
-        # gate(x) and up(x) from that forward instead of recomputing them a second time (two matmuls of
-        # [tokens x hidden x intermediate] per layer; it holds them for one layer at a time).
-        layer.mlp.recompute_gate_up = mode == "off"
-    if mode == "offload":
-        offloader = ActivationOffloader()
-        for i, layer in enumerate(layers):
-            layers[i] = OffloadedLayer(layer, i, offloader)
-

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from trainer.options import ModelOptions
+
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -64,14 +66,21 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((a - e).norm() / e.norm().clamp(min=1e-300)).item()
 
 
-def kernels_on() -> str:
-    """The TRAINER_KERNELS value that routes trainer.models.ops to the kernels on device()."""
-    return "1" if torch.cuda.is_available() else "interpret"
+def kernels_on(**options) -> ModelOptions:
+    """Options that run the kernels on device() (under Triton's interpreter on the CPU), with `options` set."""
+    return ModelOptions(kernels="auto" if torch.cuda.is_available() else "interpret", **options)
 
 
-def tiny_decoder(out: Path, family: str, *, lora_dropout: float = 0.0, **config_overrides):
+def kernels_off(**options) -> ModelOptions:
+    """Options that run the plain PyTorch paths on every device, with `options` set."""
+    return ModelOptions(kernels="off", **options)
+
+
+def tiny_decoder(out: Path, family: str, *, lora_dropout: float = 0.0, options: ModelOptions | None = None,
+                 **config_overrides):
     """A tiny `family` CausalLM (hidden 64, 2 layers, vocab 128) in float32 on device() with LoRA (r=4) on
-    every linear, weights spread like tests/trainer/model_fixtures.py so that every switch shows."""
+    every linear, weights spread like tests/trainer/model_fixtures.py so that every switch shows; built with
+    `options` (default: kernels_off()). The weights depend on nothing else: two calls give the same model."""
     import builders
 
     from trainer.lora import LoRASettings, apply_lora, lora_modules
@@ -79,7 +88,7 @@ def tiny_decoder(out: Path, family: str, *, lora_dropout: float = 0.0, **config_
 
     builders.save_tiny_model(out, family, 128, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                              **config_overrides)
-    model = load_model(out, dtype=torch.float32, device=device(), load_in_4bit=False)
+    model = load_model(out, dtype=torch.float32, device=device(), load_in_4bit=False, options=options or kernels_off())
     gemma_norm = family.startswith("gemma")  # (1 + w) norms: weights spread around 0
     torch.manual_seed(0)
     with torch.no_grad():

@@ -24,7 +24,8 @@ from trainer.kernels.fp8 import E4M3, quantize_rows
 from trainer.kernels.lora_fused import _plan, fp8_weight, lora_linear, lora_mlp, lora_projections
 from trainer.kernels.nf4 import dequantize_nf4, row_absmax
 from trainer.kernels.triton_math import e4m3_bits
-from trainer.lora import LoRALinear, LoRASettings, apply_lora, use_fp8_products
+from trainer.lora import LoRALinear, LoRASettings, apply_lora, fp8_layers
+from trainer.options import ModelOptions
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -173,9 +174,8 @@ def lora64(x: torch.Tensor, m: LoRALinear) -> torch.Tensor:
 
 
 def fp8_linear(n_in: int, n_out: int, bias: bool = False) -> LoRALinear:
-    m = adapted(base_linear(n_in, n_out, "nf4", torch.bfloat16, bias=bias))
-    m.base_layer.fp8_products = True
-    return m
+    """A LoRALinear over an NF4 base: the fused functions run its forward product in e4m3 when given fp8=True."""
+    return adapted(base_linear(n_in, n_out, "nf4", torch.bfloat16, bias=bias))
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
@@ -185,12 +185,13 @@ def test_lora_linear_fp8_forward_is_the_e4m3_product_plus_the_lora_term_and_its_
     x = torch.randn(2, 19, 96, device=device()).to(torch.bfloat16).requires_grad_()
     dy = torch.randn(2, 19, 160, device=device()).to(torch.bfloat16)
     with torch.autocast(device().type, dtype=torch.bfloat16):
-        assert _plan(x.dtype, device().type, m.base_layer, m.lora_A.weight).fp8
-        y = lora_linear(x, m.base_layer, m.lora_A.weight, m.lora_B.weight, m.scaling)
+        assert _plan(x.dtype, device().type, m.base_layer, m.lora_A.weight, True).fp8
+        assert not _plan(x.dtype, device().type, m.base_layer, m.lora_A.weight, False).fp8
+        y = lora_linear(x, m.base_layer, m.lora_A.weight, m.lora_B.weight, m.scaling, fp8=True)
     want = fp8_reference(x.detach(), m) + lora64(x.detach(), m)
     assert y.dtype == torch.bfloat16 and relative_error(y, want) < BF16_BOUND
     grads = torch.autograd.grad(y, [x, m.lora_A.weight, m.lora_B.weight], dy)
-    m.base_layer.fp8_products = False  # the bf16 path: its backward is the same computation
+    # the bf16 path: its backward is the same computation
     with torch.autocast(device().type, dtype=torch.bfloat16):
         y16 = lora_linear(x, m.base_layer, m.lora_A.weight, m.lora_B.weight, m.scaling)
     for got, ref in zip(grads, torch.autograd.grad(y16, [x, m.lora_A.weight, m.lora_B.weight], dy), strict=True):
@@ -215,7 +216,7 @@ def test_lora_projections_fp8_quantize_x_once_and_match_each_e4m3_product():
     lf.quantize_rows = counting
     try:
         with torch.autocast(device().type, dtype=torch.bfloat16):
-            ys = lora_projections(x, tuple(mods))
+            ys = lora_projections(x, tuple(mods), fp8=True)
     finally:
         lf.quantize_rows = original
     assert calls == [(37, 96)]
@@ -234,10 +235,8 @@ def test_lora_mlp_fp8_stays_near_the_bf16_path(recompute):
     params = [x] + [p for m in (gate, up, down) for p in (m.lora_A.weight, m.lora_B.weight)]
 
     def run(fp8: bool):
-        for m in (gate, up, down):
-            m.base_layer.fp8_products = fp8
         with torch.autocast(device().type, dtype=torch.bfloat16):
-            y = lora_mlp(x, gate, up, down, "silu", recompute=recompute)
+            y = lora_mlp(x, gate, up, down, "silu", recompute=recompute, fp8=fp8)
         return [y, *torch.autograd.grad(y, params, dy)]
 
     with_fp8, bf16 = run(True), run(False)
@@ -251,14 +250,16 @@ def test_lora_mlp_fp8_stays_near_the_bf16_path(recompute):
         assert 0 < err < 0.1, (name, err)
 
 
-def test_use_fp8_products_marks_only_nf4_bases_and_fp8_needs_4bit_and_no_dropout():
-    lin16 = torch.nn.Sequential(base_linear(32, 32, "linear", torch.bfloat16))
-    nf4 = torch.nn.Sequential(base_linear(32, 32, "nf4", torch.bfloat16), base_linear(32, 16, "nf4", torch.bfloat16))
-    for model, names in ((lin16, ["0"]), (nf4, ["0", "1"])):
+def test_fp8_runs_only_over_nf4_bases_and_needs_4bit_and_no_dropout():
+    def adapted_layers(kind: str, fp8: bool) -> torch.nn.Module:
+        model = torch.nn.Sequential(base_linear(32, 32, kind, torch.bfloat16), base_linear(32, 16, kind, torch.bfloat16))
         model.requires_grad_(False)
-        apply_lora(model, LoRASettings(r=4, alpha=8, target_modules=names))
-    assert use_fp8_products(lin16) == 0 and use_fp8_products(nf4) == 2
-    assert all(m.base_layer.fp8_products for m in nf4)
+        apply_lora(model, LoRASettings(r=4, alpha=8, target_modules=["0", "1"]), ModelOptions(fp8=fp8))
+        return model
+
+    assert fp8_layers(adapted_layers("linear", True)) == 0 and fp8_layers(adapted_layers("nf4", True)) == 2
+    assert fp8_layers(adapted_layers("nf4", False)) == 0
+    assert "fp8=True" in repr(adapted_layers("nf4", True)[0])
     with pytest.raises(ConfigError, match="load_in_4bit"):
         resolve_config(model="m", data="d", out="o", fp8=True, load_in_4bit=False)
     with pytest.raises(ConfigError, match="lora_dropout"):
@@ -268,9 +269,9 @@ def test_use_fp8_products_marks_only_nf4_bases_and_fp8_needs_4bit_and_no_dropout
 
 @pytest.mark.parametrize("checkpointing", ["off", "on", "offload"])
 def test_a_decoder_with_fp8_products_trains_like_the_bf16_one(tmp_path, monkeypatch, checkpointing):
-    """The tiny Llama in NF4 under bf16 autocast, every projection on its fused path: with the bases marked, every
+    """The tiny Llama in NF4 under bf16 autocast, every projection on its fused path: built with fp8, every
     forward product (q/k/v, o, gate/up, down; recomputed ones too) is an e4m3 one, and loss and LoRA gradients
-    stay within FP8's error of the unmarked model's."""
+    stay within FP8's error of the model built without it."""
     import builders
     from test_lora_fused import decoder_loss_and_grads
 
@@ -311,5 +312,5 @@ def test_lora_linear_fp8_full_size(n_in, n_out):
     m = fp8_linear(n_in, n_out)
     x = torch.randn(2, 2048, n_in, device="cuda", dtype=torch.bfloat16)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        y = lora_linear(x, m.base_layer, m.lora_A.weight, m.lora_B.weight, m.scaling)
+        y = lora_linear(x, m.base_layer, m.lora_A.weight, m.lora_B.weight, m.scaling, fp8=True)
     assert relative_error(y, fp8_reference(x, m) + lora64(x, m)) < BF16_BOUND

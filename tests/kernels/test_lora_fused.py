@@ -13,10 +13,17 @@ from pathlib import Path
 import builders
 import pytest
 import torch
-from kernel_checks import assert_close, dequantized_4bit, device, relative_error, seed
+from kernel_checks import (
+    assert_close,
+    dequantized_4bit,
+    device,
+    kernels_off,
+    kernels_on,
+    relative_error,
+    seed,
+)
 from torch import nn
 
-from trainer.checkpointing import set_gradient_checkpointing
 from trainer.data import IGNORE_INDEX
 from trainer.kernels.lora_fused import (
     cached_factor_casts,
@@ -33,11 +40,12 @@ from trainer.lora import (
     LoRALinear,
     LoRASettings,
     apply_lora,
+    fp8_layers,
     lora_modules,
     mlp_uses_kernel,
-    use_fp8_products,
 )
 from trainer.models import load_model, ops
+from trainer.options import DEFAULT_OPTIONS, ModelOptions
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 
@@ -72,12 +80,18 @@ def base_linear(n_in: int, n_out: int, kind: str, dtype: torch.dtype, bias: bool
     return lin if kind == "linear" else nf4_linear(lin, dtype)
 
 
-def adapted(base: nn.Module, r: int = 8, alpha: float = 12.0) -> LoRALinear:
+def adapted(base: nn.Module, r: int = 8, alpha: float = 12.0, options: ModelOptions = DEFAULT_OPTIONS) -> LoRALinear:
     """LoRALinear with B nonzero (a fresh B = 0 would hide every LoRA error in the output)."""
-    m = LoRALinear(base, r, alpha)
+    m = LoRALinear(base, r, alpha, options=options)
     with torch.no_grad():
         m.lora_B.weight.normal_(0, r**-0.5)
     return m
+
+
+def twin(m: nn.Module, options: ModelOptions) -> nn.Module:
+    """A LoRALinear built with `options` over m's base layer and m's own LoRA factors, so gradients reach m's;
+    m itself where it is not a LoRALinear (a frozen base)."""
+    return m.rebuilt(options) if isinstance(m, LoRALinear) else m
 
 
 def weight64(base: nn.Module, rounded_to: torch.dtype | None) -> torch.Tensor:
@@ -132,8 +146,7 @@ def test_lora_linear_matches_float64_and_the_plain_path(lead, bias, kind, mode):
     dy = torch.randn(*lead, 160, device=device())
     params = [x, m.lora_A.weight, m.lora_B.weight]
 
-    m.use_kernel = False
-    plain = run(lambda: m(x), params, dy, autocast)
+    plain_path = run(lambda: twin(m, kernels_off())(x), params, dy, autocast)
     fused = run(lambda: lora_linear(x, m.base_layer, m.lora_A.weight, m.lora_B.weight, m.scaling), params, dy,
                 autocast)
 
@@ -141,7 +154,7 @@ def test_lora_linear_matches_float64_and_the_plain_path(lead, bias, kind, mode):
     m.A64, m.B64 = _r(m.lora_A.weight, autocast), _r(m.lora_B.weight, autocast)
     y64 = linear64(x64, m, autocast)
     ref = [y64.detach(), *torch.autograd.grad(y64, [x64, m.A64, m.B64], dy.double())]
-    check(fused, plain, ref, ["y", "dx", "dA", "dB"], autocast)
+    check(fused, plain_path, ref, ["y", "dx", "dA", "dB"], autocast)
 
 
 @pytest.mark.parametrize("alphas", [(12.0, 12.0, 12.0), (12.0, 5.0, 20.0)], ids=["one-scale", "three-scales"])
@@ -166,9 +179,7 @@ def test_lora_projections_match_float64_and_the_plain_path(bias, kind, mode, alp
         grads = torch.autograd.grad(ys, params, [dy.to(y.dtype) for dy, y in zip(dys, ys)])
         return [y.detach() for y in ys] + list(grads), {type(y.grad_fn).__name__ for y in ys}
 
-    for m in mods:
-        m.use_kernel = False
-    plain, _ = outputs_and_grads(lambda: [m(x) for m in mods])
+    plain_path, _ = outputs_and_grads(lambda: [twin(m, kernels_off())(x) for m in mods])
     fused, nodes = outputs_and_grads(lambda: lora_projections(x, tuple(mods)))
     one_dtype = mode != "fp32+autocast"
     assert nodes == {"LoRAProjectionsFunctionBackward" if one_dtype else "LoRALinearFunctionBackward"}
@@ -180,7 +191,7 @@ def test_lora_projections_match_float64_and_the_plain_path(bias, kind, mode, alp
     leaves = [x64] + [t for m in mods for t in (m.A64, m.B64)]
     ref = [y.detach() for y in ys64] + list(torch.autograd.grad(ys64, leaves, [dy.double() for dy in dys]))
     names = ["q", "k", "v", "dx", "q.A", "q.B", "k.A", "k.B", "v.A", "v.B"]
-    check(fused, plain, ref, names, autocast)
+    check(fused, plain_path, ref, names, autocast)
 
 
 def test_lora_projections_save_x_its_stacked_lora_product_and_the_factors_only():
@@ -265,19 +276,18 @@ def test_dense_weights_of_all_nf4_layers_share_one_workspace():
 
 def test_lora_linear_routes_to_the_fused_function_only_without_dropout():
     x = torch.randn(3, 96, device=device())
-    m = adapted(base_linear(96, 64, "linear", torch.float32))
-    m.use_kernel = True
+    m = adapted(base_linear(96, 64, "linear", torch.float32), options=kernels_on())
     assert m.uses_kernel(x) and type(m(x).grad_fn).__name__ == "LoRALinearFunctionBackward"
-    m.use_kernel = None
-    assert m.uses_kernel(x) == ops.kernels_enabled(x)
-    dropped = LoRALinear(base_linear(96, 64, "linear", torch.float32), 8, 16, dropout=0.1)
-    dropped.use_kernel = True
+    assert not twin(m, kernels_off()).uses_kernel(x) and type(twin(m, kernels_off())(x).grad_fn).__name__ == "AddBackward0"
+    assert twin(m, ModelOptions()).uses_kernel(x) == x.is_cuda  # by default: on CUDA
+    assert repr(kernels_on()) in repr(m)
+    dropped = LoRALinear(base_linear(96, 64, "linear", torch.float32), 8, 16, dropout=0.1, options=kernels_on())
     assert not dropped.uses_kernel(x)
 
 
 @pytest.mark.parametrize("kind", ["linear", "nf4"])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
-def test_fused_q_and_k_projections_are_rotated_in_place_by_rope(monkeypatch, bias, kind):
+def test_fused_q_and_k_projections_are_rotated_in_place_by_rope(bias, kind):
     """lora_linear returns a tensor of its own, not a view (autograd forbids modifying a view a custom
     Function returned), so the RoPE kernel rotates it in place; values and gradients equal LoRALinear's plain
     path followed by the plain rotation."""
@@ -293,13 +303,11 @@ def test_fused_q_and_k_projections_are_rotated_in_place_by_rope(monkeypatch, bia
     dq, dk = torch.randn(2, 7, heads * head_dim, device=device()), torch.randn(2, 7, kv_heads * head_dim, device=device())
     params = [x] + [p for m in (q_proj, k_proj) for p in (m.lora_A.weight, m.lora_B.weight)]
 
-    monkeypatch.setenv("TRAINER_KERNELS", "0")  # the plain rotation (ops.apply_rope without the kernel)
-    q_proj.use_kernel = k_proj.use_kernel = False
-    q_ref, k_ref = ops.apply_rope(q_proj(x), k_proj(x), cos, sin, head_dim)
+    # the plain projections and the plain rotation (ops.apply_rope without the kernel)
+    q_ref, k_ref = ops.apply_rope(twin(q_proj, kernels_off())(x), twin(k_proj, kernels_off())(x), cos, sin, head_dim)
     ref = [q_ref.detach(), k_ref.detach(), *torch.autograd.grad((q_ref, k_ref), params, (dq, dk))]
 
-    q_proj.use_kernel = k_proj.use_kernel = True
-    q, k = q_proj(x), k_proj(x)
+    q, k = twin(q_proj, kernels_on())(x), twin(k_proj, kernels_on())(x)
     assert type(q.grad_fn).__name__ == type(k.grad_fn).__name__ == "LoRALinearFunctionBackward"
     assert rotatable_in_place(q) and rotatable_in_place(k)
     ptrs = q.data_ptr(), k.data_ptr()
@@ -321,6 +329,7 @@ def mlp_modules(kind: str, dtype: torch.dtype, fused_gate_up: bool, adapt_up: bo
 
 
 def plain_mlp(x, gate, up, down, activation):
+    gate, up, down = (None if m is None else twin(m, kernels_off()) for m in (gate, up, down))
     g, u = gate(x).chunk(2, dim=-1) if up is None else (gate(x), up(x))
     return down(ops.gated_activation(g, u, activation))
 
@@ -441,13 +450,12 @@ def test_lora_linear_full_size(n_in, n_out):
     params = [x, m.lora_A.weight, m.lora_B.weight]
     assert m.uses_kernel(x)  # on CUDA by default
     fused = run(lambda: m(x), params, dy, torch.bfloat16)
-    m.use_kernel = False
-    plain = run(lambda: m(x), params, dy, torch.bfloat16)
+    plain_path = run(lambda: twin(m, kernels_off())(x), params, dy, torch.bfloat16)
     x64 = _r(x, None)
     m.A64, m.B64 = _r(m.lora_A.weight, torch.bfloat16), _r(m.lora_B.weight, torch.bfloat16)
     y64 = linear64(x64, m, torch.bfloat16)
     ref = [y64.detach(), *torch.autograd.grad(y64, [x64, m.A64, m.B64], dy.double())]
-    check(fused, plain, ref, ["y", "dx", "dA", "dB"], torch.bfloat16)
+    check(fused, plain_path, ref, ["y", "dx", "dA", "dB"], torch.bfloat16)
 
 
 @pytest.mark.gpu
@@ -459,17 +467,15 @@ def test_lora_mlp_full_size(hidden, inter, activation):
     dy = torch.randn(2, 2048, hidden, device="cuda")
     loras = [gate, up, down]
     params = [x] + [p for m in loras for p in (m.lora_A.weight, m.lora_B.weight)]
-    assert mlp_uses_kernel(x, gate, up, down)
+    assert mlp_uses_kernel(x, DEFAULT_OPTIONS, gate, up, down)
     fused = run(lambda: lora_mlp(x, gate, up, down, activation), params, dy, torch.bfloat16)
-    for m in loras:
-        m.use_kernel = False
-    plain = run(lambda: plain_mlp(x, gate, up, down, activation), params, dy, torch.bfloat16)
+    plain_path = run(lambda: plain_mlp(x, gate, up, down, activation), params, dy, torch.bfloat16)
     x64 = _r(x, None)
     for m in loras:
         m.A64, m.B64 = _r(m.lora_A.weight, torch.bfloat16), _r(m.lora_B.weight, torch.bfloat16)
     y64 = mlp64(x64, gate, up, down, activation, torch.bfloat16)
     ref = [y64.detach(), *torch.autograd.grad(y64, [x64] + [t for m in loras for t in (m.A64, m.B64)], dy.double())]
-    check(fused, plain, ref, ["y", "dx", "gate.A", "gate.B", "up.A", "up.B", "down.A", "down.B"], torch.bfloat16)
+    check(fused, plain_path, ref, ["y", "dx", "gate.A", "gate.B", "up.A", "up.B", "down.A", "down.B"], torch.bfloat16)
 
 
 # --- through the decoder, with gradient checkpointing --------------------------------------------------
@@ -487,19 +493,18 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 def adapted_model(path: Path, *, fused: bool, checkpointing: str, load_in_4bit: bool = False,
                   dtype: torch.dtype = torch.float32, fp8: bool = False) -> nn.Module:
-    """The tiny model at path, weights in dtype, with LoRA r=4 on every linear (B nonzero), every LoRALinear
-    forced onto its fused path (`fused`, the decoder's MLP then runs lora_mlp) or its plain one, in a
-    checkpointing mode; with `fp8` its NF4 bases marked for e4m3 forward products (trainer.lora.use_fp8_products)."""
-    model = load_model(path, dtype=dtype, device=device(), load_in_4bit=load_in_4bit)
+    """The tiny model at path, weights in dtype, with LoRA r=4 on every linear (B nonzero), built with the kernels
+    on (`fused`: every LoRALinear takes its fused path and the decoder's MLP runs lora_mlp) or off, in a
+    recompute mode; with `fp8` its NF4 bases run e4m3 forward products (ModelOptions.fp8)."""
+    options = (kernels_on if fused else kernels_off)(recompute=checkpointing, fp8=fp8)
+    model = load_model(path, dtype=dtype, device=device(), load_in_4bit=load_in_4bit, options=options)
     torch.manual_seed(0)
     apply_lora(model, LoRASettings(r=4, alpha=8))
     with torch.no_grad():
         for m in lora_modules(model).values():
             m.lora_B.weight.normal_(0, 0.05)
-            m.use_kernel = fused
     if fp8:
-        assert use_fp8_products(model) == len(lora_modules(model))
-    set_gradient_checkpointing(model, checkpointing)
+        assert fp8_layers(model) == len(lora_modules(model))
     return model
 
 
@@ -568,10 +573,9 @@ def test_decoder_mlp_runs_lora_mlp_and_its_gradients_equal_the_plain_path(tiny_m
 
 
 def test_mlp_recomputes_gate_up_only_when_the_layers_are_not_recomputed(tiny_models):
-    model = load_model(tiny_models["llama"], dtype=torch.float32, device=device(), load_in_4bit=False)
-    assert [layer.mlp.recompute_gate_up for layer in model.model.layers] == [True, True]
-    for mode, recompute in [("on", False), ("off", True), ("offload", False), ("off", True)]:
-        set_gradient_checkpointing(model, mode)
+    for mode, recompute in [("on", False), ("off", True), ("offload", False)]:
+        model = load_model(tiny_models["llama"], dtype=torch.float32, device=device(), load_in_4bit=False,
+                           options=ModelOptions(recompute=mode))
         assert [layer.mlp.recompute_gate_up for layer in model.model.layers] == [recompute] * 2, mode
 
 

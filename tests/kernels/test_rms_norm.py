@@ -149,13 +149,13 @@ DECODER_CASES = {"llama": {}, "gemma": {}, "gemma2": {"sliding_window": 8}, "qwe
 
 
 @pytest.mark.parametrize("family", DECODER_CASES)
-def test_decoder_loss_and_lora_grads_with_kernels_equal_the_plain_path(tmp_path, monkeypatch, family):
+def test_decoder_loss_and_lora_grads_with_kernels_equal_the_plain_path(tmp_path, family):
     """The whole decoder (fused add + norm, RoPE, the LoRA-fused projections and the other kernels) against
-    TRAINER_KERNELS=0, LoRA on every linear; Qwen3's and Gemma 3's per-head q/k norms run the RMSNorm kernel."""
-    model = tiny_decoder(tmp_path, family, **DECODER_CASES[family])
-    monkeypatch.setenv("TRAINER_KERNELS", "0")
-    ref_loss, ref_grads = loss_and_trainable_grads(model)
-    monkeypatch.setenv("TRAINER_KERNELS", kernels_on())
+    the same model built with kernels off, LoRA on every linear; Qwen3's and Gemma 3's per-head q/k norms run
+    the RMSNorm kernel."""
+    ref_loss, ref_grads = loss_and_trainable_grads(tiny_decoder(tmp_path / "plain", family, **DECODER_CASES[family]))
+    model = tiny_decoder(tmp_path / "kernels", family, options=kernels_on(), **DECODER_CASES[family])
+    assert "kernels='off'" not in repr(model) and repr(kernels_on()) in repr(model)
     mlp_inputs, k_norms = [], []
     model.model.layers[0].mlp.register_forward_pre_hook(lambda m, args: mlp_inputs.append(args[0]))
     if model.spec.qk_norm:

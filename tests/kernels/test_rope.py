@@ -11,7 +11,6 @@ from kernel_checks import (
     tiny_decoder,
 )
 
-from trainer.checkpointing import set_gradient_checkpointing
 from trainer.kernels.rope import apply_rope
 from trainer.models import ops
 
@@ -157,20 +156,17 @@ def test_in_place_rope_trains_with_lora_on_q_and_k_under_checkpointing(tmp_path,
     test_rms_norm.py's decoder test.) With dropout LoRALinear takes its plain path; without, q, k and v run as
     one LoRA-fused Function (trainer/kernels/lora_fused.py, lora_projections), whose outputs must be tensors of
     their own for the rotation to overwrite them."""
-    model = tiny_decoder(tmp_path, "llama", lora_dropout=lora_dropout)
-    monkeypatch.setenv("TRAINER_KERNELS", "0")
-    ref_loss, ref_grads = loss_and_trainable_grads(model)
-    set_gradient_checkpointing(model, mode)
-    monkeypatch.setenv("TRAINER_KERNELS", kernels_on())
+    ref_loss, ref_grads = loss_and_trainable_grads(tiny_decoder(tmp_path / "plain", "llama", lora_dropout=lora_dropout))
+    model = tiny_decoder(tmp_path / "kernels", "llama", lora_dropout=lora_dropout, options=kernels_on(recompute=mode))
     # (the q projection, a copy taken before the rotation, the node that made it), once more per recompute
     import trainer.models.decoder as decoder
 
     projections = []
     real_rope = decoder.apply_rope
 
-    def recording_rope(q, k, *args):
+    def recording_rope(q, k, *args, **kwargs):
         projections.append((q, q.detach().clone(), type(q.grad_fn).__name__))
-        return real_rope(q, k, *args)
+        return real_rope(q, k, *args, **kwargs)
 
     monkeypatch.setattr(decoder, "apply_rope", recording_rope)
     loss, grads = loss_and_trainable_grads(model)

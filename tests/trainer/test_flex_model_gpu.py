@@ -39,8 +39,7 @@ def _packed_batch(seq: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("case", CASES)
-def test_flex_decoder_loss_and_gradients_match_float64(tmp_path, case, dtype, monkeypatch):
-    monkeypatch.delenv("TRAINER_FLEX_ATTENTION", raising=False)
+def test_flex_decoder_loss_and_gradients_match_float64(tmp_path, case, dtype):
     family, overrides = CASES[case]
     # head_dim 64, as real models have; 300 tokens: not a multiple of FlexAttention's 128 block (under one
     # block, at 100 tokens, compiling the backward failed on the H100 and the dense path served)

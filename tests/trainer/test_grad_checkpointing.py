@@ -1,5 +1,5 @@
-"""Gradient checkpointing modes: off, on (recompute) and offload (host-parked inputs) give the same
-loss and the same LoRA gradients; on CPU the offload path runs with plain references instead of copies."""
+"""Recompute (gradient checkpointing) modes: off, on (recompute) and offload (host-parked inputs) give the
+same loss and the same LoRA gradients; on CPU the offload path runs with plain references instead of copies."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import builders
 import pytest
 import torch
 
-from trainer.checkpointing import OffloadedLayer, set_gradient_checkpointing
 from trainer.data import IGNORE_INDEX
 from trainer.lora import LoRASettings, apply_lora, lora_modules
 from trainer.models import load_model
+from trainer.options import ModelOptions
+from trainer.recompute import OffloadedLayer
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +25,13 @@ def tiny(tmp_path_factory) -> Path:
 
 def loss_and_grads(path: Path, mode: str, *, dropout: float, modules_to_save: list[str] = (),
                    autocast: torch.dtype | None = None):
-    model = load_model(path, dtype=torch.float32, device="cpu", load_in_4bit=False)
+    model = load_model(path, dtype=torch.float32, device="cpu", load_in_4bit=False,
+                       options=ModelOptions(recompute=mode))
     torch.manual_seed(0)
     apply_lora(model, LoRASettings(r=4, alpha=8, dropout=dropout, modules_to_save=list(modules_to_save)))
     with torch.no_grad():
         for m in lora_modules(model).values():
             m.lora_B.weight.normal_(0, 0.05)
-    set_gradient_checkpointing(model, mode)
     model.train()
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, 128, (2, 17), generator=g)
@@ -84,13 +85,14 @@ def test_offload_mode_gives_the_embedding_its_gradient_when_it_is_trained(tiny):
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_offload_keeps_parameter_names_and_switching_back_restores_the_plain_layers(tiny):
+def test_offload_keeps_parameter_names_and_the_mode_shows_in_the_model(tiny):
     _, _, model = loss_and_grads(tiny, "offload", dropout=0.0)
     plain = load_model(tiny, dtype=torch.float32, device="cpu", load_in_4bit=False)
     apply_lora(plain, LoRASettings(r=4, alpha=8))
     assert all(isinstance(layer, OffloadedLayer) for layer in model.model.layers)
+    assert model.model.offloader is not None and plain.model.offloader is None
+    assert not any(isinstance(layer, OffloadedLayer) for layer in plain.model.layers)
     assert list(model.state_dict()) == list(plain.state_dict())
-    set_gradient_checkpointing(model, "off")
-    assert not any(isinstance(layer, OffloadedLayer) for layer in model.model.layers)
-    assert not model.model.gradient_checkpointing
-    assert list(model.state_dict()) == list(plain.state_dict())
+    assert "recompute='offload'" in repr(model) and "recompute='off'" in repr(plain)
+    # the LoRA layers were built with the model's options
+    assert all(m.options is model.options for m in lora_modules(model).values())

@@ -14,12 +14,12 @@ import pytest
 import torch
 from model_fixtures import VOCAB, hf_checkpoint
 
-from trainer.checkpointing import set_gradient_checkpointing
 from trainer.data import IGNORE_INDEX, Batch
 from trainer.graphs import MicroBatchGraphs
 from trainer.loop import train_step
-from trainer.lora import LoRASettings, apply_lora, lora_modules, trainable_parameters, use_fp8_products
+from trainer.lora import LoRASettings, apply_lora, fp8_layers, lora_modules, trainable_parameters
 from trainer.models import load_model
+from trainer.options import ModelOptions
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 CUDA = torch.device("cuda") if torch.cuda.is_available() else None
@@ -32,6 +32,8 @@ CASES = {
     "qwen2_nf4_checkpointed_bf16": ("qwen2", True, "on", torch.bfloat16, None),
     "gemma_nf4_checkpointed_bf16": ("gemma", True, "on", torch.bfloat16, None),
     "phi3_nf4_bf16": ("phi3", True, "off", torch.bfloat16, None),
+    "qwen3_nf4_checkpointed_bf16": ("qwen3", True, "on", torch.bfloat16, None),
+    "gemma3_nf4_offload_bf16": ("gemma3_text", True, "offload", torch.bfloat16, 320),
     # both shapes fit the host buffers: both captured, the packed micro-batch uses them eagerly in between
     "llama_nf4_offload_bf16": ("llama", True, "offload", torch.bfloat16, 320),
     # 2 x 160 does not fit: it runs eagerly (fresh pinned copies) between replays of 3 x 97
@@ -63,15 +65,14 @@ def _train(model_dir, four_bit: bool, gc: str, dtype: torch.dtype, steps, graphs
            max_tokens: int | None = None, fp8: bool = False):
     torch.manual_seed(0)
     model = load_model(model_dir, dtype=torch.bfloat16 if dtype == torch.bfloat16 else torch.float32,
-                       device="cuda", load_in_4bit=four_bit)
+                       device="cuda", load_in_4bit=four_bit, options=ModelOptions(recompute=gc, fp8=fp8))
     apply_lora(model, LoRASettings(r=8, alpha=16))
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():  # B != 0: every LoRA product counts from the first step
         for m in lora_modules(model).values():
             m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=gen) * 0.05)
     if fp8:
-        assert use_fp8_products(model) > 0
-    set_gradient_checkpointing(model, gc)
+        assert fp8_layers(model) > 0
     model.train()
     params = trainable_parameters(model)
     start = {n: p.detach().double().cpu() for n, p in model.named_parameters() if p.requires_grad}

@@ -17,7 +17,6 @@ from rich.console import Console
 
 from healer.checkpoint import Checkpoint
 from healer.errors import OutputError
-from trainer.checkpointing import set_gradient_checkpointing
 from trainer.config import TrainConfig
 from trainer.data import (
     IGNORE_INDEX,
@@ -40,6 +39,7 @@ from trainer.loop import (
 )
 from trainer.lora import LoRASettings, apply_lora, lora_modules, trainable_parameters
 from trainer.models import load_model
+from trainer.options import ModelOptions
 from trainer.run_dir import check_out_dir
 
 CPU = torch.device("cpu")
@@ -52,8 +52,9 @@ def tiny(tmp_path_factory) -> Path:
     return out
 
 
-def lora_model(path: Path, seed: int = 0, dropout: float = 0.0):
-    model = load_model(path, dtype=torch.float32, device="cpu", load_in_4bit=False)
+def lora_model(path: Path, seed: int = 0, dropout: float = 0.0, recompute: str = "off"):
+    model = load_model(path, dtype=torch.float32, device="cpu", load_in_4bit=False,
+                       options=ModelOptions(recompute=recompute))
     torch.manual_seed(seed)
     apply_lora(model, LoRASettings(r=4, alpha=8, dropout=dropout))
     with torch.no_grad():
@@ -382,11 +383,9 @@ def test_the_collector_skips_what_was_alive_before_training_and_still_frees_new_
 
 
 def test_reasons_a_model_cannot_be_captured(tiny, tmp_path):
-    model = lora_model(tiny)
-    assert unsupported_reason(model) is None
-    set_gradient_checkpointing(model, "on")
-    assert unsupported_reason(model) is None
-    set_gradient_checkpointing(model, "offload")
+    assert unsupported_reason(lora_model(tiny)) is None
+    assert unsupported_reason(lora_model(tiny, recompute="on")) is None
+    model = lora_model(tiny, recompute="offload")
     # offload is captured into host buffers sized for the largest micro-batch: without that size, no graphs
     assert "offloaded" in unsupported_reason(model)
     assert unsupported_reason(model, max_tokens=2 * 64) is None

@@ -12,6 +12,7 @@ from model_fixtures import VOCAB, hf_checkpoint
 from healer.errors import CheckpointError, HealerError
 from trainer.models import CausalLM, ModelSpec, RopeSpec, UnsupportedModelError, load_model
 from trainer.models.ops import rope_tables
+from trainer.options import ModelOptions
 
 SEQ = 24  # longer than the sliding windows below (8), so windowed and full layers differ
 
@@ -289,13 +290,11 @@ def test_tensor_shape_disagreeing_with_config_is_a_checkpoint_error(tmp_path):
                                                   "sliding_attention", "full_attention", "sliding_attention"]))])
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tmp_path, family, overrides):
     hf_checkpoint(tmp_path, family, **overrides)
-    model: CausalLM = load_model(tmp_path, dtype=torch.float32)
-    model.model.embed_tokens.weight.requires_grad_(True)
     ids, labels = _inputs()
     results = []
-    for enabled in (False, True):
-        model.model.gradient_checkpointing = enabled
-        model.model.embed_tokens.weight.grad = None
+    for recompute in ("off", "on"):
+        model: CausalLM = load_model(tmp_path, dtype=torch.float32, options=ModelOptions(recompute=recompute))
+        model.model.embed_tokens.weight.requires_grad_(True)
         loss = model(ids, labels=labels).loss
         loss.backward()
         results.append((loss.detach(), model.model.embed_tokens.weight.grad.clone()))

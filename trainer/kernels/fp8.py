@@ -7,33 +7,27 @@ transposed, a second e4m3 copy per use: not built). x gets one float32 scale per
 writes it in e4m3 directly, one byte per element where bf16 takes two). The product comes back in bf16
 with both scales applied in the matmul's epilogue.
 
-Measured on the H100 (bench/fp8_matmul.py, 4,096 tokens, the GPU kept busy so the clock is power-capped):
-the e4m3 product alone takes 0.50 ms against bf16's 0.85 for gate/up (14336 x 4096), 0.52 against 0.72 for
-down, 0.18 against 0.23 for q/o, the same for k/v; casting with plain torch ops costs more than that saves,
-hence these one-pass kernels. In a Llama-3-8B training step (graphs + offload) --fp8 gave 13,436 tokens/s
-against 11,369 in bf16 (one H100; bench/README.md).
+Casting with plain torch ops costs more than the e4m3 product saves, hence these one-pass kernels
+(per-product timings: bench/KERNEL_NOTES.md, FP8 forward products; the training step: bench/README.md,
+FP8 forward products).
 
 What it costs in accuracy: e4m3 keeps 3 mantissa bits, so each operand carries up to 1/16 relative
-rounding error (bf16: 1/256). On random Llama-3-8B-sized operands a product's relative error is 3.8%
-against bf16's 0.17% (bench/fp8_matmul.py); through the tiny test decoder the loss moves by 1.5e-4 and
-the LoRA gradients by 5% on average (tests/kernels/test_fp8.py; bf16 against float32 is about 1%).
+rounding error (bf16: 1/256). The measured product and loss errors are in bench/README.md (FP8 forward
+products, accuracy); tests/kernels/test_fp8.py bounds them through the tiny test decoder.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from trainer.kernels.triton_math import E4M3_MAX, e4m3_bits, next_power_of_2
+from trainer.kernels.triton_math import E4M3_MAX, INTERPRETED, e4m3_bits, next_power_of_2
 
-# Triton reads TRITON_INTERPRET when the kernels below are decorated (at import).
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 E4M3 = torch.float8_e4m3fn
-# Rows up to this many columns are read once and kept in registers (Llama-3-8B's down input is 14336 wide:
-# read twice, it took 0.243 ms for 4096 rows on the H100, about 0.7 TB/s); wider ones are read twice.
+# Rows up to this many columns are read once and kept in registers (Llama-3-8B's down input is 14336 wide;
+# read twice, the cast is bandwidth-bound: bench/KERNEL_NOTES.md, FP8 forward products); wider ones are
+# read twice.
 _ONE_PASS_MAX = 16384
 _BLOCK_MAX = 4096  # columns per loop iteration of the two-pass form
 _E4M3_MAX_C = tl.constexpr(E4M3_MAX)  # a jitted function reads a global only as a constexpr
@@ -83,15 +77,15 @@ def quantize_rows(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(x2 in e4m3 scaled per row, the row scales [rows, 1] float32) for a 2-D x2 with unit column stride,
     so that x2 ~ out * scale: the operand and scale_a of torch._scaled_mm."""
     assert x2.dim() == 2 and x2.stride(1) == 1, (x2.shape, x2.stride())
-    assert x2.is_cuda or _INTERPRET, "the Triton kernel needs a GPU (or TRITON_INTERPRET=1 at import)"
+    assert x2.is_cuda or INTERPRETED, "the Triton kernel needs a GPU (or TRITON_INTERPRET=1 at import)"
     n_rows, n_cols = x2.shape
     out = torch.empty((n_rows, n_cols), dtype=E4M3, device=x2.device)
     scale = torch.empty((n_rows, 1), dtype=torch.float32, device=x2.device)
     if n_rows and n_cols:
         one_pass = n_cols <= _ONE_PASS_MAX
         block = next_power_of_2(n_cols) if one_pass else _BLOCK_MAX
-        target = out.view(torch.uint8) if _INTERPRET else out
+        target = out.view(torch.uint8) if INTERPRETED else out
         _quantize_rows[(n_rows,)](x2, target, scale, n_cols, x2.stride(0), out.stride(0), BLOCK=block,
-                                  ONE_PASS=one_pass, BY_BITS=_INTERPRET,
+                                  ONE_PASS=one_pass, BY_BITS=INTERPRETED,
                                   num_warps=16 if block >= 8192 else 8 if block >= 2048 else 4)
     return out, scale

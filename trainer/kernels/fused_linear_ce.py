@@ -105,7 +105,7 @@ def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool
     """acc (+)= a @ b with acc in float32 and a, b in the model dtype, without a float32 copy of a or b.
 
     The first product overwrites acc (beta 0: cuBLAS does not read it), which saves zero-filling and
-    reading a V x H float32 buffer once each (1.4 ms of the Llama 3 8B step on an H100).
+    reading a V x H float32 buffer once each (bench/KERNEL_NOTES.md, fused linear cross-entropy).
     """
     beta = 0.0 if first else 1.0
     if a.dtype == acc.dtype:
@@ -159,8 +159,8 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         # dW sums every chunk's product: a float32 accumulator keeps the sum to one final rounding.
         grad_w = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         # One logits buffer reused by every chunk: allocating per chunk held two at the peak (the next
-        # chunk's product is allocated before the previous buffer is released): 549 MB measured for
-        # Llama 3 8B, where one buffer is 263 MB.
+        # chunk's product is allocated before the previous buffer is released; bench/KERNEL_NOTES.md, fused
+        # linear cross-entropy).
         logits_buf = torch.empty((min(chunk_size, n_rows), weight.shape[0]), dtype=hidden.dtype, device=hidden.device)
         for start in range(0, n_rows, chunk_size):
             end = min(start + chunk_size, n_rows)

@@ -8,7 +8,7 @@ Linear4bit (W then lives in 4 bits and is dequantized when needed):
 
 The small LoRA product is written first and the big matmul accumulates onto it (beta = 1), which reads
 y in its epilogue under its own arithmetic; adding the LoRA term afterwards was a separate memory-bound
-pass over y: 55 us of 723 per gate or up projection at 4096 tokens on the H100 (bench/lora_order.py).
+pass over y (per-projection timings: bench/lora_order.py, bench/KERNEL_NOTES.md).
 Under torch.autocast the float32 factors are cast to the autocast dtype; inside cached_factor_casts
 (trainer.loop.train_step opens it for each optimizer step) once per step instead of once per use.
 
@@ -38,7 +38,7 @@ autocast casts them for the plain matmuls) and A, B get float32 gradients; witho
 base product runs in the base dtype and the LoRA product in float32. An nn.Linear base returns the
 product's dtype; a Linear4bit returns its input's dtype, as bitsandbytes does.
 
-With a base marked by trainer.lora.use_fp8_products (`--fp8`), _Plan.fp8 runs the forward's base product
+With fp8=True (ModelOptions.fp8, `--fp8`) and a base fp8_capable says can, _Plan.fp8 runs the forward's base product
 (and the recompute's) in e4m3 instead (see trainer.kernels.fp8); the LoRA term and bias are added after it,
 since torch._scaled_mm cannot accumulate onto y. In the gated MLP, gate's and up's LoRA terms are instead
 computed on each tile of the activation kernels (tl.dot of the [rows x r] and [r x cols] factor tiles) and
@@ -53,7 +53,6 @@ keeps the plain path when dropout > 0.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -68,11 +67,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from trainer.kernels.fp8 import E4M3, quantize_rows
 from trainer.kernels.gated_act import ACTIVATIONS, act_and_grad, gated_activation, tile_grid
 from trainer.kernels.nf4 import NF4_GPU_BLOCKSIZES, block_scales, dequantize_nf4, row_absmax
-from trainer.kernels.triton_math import E4M3_MAX, cdiv, next_power_of_2
-
-# Triton reads TRITON_INTERPRET when the kernels below are decorated: the in-place kernel runs on CPU
-# tensors only if that was set then.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from trainer.kernels.triton_math import E4M3_MAX, INTERPRETED, cdiv, next_power_of_2
 
 _WORKSPACES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
@@ -113,9 +108,9 @@ def dense_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     if qs is None:
         return w if w.dtype == dtype else _workspace(w.shape, dtype, w.device).copy_(w)
     out = _workspace(qs.shape, dtype, w.device)
-    if (w.is_cuda or _INTERPRET) and qs.quant_type == "nf4" and qs.blocksize in NF4_GPU_BLOCKSIZES:
+    if (w.is_cuda or INTERPRETED) and qs.quant_type == "nf4" and qs.blocksize in NF4_GPU_BLOCKSIZES:
         # One launch instead of bnb's three (nested absmax, + offset, 4-bit), same values bit for bit, in
-        # about half the host time per call (bench/nf4_dequant.py; training is host-bound on the H100).
+        # less host time per call (bench/nf4_dequant.py; bench/README.md, where a step's time goes).
         return dequantize_nf4(w, qs, out)
     args = (w, block_scales(qs), qs.blocksize, qs.quant_type, list(qs.shape), dtype)
     if w.is_cuda:
@@ -130,14 +125,14 @@ def dense_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
 _FP8_SCALES = WeakIdKeyDictionary()
 
 
-def uses_fp8(base: nn.Module) -> bool:
-    """Whether base's forward products may run in e4m3: marked by trainer.lora.use_fp8_products, and an NF4
-    weight that trainer.kernels.nf4 dequantizes (on CUDA, or under the interpreter)."""
+def fp8_capable(base: nn.Module) -> bool:
+    """Whether base's forward products can run in e4m3: an NF4 weight that trainer.kernels.nf4 dequantizes
+    (on CUDA, or under the interpreter)."""
     w = base.weight
     qs = getattr(w, "quant_state", None)
     # cuBLAS's e4m3 products want both sizes of the weight in multiples of 16
-    return (getattr(base, "fp8_products", False) and qs is not None and qs.quant_type == "nf4"
-            and qs.blocksize in NF4_GPU_BLOCKSIZES and (w.is_cuda or _INTERPRET)
+    return (qs is not None and qs.quant_type == "nf4"
+            and qs.blocksize in NF4_GPU_BLOCKSIZES and (w.is_cuda or INTERPRETED)
             and qs.shape[0] % 16 == 0 and qs.shape[1] % 16 == 0)
 
 
@@ -216,11 +211,13 @@ class _Plan:
     lora: torch.dtype
     out: torch.dtype
     x: torch.dtype
-    fp8: bool = False  # the forward's base product in e4m3 (uses_fp8), the backward's in `base`
+    fp8: bool = False  # the forward's base product in e4m3 (fp8_capable), the backward's in `base`
 
 
-def _plan(x_dtype: torch.dtype, device_type: str, base: nn.Module, lora_A: torch.Tensor | None) -> _Plan:
-    """The dtypes the plain path would use for this projection under the caller's autocast state."""
+def _plan(x_dtype: torch.dtype, device_type: str, base: nn.Module, lora_A: torch.Tensor | None,
+          fp8: bool = False) -> _Plan:
+    """The dtypes the plain path would use for this projection under the caller's autocast state; with `fp8`
+    the forward's base product in e4m3 where the base and the dtypes allow it."""
     cast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
     lora = cast or (lora_A.dtype if lora_A is not None else x_dtype)
     if getattr(base.weight, "quant_state", None) is not None:
@@ -229,7 +226,7 @@ def _plan(x_dtype: torch.dtype, device_type: str, base: nn.Module, lora_A: torch
         compute = getattr(base, "compute_dtype", None) or x_dtype
         dtype = cast or compute
         # row-scaled e4m3 products return bf16 only, and the base product must land in that dtype (_project)
-        fp8 = dtype == x_dtype == lora == torch.bfloat16 and uses_fp8(base)
+        fp8 = fp8 and dtype == x_dtype == lora == torch.bfloat16 and fp8_capable(base)
         return _Plan(dtype, lora, x_dtype, x_dtype, fp8)
     if cast is None:
         assert x_dtype == base.weight.dtype, (x_dtype, base.weight.dtype)
@@ -384,14 +381,16 @@ class LoRALinearFunction(torch.autograd.Function):
 
 
 def lora_linear(x: torch.Tensor, base: nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                scaling: float) -> torch.Tensor:
+                scaling: float, *, fp8: bool = False) -> torch.Tensor:
     """base(x) + scaling * x A^T B^T for a frozen nn.Linear or NF4 Linear4bit base (no dropout).
 
     Same values (up to rounding order) and dtypes as trainer.lora.LoRALinear's plain path, with or
-    without autocast; the dequantized base weight is never kept between calls.
+    without autocast; the dequantized base weight is never kept between calls. `fp8`: the forward's base
+    product in e4m3 where fp8_capable(base) and the dtypes are bfloat16.
     """
     assert not any(p.requires_grad for p in base.parameters()), "the base layer must be frozen"
-    return LoRALinearFunction.apply(x, lora_A, lora_B, base, scaling, _plan(x.dtype, x.device.type, base, lora_A))
+    plan = _plan(x.dtype, x.device.type, base, lora_A, fp8)
+    return LoRALinearFunction.apply(x, lora_A, lora_B, base, scaling, plan)
 
 
 class LoRAProjectionsFunction(torch.autograd.Function):
@@ -461,17 +460,18 @@ class LoRAProjectionsFunction(torch.autograd.Function):
         return (dx, None, None, None, *grads)
 
 
-def lora_projections(x: torch.Tensor, modules: tuple[nn.Module, ...]) -> tuple[torch.Tensor, ...]:
+def lora_projections(x: torch.Tensor, modules: tuple[nn.Module, ...], *,
+                     fp8: bool = False) -> tuple[torch.Tensor, ...]:
     """(m(x) for m in modules), LoRALinear's without dropout over frozen bases, as one Function (see
-    LoRAProjectionsFunction) where all run in one dtype, else as one lora_linear each."""
+    LoRAProjectionsFunction) where all run in one dtype, else as one lora_linear each; `fp8` as lora_linear's."""
     projections = [_projection(m) for m in modules]
     for base, A, _, _ in projections:
         assert A is not None, "every projection must be LoRA-adapted"
         assert not any(p.requires_grad for p in base.parameters()), "base layers must be frozen"
-    plans = {_plan(x.dtype, x.device.type, base, A) for base, A, _, _ in projections}
+    plans = {_plan(x.dtype, x.device.type, base, A, fp8) for base, A, _, _ in projections}
     plan = plans.pop() if len(plans) == 1 else None
     if plan is None or not plan.base == plan.out == plan.lora == plan.x:
-        return tuple(lora_linear(x, base, A, B, scale) for base, A, B, scale in projections)
+        return tuple(lora_linear(x, base, A, B, scale, fp8=fp8) for base, A, B, scale in projections)
     return LoRAProjectionsFunction.apply(x, tuple(p[0] for p in projections), tuple(p[3] for p in projections),
                                          plan, *(t for p in projections for t in p[1:3]))
 
@@ -602,7 +602,7 @@ def gated_backward_in_place(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tens
     products only and the LoRA terms are added on the tile, as gated_lora_activation does.
     """
     assert gate.shape == up.shape == dh.shape, (gate.shape, up.shape, dh.shape)
-    assert gate.is_cuda or _INTERPRET, "the Triton kernel needs a GPU (or TRITON_INTERPRET=1 at import)"
+    assert gate.is_cuda or INTERPRETED, "the Triton kernel needs a GPU (or TRITON_INTERPRET=1 at import)"
     n_cols = gate.shape[-1]
     g2, u2, d2 = (t.view(-1, n_cols) for t in (gate, up, dh))  # view, never a copy: the writes must land
     assert g2.stride(1) == u2.stride(1) == d2.stride(1) == 1
@@ -726,7 +726,7 @@ class LoRAMLPFunction(torch.autograd.Function):
 
 
 def lora_mlp(x: torch.Tensor, gate_proj: nn.Module, up_proj: nn.Module | None, down_proj: nn.Module,
-             activation: str, *, recompute: bool = True, output: bool = True) -> torch.Tensor:
+             activation: str, *, recompute: bool = True, output: bool = True, fp8: bool = False) -> torch.Tensor:
     """down_proj(act(gate_proj(x)) * up_proj(x)) as one Function (SwiGLU: silu; GeGLU: gelu_tanh, gelu).
 
     Each projection is a LoRALinear without dropout or a frozen base linear (nn.Linear or Linear4bit);
@@ -734,19 +734,19 @@ def lora_mlp(x: torch.Tensor, gate_proj: nn.Module, up_proj: nn.Module | None, d
     `recompute` the backward recomputes gate(x) and up(x) instead of keeping them from the forward.
     With `output` False the down product is not computed and the returned tensor's values are undefined
     (uninitialized memory): for a checkpointed layer's recompute, whose outputs autograd only
-    differentiates, never reads. The backward is the same either way: it needs no output value.
-    Needs CUDA (or TRITON_INTERPRET=1) for the in-place activation backward.
+    differentiates, never reads. The backward is the same either way: it needs no output value. `fp8`: the
+    forward's base products in e4m3 as in lora_linear. Needs CUDA (or TRITON_INTERPRET=1) for the in-place activation backward.
     """
     assert activation in ACTIVATIONS, activation
-    assert x.is_cuda or _INTERPRET, "the Triton kernels need a GPU (or TRITON_INTERPRET=1 at import)"
+    assert x.is_cuda or INTERPRETED, "the Triton kernels need a GPU (or TRITON_INTERPRET=1 at import)"
     modules = (gate_proj, down_proj) if up_proj is None else (gate_proj, up_proj, down_proj)
     projections = [_projection(m) for m in modules]
     for base, *_ in projections:
         assert not any(p.requires_grad for p in base.parameters()), "base layers must be frozen"
     device_type = x.device.type
-    plans = [_plan(x.dtype, device_type, base, A) for base, A, _, _ in projections[:-1]]
+    plans = [_plan(x.dtype, device_type, base, A, fp8) for base, A, _, _ in projections[:-1]]
     h_dtype = plans[0].out if up_proj is None else torch.promote_types(plans[0].out, plans[1].out)
-    plans.append(_plan(h_dtype, device_type, projections[-1][0], projections[-1][1]))
+    plans.append(_plan(h_dtype, device_type, projections[-1][0], projections[-1][1], fp8))
     return LoRAMLPFunction.apply(x, activation, recompute, output, tuple(p[0] for p in projections),
                                  tuple(p[3] for p in projections), tuple(plans),
                                  *(t for p in projections for t in p[1:3]))

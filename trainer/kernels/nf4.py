@@ -28,25 +28,19 @@ Under TRITON_INTERPRET=1 a float32 -> bfloat16 cast truncates (numpy has no bflo
 kernel rounds to nearest even with integer operations on the float32 bits and stores the 16-bit
 pattern; on a GPU it uses the hardware conversion, which rounds to nearest even.
 
-On the H100 (bench/nf4_dequant.py) a 14336 x 4096 weight takes 56 us of GPU time against 79 us for bnb's
-three steps. The host time matters as much: a training step makes about 2,300 of these calls, and the
+It takes less GPU time than bnb's three steps (bench/nf4_dequant.py). The host time matters as much: a training step makes about 2,300 of these calls, and the
 step is partly host-bound. So the arguments of each weight's launch are worked out and checked once and
 kept (keyed weakly by the weight, so they go with it); a call then costs the Triton launch itself.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch.utils.weak import WeakIdKeyDictionary
 
-from trainer.kernels.triton_math import cdiv, e4m3_bits
-
-# Triton reads TRITON_INTERPRET when the kernel below is decorated (at import).
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from trainer.kernels.triton_math import INTERPRETED, cdiv, e4m3_bits
 
 _ELEMENTS = 4096  # output elements per program (a power of two)
 _WARPS = 4
@@ -176,7 +170,7 @@ def _launch(weight: torch.Tensor, quant_state, out: torch.Tensor, row_scale: tor
     assert tuple(out.shape) == tuple(qs.shape), (tuple(out.shape), tuple(qs.shape))
     assert out.is_contiguous() and weight.is_contiguous()
     assert weight.device == out.device, (weight.device, out.device)
-    assert weight.is_cuda or _INTERPRET, "the Triton kernel needs a GPU (or TRITON_INTERPRET=1 at import)"
+    assert weight.is_cuda or INTERPRETED, "the Triton kernel needs a GPU (or TRITON_INTERPRET=1 at import)"
     assert elements_per_program & (elements_per_program - 1) == 0, elements_per_program
     packed = weight if weight.dtype == torch.uint8 else weight.view(torch.uint8)  # any quant_storage dtype
     n = out.numel()
@@ -208,6 +202,6 @@ def _launch(weight: torch.Tensor, quant_state, out: torch.Tensor, row_scale: tor
     rows = max(1, elements_per_program // qs.blocksize)
     args = (*args, code if row_scale is None else row_scale)  # placeholder: ROW_SCALED=False never reads it
     meta = dict(BLOCKSIZE=qs.blocksize, BLOCKSIZE2=blocksize2, ROWS=rows, NESTED=qs.nested,
-                ROW_SCALED=row_scale is not None, BF16_BY_BITS=_INTERPRET and out.dtype == torch.bfloat16,
-                E4M3_BY_BITS=_INTERPRET and e4m3, num_warps=num_warps, enable_fp_fusion=False)
+                ROW_SCALED=row_scale is not None, BF16_BY_BITS=INTERPRETED and out.dtype == torch.bfloat16,
+                E4M3_BY_BITS=INTERPRETED and e4m3, num_warps=num_warps, enable_fp_fusion=False)
     return (cdiv(n_blocks, rows),), args, (n, n_blocks, qs.shape[-1]), meta

@@ -3,6 +3,10 @@
 import triton
 import triton.language as tl
 
+# Whether Triton runs kernels in its interpreter (TRITON_INTERPRET=1), as Triton decides it when a kernel is
+# decorated: the one place the kernel modules learn it (their interpreter-only branches and CPU asserts).
+INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
+
 
 @triton.jit
 def tanh(x):
@@ -18,7 +22,7 @@ def tanh(x):
 
 
 # Host-side launch arithmetic. triton.cdiv and triton.next_power_of_2 are jit-wrapped in Triton 3.x
-# and cost ~6 us a call on the host; a training step makes thousands of launches, and its GPU waits
+# and cost microseconds a call on the host; a training step makes thousands of launches, and its GPU waits
 # on the host (bench/profile_step.py), so the launch wrappers use these plain versions.
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for positive integers."""

@@ -4,18 +4,20 @@ in the order data flows.
 Module and parameter names mirror transformers' (model.embed_tokens, model.layers.N.self_attn.q_proj,
 ..., model.norm, lm_head), so HF safetensors keys and PEFT adapter keys map 1:1. Every linear LoRA
 may target is a plain nn.Linear attribute (a bitsandbytes Linear4bit when loaded in 4-bit), so
-LoRA wraps it by name. The math lives in ops.py, where kernels replace it.
+LoRA wraps it by name. The math lives in ops.py, where kernels replace it. Which paths run (kernels,
+FlexAttention, FP8, recompute) is the ModelOptions each module is built with; print(model) shows it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from trainer.checkpointing import in_recompute, recompute_context
 from trainer.models.ops import (
     AttentionShape,
     LayerMask,
@@ -24,9 +26,7 @@ from trainer.models.ops import (
     attention,
     causal_lm_loss,
     document_ids,
-    flex_attention_enabled,
     gated_activation,
-    kernels_enabled,
     layer_masks,
     logit_softcap,
     rms_norm,
@@ -34,6 +34,8 @@ from trainer.models.ops import (
     shift_targets,
 )
 from trainer.models.spec import ModelSpec, RopeSpec
+from trainer.options import DEFAULT_OPTIONS, ModelOptions
+from trainer.recompute import ActivationOffloader, OffloadedLayer
 
 
 @dataclass
@@ -47,17 +49,17 @@ class CausalLMOutput:
 class RMSNorm(nn.Module):
     """y = x / rms(x) * (offset + weight); Gemma stores w with offset 1, so its weights start at 0."""
 
-    def __init__(self, dim: int, eps: float, offset: float = 0.0):
+    def __init__(self, dim: int, eps: float, offset: float = 0.0, options: ModelOptions = DEFAULT_OPTIONS):
         super().__init__()
-        self.eps, self.offset = eps, offset
+        self.eps, self.offset, self.options = eps, offset, options
         self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps, self.offset)
+        return rms_norm(x, self.weight, self.eps, self.offset, kernel=self.options.use_kernels(x))
 
     def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x + residual, its norm) in one pass: the residual stream and the next block's normed input."""
-        return add_rms_norm(x, residual, self.weight, self.eps, self.offset)
+        return add_rms_norm(x, residual, self.weight, self.eps, self.offset, kernel=self.options.use_kernels(x))
 
 
 class RotaryEmbedding(nn.Module):
@@ -85,9 +87,9 @@ class Attention(nn.Module):
     With `spec.qk_norm` (Qwen3, Gemma 3) each head of q and of k is RMS-normed over head_dim before RoPE.
     """
 
-    def __init__(self, spec: ModelSpec, layer_idx: int):
+    def __init__(self, spec: ModelSpec, layer_idx: int, options: ModelOptions = DEFAULT_OPTIONS):
         super().__init__()
-        self.spec = spec
+        self.spec, self.options = spec, options
         h, kv, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
         if spec.fused_qkv:
             # Phi-3 keeps q, k, v in one matrix. We keep it fused (LoRA wraps qkv_proj) so that module
@@ -100,8 +102,8 @@ class Attention(nn.Module):
             self.v_proj = nn.Linear(spec.hidden_size, kv * d, bias=spec.qkv_bias)
         self.o_proj = nn.Linear(h * d, spec.hidden_size, bias=spec.o_bias)
         if spec.qk_norm:
-            self.q_norm = RMSNorm(d, spec.rms_norm_eps, spec.norm_offset)
-            self.k_norm = RMSNorm(d, spec.rms_norm_eps, spec.norm_offset)
+            self.q_norm = RMSNorm(d, spec.rms_norm_eps, spec.norm_offset, options)
+            self.k_norm = RMSNorm(d, spec.rms_norm_eps, spec.norm_offset, options)
         self.sliding_window = spec.sliding_windows[layer_idx]
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -118,7 +120,7 @@ class Attention(nn.Module):
             k = self.k_norm(k.unflatten(-1, (s.num_kv_heads, s.head_dim))).flatten(-2)
         # Rotated while still the projections' own [B, T, H * D] tensors, so the kernel can work in place
         # (Phi-3's split q, k are views of qkv and are rotated out of place: see kernels/rope.py).
-        q, k = apply_rope(q, k, cos, sin, s.head_dim)
+        q, k = apply_rope(q, k, cos, sin, s.head_dim, kernel=self.options.use_kernels(q))
         q = q.view(b, t, s.num_heads, s.head_dim).transpose(1, 2)
         k = k.view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)
         v = v.view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)
@@ -131,10 +133,10 @@ class Attention(nn.Module):
 
         if projections_use_kernel(x, self.q_proj, self.k_proj, self.v_proj):
             # one Function for the three: x read once for their LoRA-A products, one input gradient
-            # (imported here: the kernels module imports Triton, which reads TRITON_INTERPRET)
+            # (imported here: importing Triton costs time the CPU-only paths need not pay)
             from trainer.kernels.lora_fused import lora_projections
 
-            return lora_projections(x, (self.q_proj, self.k_proj, self.v_proj))
+            return lora_projections(x, (self.q_proj, self.k_proj, self.v_proj), fp8=self.options.fp8)
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
 
@@ -144,14 +146,15 @@ class MLP(nn.Module):
     Where trainer.lora.mlp_uses_kernel allows (CUDA, LoRA without dropout or frozen bases), the whole block
     runs as one trainer.kernels.lora_fused.lora_mlp call, which keeps only x and the LoRA factors for
     backward. `recompute_gate_up` tells it whether its backward recomputes gate(x) and up(x) (True: without
-    gradient checkpointing, where every layer's activations wait for backward) or keeps them (False:
-    set by trainer.checkpointing when the layer itself is recomputed right before its backward).
+    layer recompute, where every layer's activations wait for backward) or keeps them (False: with
+    options.recompute on or offload, where the layer itself runs again right before its backward, so the
+    fused MLP keeps gate(x) and up(x) from that run, for one layer at a time, instead of two more matmuls).
     """
 
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, options: ModelOptions = DEFAULT_OPTIONS):
         super().__init__()
-        self.activation, self.fused = spec.activation, spec.fused_gate_up
-        self.recompute_gate_up = True
+        self.activation, self.fused, self.options = spec.activation, spec.fused_gate_up, options
+        self.recompute_gate_up = options.recompute == "off"
         hidden, inter = spec.hidden_size, spec.intermediate_size
         if spec.fused_gate_up:  # Phi-3; fused for the same reason as qkv_proj
             self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=spec.mlp_bias)
@@ -167,27 +170,27 @@ class MLP(nn.Module):
         from trainer.lora import mlp_uses_kernel
 
         gate_proj, up_proj = (self.gate_up_proj, None) if self.fused else (self.gate_proj, self.up_proj)
-        if mlp_uses_kernel(x, gate_proj, up_proj, self.down_proj):
-            from trainer.kernels.lora_fused import lora_mlp  # imports Triton, which reads TRITON_INTERPRET
+        if mlp_uses_kernel(x, self.options, gate_proj, up_proj, self.down_proj):
+            from trainer.kernels.lora_fused import lora_mlp  # imported here: importing Triton takes time
 
             return lora_mlp(x, gate_proj, up_proj, self.down_proj, self.activation,
-                            recompute=self.recompute_gate_up, output=output)
+                            recompute=self.recompute_gate_up, output=output, fp8=self.options.fp8)
         if self.fused:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(gated_activation(gate, up, self.activation))
+        return self.down_proj(gated_activation(gate, up, self.activation, kernel=self.options.use_kernels(gate)))
 
 
 class DecoderLayer(nn.Module):
     """Pre-norm residual block; Gemma 2 and 3 also norm the attention and MLP outputs ("sandwich")."""
 
-    def __init__(self, spec: ModelSpec, layer_idx: int):
+    def __init__(self, spec: ModelSpec, layer_idx: int, options: ModelOptions = DEFAULT_OPTIONS):
         super().__init__()
         self.sandwich = spec.sandwich_norms
-        norm = lambda: RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_offset)  # noqa: E731
+        norm = lambda: RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_offset, options)  # noqa: E731
         self.input_layernorm = norm()
-        self.self_attn = Attention(spec, layer_idx)
+        self.self_attn = Attention(spec, layer_idx, options)
         # The names follow the checkpoints: in Llama-style models post_attention_layernorm is the norm
         # *before* the MLP; in Gemma 2 and 3 it norms the attention output and pre_feedforward_layernorm
         # comes before the MLP.
@@ -195,13 +198,29 @@ class DecoderLayer(nn.Module):
         if self.sandwich:
             self.pre_feedforward_layernorm = norm()
             self.post_feedforward_layernorm = norm()
-        self.mlp = MLP(spec)
+        self.mlp = MLP(spec, options)
+        # True while this layer runs again in backward (options.recompute on or offload): its output is
+        # then not read, only differentiated or dropped
+        self.in_recompute = False
+
+    @contextmanager
+    def recomputing(self) -> Iterator[None]:
+        """Mark the enclosed forward as this layer's recompute (trainer.recompute and torch's checkpoint)."""
+        self.in_recompute = True
+        try:
+            yield
+        finally:
+            self.in_recompute = False
+
+    def recompute_context(self) -> tuple[AbstractContextManager, AbstractContextManager]:
+        """torch.utils.checkpoint's context_fn: nothing around the forward, recomputing() around the recompute."""
+        return nullcontext(), self.recomputing()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: LayerMask) -> torch.Tensor:
         h = self.self_attn(self.input_layernorm(x), cos, sin, mask)
         # The residual add is fused with the norm that follows it inside the layer. The layer's last add
-        # is not fused with the next layer's input norm: checkpointing (trainer/checkpointing.py) keeps
+        # is not fused with the next layer's input norm: recompute (trainer/recompute.py) keeps
         # whole layers, and their boundary falls between the two.
         if self.sandwich:
             x, h = self.pre_feedforward_layernorm.forward_add(x, self.post_attention_layernorm(h))
@@ -210,22 +229,26 @@ class DecoderLayer(nn.Module):
         # In a recompute nothing reads this sum (the add saves nothing for backward), so the MLP may skip
         # its down product: a [tokens x intermediate x hidden] matmul, a third of the MLP's, per layer.
         # Not in Gemma 2/3 above: its post-MLP norm saves the MLP output for its backward.
-        return x + self.mlp(h, output=not in_recompute())
+        return x + self.mlp(h, output=not self.in_recompute)
 
 
 class Decoder(nn.Module):
     """Embeddings, layers, final norm: transformers' `model` submodule."""
 
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, options: ModelOptions = DEFAULT_OPTIONS):
         super().__init__()
-        self.spec = spec
+        self.spec, self.options = spec, options
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size, padding_idx=spec.pad_token_id)
         self.rotary_emb = RotaryEmbedding(spec.rope)
         if spec.local_rope is not None:  # Gemma 3's sliding-window layers rotate with their own base
             self.local_rotary_emb = RotaryEmbedding(spec.local_rope)
-        self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_layers))
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_offset)
-        self.gradient_checkpointing = False
+        layers = [DecoderLayer(spec, i, options) for i in range(spec.num_layers)]
+        # offload: each layer's input is parked in host memory by this one offloader (trainer.recompute)
+        self.offloader = ActivationOffloader() if options.recompute == "offload" else None
+        if self.offloader is not None:
+            layers = [OffloadedLayer(layer, i, self.offloader) for i, layer in enumerate(layers)]
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_offset, options)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
@@ -241,7 +264,7 @@ class Decoder(nn.Module):
         s = self.spec
         tables = self.rotary_emb(position_ids)
         local_tables = self.local_rotary_emb(position_ids) if s.local_rope is not None else tables
-        flex = flex_attention_enabled(input_ids)
+        flex = self.options.use_flex_attention(input_ids)
         check = None
         if flex:  # q, k, v come out of the projections in the autocast dtype when autocast is on
             dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else h.dtype
@@ -256,8 +279,8 @@ class Decoder(nn.Module):
             # record_shapes, which converts autograd.Function arguments (checkpoint's) to IValues
             mask = masks[layer.self_attn.sliding_window]
             cos, sin = tables if layer.self_attn.sliding_window is None else local_tables
-            if self.gradient_checkpointing and self.training:
-                h = checkpoint(layer, h, cos, sin, mask, use_reentrant=False, context_fn=recompute_context,
+            if self.options.recompute == "on" and self.training:
+                h = checkpoint(layer, h, cos, sin, mask, use_reentrant=False, context_fn=layer.recompute_context,
                                preserve_rng_state=keep_rng)
             else:
                 h = layer(h, cos, sin, mask)
@@ -267,13 +290,16 @@ class Decoder(nn.Module):
 class CausalLM(nn.Module):
     """The decoder plus lm_head: transformers' *ForCausalLM, trimmed to training."""
 
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, options: ModelOptions = DEFAULT_OPTIONS):
         super().__init__()
-        self.spec = spec
-        self.model = Decoder(spec)
+        self.spec, self.options = spec, options
+        self.model = Decoder(spec, options)
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if spec.tie_word_embeddings:
             self.tie_weights()
+
+    def extra_repr(self) -> str:
+        return f"options={self.options}"
 
     def tie_weights(self) -> None:
         """Share the embedding matrix with lm_head (call again after replacing either)."""
@@ -294,7 +320,7 @@ class CausalLM(nn.Module):
             if not bool((documents[:, -1] != 0).any()):  # one document per row: plain causal (flash) path
                 documents = None
         hidden = self.model(input_ids, position_ids, documents)
-        if labels is not None and kernels_enabled(hidden) and type(self.lm_head) is nn.Linear \
+        if labels is not None and self.options.use_kernels(hidden) and type(self.lm_head) is nn.Linear \
                 and self.lm_head.bias is None:
             # chunked loss: the [tokens x vocab] logits are never materialized (none are returned)
             from trainer.kernels import fused_linear_cross_entropy

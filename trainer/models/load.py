@@ -11,11 +11,12 @@ from healer.checkpoint import Checkpoint
 from healer.errors import CheckpointError
 from trainer.models.decoder import CausalLM, RotaryEmbedding
 from trainer.models.spec import ModelSpec
+from trainer.options import DEFAULT_OPTIONS, ModelOptions
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
-               load_in_4bit: bool = False) -> CausalLM:
-    """Build the decoder for `path`'s config.json and fill it from its safetensors.
+               load_in_4bit: bool = False, options: ModelOptions = DEFAULT_OPTIONS) -> CausalLM:
+    """Build the decoder for `path`'s config.json, with `options`, and fill it from its safetensors.
 
     Tensors are read one at a time and placed on `device` in `dtype`. With `load_in_4bit` every
     linear in `spec.linear_names` becomes a bitsandbytes Linear4bit quantized to NF4 with double
@@ -29,7 +30,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
         raise type(e)(f"{ckpt.path}: {e}") from None
     device = torch.device(device)
     with torch.device("meta"):  # shapes only; each tensor is materialized from the checkpoint below
-        model = CausalLM(spec)
+        model = CausalLM(spec, options)
     if load_in_4bit:
         _use_4bit_linears(model, dtype)
     for name, param in list(model.named_parameters()):  # a tied lm_head is listed once, as embed_tokens

@@ -8,7 +8,6 @@ here too, so a FlexAttention/varlen path can replace `attention_mask` + `attenti
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -22,26 +21,16 @@ IGNORE_INDEX = -100
 LayerMask = torch.Tensor | BlockMask | None
 
 
-def kernels_enabled(t: torch.Tensor) -> bool:
-    """Triton kernels replace the plain paths on CUDA (TRAINER_KERNELS=0 turns them off to compare).
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0, *,
+             kernel: bool = False) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * (offset + weight), in float32, returned in x's dtype (Gemma: offset=1).
 
-    TRAINER_KERNELS=interpret runs them on any device, the CPU included, for tests under
-    TRITON_INTERPRET=1 (which must be set before triton is first imported).
-    """
-    mode = os.environ.get("TRAINER_KERNELS", "1")
-    if mode == "interpret" and not t.is_cuda:
-        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-        assert interpreted, "TRAINER_KERNELS=interpret on CPU needs TRITON_INTERPRET=1"
-        return True
-    return t.is_cuda and mode != "0"
+    kernel=True runs trainer.kernels' Triton version (ModelOptions.use_kernels decides), as do the other
+    functions here that take `kernel`."""
+    if kernel:  # imported lazily: importing Triton costs time the CPU-only paths need not pay
+        from trainer.kernels import rms_norm as triton_version
 
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
-    """x / sqrt(mean(x^2) + eps) * (offset + weight), in float32, returned in x's dtype (Gemma: offset=1)."""
-    if kernels_enabled(x):  # imported lazily: Triton reads TRITON_INTERPRET at import
-        from trainer.kernels import rms_norm as kernel
-
-        return kernel(x, weight, eps, offset)
+        return triton_version(x, weight, eps, offset)
     # One rounding at the end: Llama's transformers code rounds the normalized x to bf16 before the
     # weight multiply; computing both in float32 is at least as accurate and is what a kernel does.
     xf = x.float()
@@ -50,12 +39,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                 offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                 offset: float = 0.0, *, kernel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, rms_norm(s)) with s = x + residual: the residual stream and the next norm's output."""
-    if kernels_enabled(x):
-        from trainer.kernels import add_rms_norm as kernel
+    if kernel:
+        from trainer.kernels import add_rms_norm as triton_version
 
-        return kernel(x, residual, weight, eps, offset)
+        return triton_version(x, residual, weight, eps, offset)
     s = x + residual
     return s, rms_norm(s, weight, eps, offset)
 
@@ -72,16 +61,16 @@ def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor,
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+               head_dim: int, *, kernel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate the projection outputs q [B, T, H * head_dim] and k [B, T, KV * head_dim] (the first
     cos.shape[-1] dims of each head; rotate-half pairing); cos/sin [B|1, T, rotated dims].
 
     The kernel rotates q and k in place where it can: use the returned tensors, not the arguments.
     """
-    if kernels_enabled(q):
-        from trainer.kernels import apply_rope as kernel
+    if kernel:
+        from trainer.kernels import apply_rope as triton_version
 
-        return kernel(q, k, cos, sin, head_dim)
+        return triton_version(q, k, cos, sin, head_dim)
     cos, sin = cos[:, :, None], sin[:, :, None]  # broadcast over heads
     return _rotate(q, cos, sin, head_dim), _rotate(k, cos, sin, head_dim)
 
@@ -96,12 +85,12 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int
     return out.flatten(-2)
 
 
-def gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+def gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str, *, kernel: bool = False) -> torch.Tensor:
     """act(gate) * up: SwiGLU (silu) or GeGLU (gelu_tanh, or exact gelu)."""
-    if kernels_enabled(gate):
-        from trainer.kernels import gated_activation as kernel
+    if kernel:
+        from trainer.kernels import gated_activation as triton_version
 
-        return kernel(gate, up, activation)
+        return triton_version(gate, up, activation)
     if activation == "silu":
         return F.silu(gate) * up
     if activation == "gelu_tanh":
@@ -154,18 +143,6 @@ def block_mask(documents: torch.Tensor | None, seq_len: int, sliding_window: int
     # Compiled, the mask is built block by block; eager, it materializes [B, T, T] once.
     return create_block_mask(mask_mod, batch, None, seq_len, seq_len, device=device,
                              _compile=torch.device(device).type == "cuda")
-
-
-def flex_attention_enabled(t: torch.Tensor) -> bool:
-    """FlexAttention for dense masks and softcapped scores: on by default on CUDA.
-
-    Measured on the H100 (bench/attention.py): 3-9x faster than the dense-mask / eager-softcap path
-    and a fraction of its memory. TRAINER_FLEX_ATTENTION=0 (or TRAINER_KERNELS=0) keeps the dense
-    path. Never on the CPU, where FlexAttention has no backward. A shape whose compilation fails
-    falls back to the dense path (see `flex_compiles`).
-    """
-    return (t.is_cuda and os.environ.get("TRAINER_FLEX_ATTENTION", "1") != "0"
-            and os.environ.get("TRAINER_KERNELS", "1") != "0")
 
 
 @dataclass(frozen=True)
