@@ -168,7 +168,7 @@ def _impls(plain: Callable, triton_fn: Callable, compile_too: bool,
 
 def bench_shape(name: str, tokens: int, compile_too: bool, rows: list[Row], only: set[str]) -> None:
     s = SHAPES[name]
-    dev, b = "cuda", 2  # batch 2 x (tokens / 2), the 2 x 2048
+    dev, b = "cuda", 2  # batch 2 x (tokens / 2): the training benchmark's 2 x 2048
     t = tokens // b
     esize = torch.finfo(DTYPE).bits // 8
 

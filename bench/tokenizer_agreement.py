@@ -3,7 +3,7 @@
 For each sentencepiece model: agreement (ids and decode round trip) of transformers' own
 conversion and of ours on the built-in corpus, llama.cpp's test strings and 10,000 fuzz strings;
 conversion time of both; verification time of ours over corpus + 10,000 fuzz strings (the
-issue's goal: under 5 s). CPU only; run from the repository root:
+goal: under 5 s). CPU only; run from the repository root:
 
     python bench/tokenizer_agreement.py [MODEL ...]
 """
