@@ -260,7 +260,7 @@ def print_table(meta: dict, results: dict) -> None:
     if agreement:
         steps = min(len(r["losses"]) for r in results.values() if r.get("losses"))
         print(f"\nlargest relative loss difference over {steps} steps "
-              "(issue 8: within 0.5% of plain PyTorch, 1% of HF)")
+              "(targets: within 0.5% of plain PyTorch, 1% of HF)")
         for name, refs in agreement.items():
             print(f"{name:<{w}}" + "   ".join(f"vs {ref}: {d:.3%}" for ref, d in refs.items()))
 
@@ -390,7 +390,7 @@ def main() -> None:
                     "49152, 65536, 98304, 131072, then every 32768 up to --max-seq-limit")
     ap.add_argument("--time-budget", type=float, default=300.0, help="seconds per variant for the search")
     ap.add_argument("--peak-tflops", type=float, default=785.0,
-                    help="bf16 matmul ceiling per GPU for MFU (785: measured on the H100, issue 8)")
+                    help="bf16 matmul ceiling per GPU for MFU (785: measured on the H100)")
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.max_seq and args.gpus > 1:
