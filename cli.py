@@ -97,7 +97,7 @@ def demo(out: Path, steps: int | None, device: str, size: str) -> None:
     Builds a small Llama checkpoint with planted defects, repairs it, fine-tunes it with QLoRA on a
     generated chat dataset, exports merged safetensors and GGUF, and compares answers before and after.
     """
-    from healer.demo import run_demo
+    from export.demo import run_demo
 
     run_demo(out, steps=steps, device=device, size=size, console=_console())
 

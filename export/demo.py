@@ -6,6 +6,9 @@ GGUF q8_0 -> the answers of the model before and after training to questions hel
 dataset. Each step calls the public function its command wraps and prints that command, so the
 output doubles as a walk through the CLI. `run_demo` returns what it made and measured, and
 writes the same as JSON into OUT/healer-demo.json.
+
+It lives in export, the package on top (export imports trainer and healer): the demo uses all three,
+and healer, the shared core, imports neither trainer nor export.
 """
 
 from __future__ import annotations

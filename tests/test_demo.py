@@ -98,7 +98,7 @@ def test_reversal_chats_hold_out_questions_and_answer_with_the_words_reversed():
 
 
 def test_demo_prints_a_trainer_run_command_that_parses_to_its_config():
-    from healer.demo import TRAIN_SETTINGS, train_command
+    from export.demo import TRAIN_SETTINGS, train_command
     from trainer.config import TrainConfig, resolve_config
 
     config = TrainConfig(model="m", data="d.jsonl", out="r", max_steps=7, device="cpu", logging_steps=2,
@@ -136,7 +136,7 @@ def test_demo_trains_with_one_bos_first(demo_out):
 def test_demo_gguf_answers_in_llama_cpp_as_the_merged_model_does(demo_out):
     """llama.cpp, on the demo's q8_0 GGUF and its own tokenization of the served prompt (the GGUF's template,
     its add_bos flag), answers the held-out questions greedily as transformers does on the merged model."""
-    from healer.demo import N_HELD_OUT, N_ROWS, greedy_answers, prompt_ids
+    from export.demo import N_HELD_OUT, N_ROWS, greedy_answers, prompt_ids
 
     _llama_cpp()
     from export.verify import LlamaCppFile
