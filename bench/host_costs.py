@@ -33,14 +33,8 @@ def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
     from trainer.kernels import rms_norm as rms_norm_kernel
-    from trainer.kernels.lora_fused import (
-        LoRALinearFunction,
-        _plan,
-        _project,
-        cached_factor_casts,
-        dense_weight,
-        lora_linear,
-    )
+    from trainer.kernels.lora_fused import LoRALinearFunction, cached_factor_casts, dense_weight, lora_linear
+    from trainer.kernels.lora_projection import _plan, _project
     from trainer.kernels.nf4 import dequantize_nf4
     from trainer.lora import LoRALinear
 

@@ -39,7 +39,7 @@ if which.startswith("quantize_rows"):
                                 "BY_BITS": False})
     options = {"num_warps": 16 if one_pass else 8}
 elif which.startswith("gated backward"):  # no GPU-only branch, but tl.dot's shapes are checked here only
-    from trainer.kernels import lora_fused as lf
+    from trainer.kernels import lora_mlp as lf
     lora = which.endswith("LoRA on tiles")
     src = ASTSource(lf._gated_bwd_in_place,
                     signature={"gate_ptr": "*bf16", "up_ptr": "*bf16", "dh_ptr": "*bf16", "gate_row_stride": "i32",

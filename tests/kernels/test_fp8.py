@@ -21,7 +21,8 @@ from test_lora_fused import BF16_BOUND, adapted, base_linear, mlp_modules, plain
 from trainer.config import ConfigError, resolve_config
 from trainer.kernels import fp8
 from trainer.kernels.fp8 import E4M3, quantize_rows
-from trainer.kernels.lora_fused import _plan, fp8_weight, lora_linear, lora_mlp, lora_projections
+from trainer.kernels.lora_fused import fp8_weight, lora_linear, lora_mlp, lora_projections
+from trainer.kernels.lora_projection import _plan
 from trainer.kernels.nf4 import dequantize_nf4, row_absmax
 from trainer.kernels.triton_math import e4m3_bits
 from trainer.lora import LoRALinear, LoRASettings, apply_lora, fp8_layers
@@ -204,7 +205,7 @@ def test_lora_projections_fp8_quantize_x_once_and_match_each_e4m3_product():
     torch.manual_seed(seed("fp8 projections"))
     mods = [fp8_linear(96, n, bias=True) for n in (160, 48, 48)]
     x = torch.randn(37, 96, device=device()).to(torch.bfloat16)
-    import trainer.kernels.lora_fused as lf
+    import trainer.kernels.lora_projection as lf  # where lora_projections looks quantize_rows up
 
     calls = []
     original = lf.quantize_rows
@@ -275,7 +276,7 @@ def test_a_decoder_with_fp8_products_trains_like_the_bf16_one(tmp_path, monkeypa
     import builders
     from test_lora_fused import decoder_loss_and_grads
 
-    import trainer.kernels.lora_fused as lf
+    import trainer.kernels.lora_projection as lf  # where every projection's forward looks fp8_weight up
 
     builders.save_tiny_model(tmp_path / "m", "llama", 128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     products = []

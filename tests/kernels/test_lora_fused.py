@@ -210,7 +210,7 @@ def test_lora_projections_stack_the_a_factors_once_per_cast_scope():
     """bf16 bases under bf16 autocast (the training setting): within one cached_factor_casts scope, two
     forward/backward passes make one stacked copy of the three A's and one copy of each B, and give the same
     outputs and gradients, bit for bit, as without the cache."""
-    import trainer.kernels.lora_fused as lora_fused
+    import trainer.kernels.lora_workspace as lora_workspace  # where the cache lives (a module global)
 
     torch.manual_seed(6)
     mods = tuple(adapted(base_linear(96, n, "linear", torch.bfloat16)) for n in (160, 48, 48))
@@ -226,7 +226,7 @@ def test_lora_projections_stack_the_a_factors_once_per_cast_scope():
                 assert type(ys[0].grad_fn).__name__ == "LoRAProjectionsFunctionBackward"
                 results += [y.detach() for y in ys] + list(torch.autograd.grad([y.sum() for y in ys], params))
             if cached:
-                entries = len(lora_fused._CASTS)
+                entries = len(lora_workspace._CASTS)
         return results, entries
 
     cached, entries = two_passes(cached=True)
@@ -586,11 +586,12 @@ def test_a_recomputed_layer_skips_its_down_product(tiny_models, monkeypatch, fam
     recompute (without checkpointing: the MLP's own) and their input gradient; down for its forward product and
     its input gradient only, the recompute leaving it out, except under Gemma 2's post-MLP norm, which
     saves the MLP output for its backward."""
-    import trainer.kernels.lora_fused as lora_fused
+    # patched where the projections (and the MLP, through them) look it up at call time
+    import trainer.kernels.lora_projection as lora_projection
 
     shapes: list[tuple[int, int]] = []  # (in, out) of every base layer made dense
-    real = lora_fused.dense_weight
-    monkeypatch.setattr(lora_fused, "dense_weight",
+    real = lora_projection.dense_weight
+    monkeypatch.setattr(lora_projection, "dense_weight",
                         lambda base, dtype: shapes.append((base.in_features, base.out_features)) or real(base, dtype))
     decoder_loss_and_grads(tiny_models[family], fused=True, checkpointing=checkpointing)
     mlp = load_model(tiny_models[family], dtype=torch.float32, device=device()).model.layers[0].mlp
@@ -606,7 +607,7 @@ def test_factor_casts_are_made_once_per_step_and_change_no_gradient(tiny_models,
     """Two micro-batches in one cached_factor_casts scope, bf16 autocast, the layers recomputed: one cached
     copy per LoRA factor (the backward's aliases of the factors hit the forward's copies instead of adding
     entries), and the same loss and gradients, bit for bit, as without the cache."""
-    import trainer.kernels.lora_fused as lora_fused
+    import trainer.kernels.lora_workspace as lora_workspace  # where the cache lives (a module global)
 
     def two_micro_batches(cached: bool):
         model = adapted_model(tiny_models["llama"], fused=True, checkpointing=checkpointing)
@@ -621,8 +622,8 @@ def test_factor_casts_are_made_once_per_step_and_change_no_gradient(tiny_models,
                 loss.backward()
                 losses.append(loss.detach())
             if cached:
-                entries = len(lora_fused._CASTS)
-        assert lora_fused._CASTS is None  # dropped on exit
+                entries = len(lora_workspace._CASTS)
+        assert lora_workspace._CASTS is None  # dropped on exit
         grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
         return losses, grads, entries
 
