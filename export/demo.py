@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shlex
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from healer.errors import HealerError, OutputError
+from healer.outputs import write_atomic
 
 MARKER = "healer-demo.json"
 GGUF_QUANT = "q8_0"
@@ -349,11 +348,4 @@ def _q(path: Path) -> str:
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,6 +10,7 @@ from healer.errors import OutputError
 from healer.outputs import (
     refuse_overlap,
     remove_stale_staging,
+    replace_dir,
     short_write,
     staging_path,
     terminate_as_interrupt,
@@ -39,13 +39,7 @@ def atomic_output(out: Path, force: bool, inputs: Iterable[Path | None] = ()) ->
     with terminate_as_interrupt():
         try:
             yield tmp
-            if out.exists() or out.is_symlink():
-                old = staging_path(out, "old")
-                os.replace(out, old)
-                os.replace(tmp, out)
-                _remove(old)
-            else:
-                os.replace(tmp, out)
+            replace_dir(tmp, out, old=staging_path(out, "old"))
         except OSError as e:
             _remove(tmp)
             raise OutputError(f"cannot write {out}: {short_write(e)} (nothing was written)") from e

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import tempfile
 from pathlib import Path
+
+from healer.outputs import replace_dir, write_atomic
 
 VOCAB_SIZE = 512
 UNTRAINED = tuple(f"<|reserved_special_token_{i}|>" for i in range(4))
@@ -75,15 +76,7 @@ def write_chat_dataset(path: str | Path, n_rows: int = 3000, n_held_out: int = 2
                        seed: int = 0) -> list[tuple[str, str]]:
     """Write reversal_chats' rows as JSONL at `path` (atomically); return the held-out pairs."""
     rows, held_out = reversal_chats(n_rows, n_held_out, seed)
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(Path(path), "".join(json.dumps(row) + "\n" for row in rows))
     return held_out
 
 
@@ -142,9 +135,7 @@ def build_example(out: str | Path | None = None, *, hidden_size: int = 64, num_l
             "pad_token": "</s>", "add_bos_token": False, "add_eos_token": False, "chat_template": CHATML,
             "model_max_length": 512,
         }, indent=2), encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
+        replace_dir(staging, out, old=staging.with_name(staging.name + "-old"))
     except (OSError, SafetensorError) as e:  # a full or read-only disk (safetensors reports it its own way)
         shutil.rmtree(staging, ignore_errors=True)
         raise OutputError(f"cannot write {out}: {getattr(e, 'strerror', None) or e}") from e

@@ -24,7 +24,14 @@ from healer.doctor import diagnose, read_corpus
 from healer.draft import Draft, Fix, Options
 from healer.embeddings import fixes as embedding_fixes
 from healer.errors import CheckpointError, HealerError, OutputError
-from healer.outputs import refuse_overlap, remove, remove_stale_staging, staging_path, terminate_as_interrupt
+from healer.outputs import (
+    refuse_overlap,
+    remove,
+    remove_stale_staging,
+    replace_dir,
+    staging_path,
+    terminate_as_interrupt,
+)
 from healer.report import REPORT_NAME, Change, Finding, FixReport, Report
 from healer.templates import fixes as template_fixes
 from healer.tokenizers import fixes as tokenizer_fixes
@@ -122,7 +129,7 @@ def repair(path: str | Path, out: str | Path, *, chatml: bool = False, template:
                            f"{'it' if len(still) == 1 else 'them'}; nothing was written", report)
         # a path that is not UTF-8 goes into the JSON as an escape (\udcff), not refused
         (stage_two / REPORT_NAME).write_text(report.to_json(), encoding="utf-8", errors="backslashreplace")
-        _replace(stage_two, out)
+        replace_dir(stage_two, out, old=staging_path(out, f"{STAGING_TAG}-old"))
     report.written = True
     return report
 
@@ -200,18 +207,6 @@ def _staging(out: Path, src: Path) -> Iterator[tuple[Path, Path]]:
         raise OutputError(f"cannot write {out}: {e.strerror or e} (nothing was written)") from e
     finally:
         remove(stage)
-
-
-def _replace(staged: Path, out: Path) -> None:
-    """Rename `staged` to `out`; an existing `out` (--force) is moved aside first and removed after."""
-    if out.exists() or out.is_symlink():
-        old = staging_path(out, f"{STAGING_TAG}-old")
-        remove(old)
-        os.replace(out, old)
-        os.replace(staged, out)
-        remove(old)
-    else:
-        os.replace(staged, out)
 
 
 def _write(draft: Draft, dest: Path) -> None:

@@ -125,13 +125,33 @@ def short_write(e: OSError) -> str:
     return e.strerror or str(e)
 
 
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write a file through a temp file in the same directory and a rename: never half-written."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+@contextmanager
+def atomic_file(path: Path, suffix: str = "") -> Iterator[Path]:
+    """A temp file beside `path` for the body to write; renamed to `path` if the body finishes, removed if not,
+    so `path` is never half-written. `suffix` for writers that pick a format by extension."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write a file through a temp file in the same directory and a rename: never half-written."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+
+
+def replace_dir(staged: Path, out: Path, old: Path) -> None:
+    """Rename the finished directory `staged` to `out`. An existing `out` is first renamed to `old` (a free
+    staging name beside it) and removed after, so a reader sees the earlier or the new directory, never a mix."""
+    if out.exists() or out.is_symlink():
+        remove(old)
+        os.replace(out, old)
+        os.replace(staged, out)
+        remove(old)
+    else:
+        os.replace(staged, out)

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import resource
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -31,7 +30,7 @@ from torch import nn
 
 from healer.checkpoint import Checkpoint
 from healer.errors import CheckpointError
-from healer.outputs import refuse_overlap, remove, terminate_as_interrupt, write_atomic
+from healer.outputs import atomic_file, refuse_overlap, remove, terminate_as_interrupt, write_atomic
 from trainer.config import (
     MAX_PLANNED_SEQUENCES,
     ConfigError,
@@ -316,14 +315,8 @@ def write_loss_plot(path: Path, steps: list[int], losses: list[float]) -> None:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
     ax.grid(alpha=0.3)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def peak_memory(device: torch.device) -> int:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from healer.checkpoint import check_adapter_config
+from healer.outputs import replace_dir
 from trainer.config import DEFAULT_TARGET_MODULES, ConfigError
 from trainer.options import DEFAULT_OPTIONS, ModelOptions
 
@@ -264,22 +265,11 @@ def save_adapter(model: nn.Module, out_dir: str | Path, settings: LoRASettings,
                   metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_config(settings, base_model), indent=2) + "\n",
                                           encoding="utf-8")
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out, old=out.with_name(f".{out.name}.old{os.getpid()}"))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _replace_dir(src: Path, dest: Path) -> None:
-    """Move src to dest; an existing dest is swapped out first so a reader never sees a mix."""
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old{os.getpid()}")
-        os.replace(dest, old)
-        os.replace(src, dest)
-        shutil.rmtree(old)
-    else:
-        os.replace(src, dest)
 
 
 def read_adapter_config(adapter_dir: str | Path) -> LoRASettings:

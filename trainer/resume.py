@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from healer.errors import HealerError
+from healer.outputs import replace_dir
 from trainer.config import TrainConfig, config_fields, resolve_config
 from trainer.distributed import DataParallel
 from trainer.run_dir import RUN_MARKER, is_run_dir
@@ -148,9 +149,8 @@ def save_checkpoint(run_dir: str | Path, model: nn.Module, optimizer: torch.opti
             f.flush()
             os.fsync(f.fileno())
         save_adapter(model, tmp / "adapter", settings, base_model=base_model)
-        if final.exists():  # the same step saved by an earlier attempt of this run
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        # an existing final is the same step saved by an earlier attempt of this run
+        replace_dir(tmp, final, old=final.with_name(f".{final.name}.tmp-old"))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

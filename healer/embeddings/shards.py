@@ -22,6 +22,7 @@ import torch
 from healer.checkpoint import Checkpoint, read_json, safetensors_header
 from healer.embeddings.rows import SAFETENSORS_DTYPES
 from healer.errors import CheckpointError, OutputError
+from healer.outputs import atomic_file, write_atomic
 
 INDEX = "model.safetensors.index.json"
 _COPY_BLOCK = 64 << 20
@@ -67,21 +68,15 @@ def _rewrite_shard(src_path: Path, dst_path: Path, updates: Mapping[str, torch.T
         offset += size
     raw = json.dumps(new_header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # safetensors aligns the data section to 8 bytes
-    tmp = dst_path.with_name(dst_path.name + ".tmp")
-    try:
-        with open(src_path, "rb") as src, open(tmp, "wb") as dst:
-            dst.write(len(raw).to_bytes(8, "little"))
-            dst.write(raw)
-            for name in names:
-                if name in updates:
-                    dst.write(_tensor_bytes(updates[name]))
-                else:
-                    start, end = header[name]["data_offsets"]
-                    _copy_range(src, dst, data_start + start, end - start)
-        os.replace(tmp, dst_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(dst_path) as tmp, open(src_path, "rb") as src, open(tmp, "wb") as dst:
+        dst.write(len(raw).to_bytes(8, "little"))
+        dst.write(raw)
+        for name in names:
+            if name in updates:
+                dst.write(_tensor_bytes(updates[name]))
+            else:
+                start, end = header[name]["data_offsets"]
+                _copy_range(src, dst, data_start + start, end - start)
     return new_header
 
 
@@ -91,13 +86,8 @@ def link_or_copy(src: Path, dst: Path) -> str:
         os.link(src, dst)
         return "linked"
     except OSError:
-        tmp = dst.with_name(dst.name + ".tmp")
-        try:
+        with atomic_file(dst) as tmp:
             shutil.copyfile(src, tmp)
-            os.replace(tmp, dst)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         return "copied"
 
 
@@ -149,8 +139,6 @@ def write_weights(ckpt: Checkpoint, updates: Mapping[str, torch.Tensor], out_dir
         metadata["total_size"] = total_bytes
         if "total_parameters" in metadata:
             metadata["total_parameters"] = total_params
-        tmp = out / (INDEX + ".tmp")
-        tmp.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, out / INDEX)
+        write_atomic(out / INDEX, json.dumps(index, indent=2) + "\n")
         written[INDEX] = "rewritten"
     return written
