@@ -188,9 +188,9 @@ def template_render(name: str, messages_file: Path, model_dir: Path | None, mask
     if model_dir is None:
         click.echo(entry.render(messages, add_generation_prompt=generation_prompt), nl=False)
         return
-    from healer.checkpoint import Checkpoint
+    from healer.model_dir import ModelDir
 
-    masked = render_with_mask(entry, messages, Checkpoint(model_dir).hf_tokenizer(),
+    masked = render_with_mask(entry, messages, ModelDir(model_dir).hf_tokenizer(),
                               add_generation_prompt=generation_prompt)
     if not mask:
         click.echo(masked.text, nl=False)

@@ -117,10 +117,10 @@ def generate_with_tokenizer(src: Path) -> Path:
     """The 8B-shaped checkpoint around the tokenizer files of `src`, its embeddings sized to that vocabulary."""
     from tokenizers import Tokenizer
 
-    from healer.checkpoint import TOKENIZER_FILES, Checkpoint
+    from healer.model_dir import TOKENIZER_FILES, ModelDir
     from healer.tokenizers.inventory import inventory
 
-    src_ckpt = Checkpoint(src)
+    src_ckpt = ModelDir(src)
     src_config = src_ckpt.config
     rows = src_config.get("vocab_size") or inventory(src_ckpt).max_id + 1
     out = CACHE.parent / f"{CACHE.name}-{src.name}"
@@ -188,7 +188,7 @@ def generate_layers() -> list[Path]:
 
 
 def _header_names(path: Path) -> list[str]:
-    from healer.checkpoint import safetensors_header
+    from healer.model_dir import safetensors_header
 
     return [k for k in safetensors_header(path) if k != "__metadata__"]
 

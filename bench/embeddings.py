@@ -83,12 +83,12 @@ def peak_rss_gb() -> float:
 
 def stage(name: str) -> dict:
     """Run one stage in this process; returns wall seconds and what it found."""
-    from healer.checkpoint import Checkpoint
     from healer.doctor import Context
     from healer.embeddings import checkpoint_untrained_rows, repair_untrained, write_weights
     from healer.embeddings.checks import check_embeddings_nonfinite, check_untrained
+    from healer.model_dir import ModelDir
 
-    ckpt = Checkpoint(CACHE)
+    ckpt = ModelDir(CACHE)
     t0, c0 = time.perf_counter(), time.process_time()
     info: dict = {}
     if name == "imports only":

@@ -150,13 +150,13 @@ def run_demo(out: str | Path = "healer-demo", *, steps: int | None = None, devic
 def _run_steps(s: _Steps, console, paths: dict[str, Path], preset: DemoSize, steps: int,
                device: str) -> dict[str, Any]:
     import healer
-    from healer.checkpoint import Checkpoint
     from healer.example import build_example, write_chat_dataset
     from healer.fix import repair
+    from healer.model_dir import ModelDir
 
     with s.step("build", "Build a flawed checkpoint"):
         build_example(paths["flawed"], hidden_size=preset.hidden_size, num_layers=preset.num_layers)
-        flawed = Checkpoint(paths["flawed"])
+        flawed = ModelDir(paths["flawed"])
         parameters = sum(math.prod(flawed.tensor_shape(n)) for n in flawed.tensor_names())
         console.print(f"Llama architecture, {parameters / 1e6:.1f}M parameters (hidden {preset.hidden_size}, "
                       f"{preset.num_layers} layers), a sentencepiece tokenizer trained just now on generated text.\n"
@@ -261,9 +261,9 @@ def greedy_answers(model_dir: str | Path, questions: list[str]) -> list[str]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from healer.checkpoint import Checkpoint
+    from healer.model_dir import ModelDir
 
-    tokenizer = Checkpoint(model_dir).hf_tokenizer()
+    tokenizer = ModelDir(model_dir).hf_tokenizer()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     answers = []
     with torch.no_grad():
@@ -278,10 +278,10 @@ def greedy_answers(model_dir: str | Path, questions: list[str]) -> list[str]:
 
 def prompt_ids(model_dir: str | Path, questions: list[str]) -> list[list[int]]:
     """The served prompt of each one-turn chat: template with the generation prompt, BOS by the rule."""
-    from healer.checkpoint import Checkpoint
+    from healer.model_dir import ModelDir
     from healer.tokenizers.bos import bos_first, chat_ids
 
-    ckpt = Checkpoint(model_dir)
+    ckpt = ModelDir(model_dir)
     tokenizer = ckpt.hf_tokenizer()
     bos = bos_first(ckpt)
     return [chat_ids(tokenizer, tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,

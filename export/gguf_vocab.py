@@ -22,8 +22,8 @@ import gguf
 
 from export.bpe_pre_tokenizers import CHECK_TEXT, PRE_TOKENIZERS
 from export.errors import TokenizationWarning, UnsupportedError
-from healer.checkpoint import Checkpoint, read_json
 from healer.errors import CheckpointError
+from healer.model_dir import ModelDir, read_json
 
 TT = gguf.TokenType
 # tokens llama.cpp treats as end of turn; the first one present becomes tokenizer.ggml.eot_token_id
@@ -95,7 +95,7 @@ def _added_tokens(directory: Path) -> dict[int, tuple[str, bool]]:
 def hf_tokenizer(directory: Path):
     """The transformers tokenizer of `directory` (which may be an adapter dir without config.json)."""
     if (directory / "config.json").is_file():
-        return Checkpoint(directory).hf_tokenizer()
+        return ModelDir(directory).hf_tokenizer()
     import transformers
 
     try:

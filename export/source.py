@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from export.errors import AdapterMismatchError, ExportError, UnsupportedError
-from healer.checkpoint import TOKENIZER_FILES, Checkpoint, check_adapter_config, read_json, safetensors_header
 from healer.errors import CheckpointError
+from healer.model_dir import TOKENIZER_FILES, ModelDir, check_adapter_config, read_json, safetensors_header
 
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
@@ -149,7 +149,7 @@ class Adapter:
 class Source:
     """A base checkpoint with an optional adapter; `tensor(name)` is the merged tensor."""
 
-    def __init__(self, base: Checkpoint, adapter: Adapter | None, tokenizer_dir: Path):
+    def __init__(self, base: ModelDir, adapter: Adapter | None, tokenizer_dir: Path):
         self.base = base
         self.adapter = adapter
         self.tokenizer_dir = tokenizer_dir
@@ -272,11 +272,11 @@ def open_source(source: str | Path, base: str | Path | None = None) -> Source:
                                   "(expected a run dir, adapter dir or model dir)")
         if base is not None:
             raise ExportError(f"{source} is a model dir, not an adapter; --base only applies to adapters")
-        ckpt = Checkpoint(source)
+        ckpt = ModelDir(source)
         adapter = None
     else:
         adapter = Adapter(adapter_dir)
-        ckpt = Checkpoint(base if base is not None else _resolve_base(adapter.config.get("base_model_name_or_path"),
+        ckpt = ModelDir(base if base is not None else _resolve_base(adapter.config.get("base_model_name_or_path"),
                                                                       adapter))
     quant = ckpt.config.get("quantization_config")
     if quant:

@@ -1,6 +1,6 @@
-"""Run every check over a Checkpoint and collect a Report.
+"""Run every check over a ModelDir and collect a Report.
 
-A check is a function `(Checkpoint, Context) -> list[Finding]`. Each area keeps its checks
+A check is a function `(ModelDir, Context) -> list[Finding]`. Each area keeps its checks
 in its own package (`healer/tokenizers/checks.py`, `healer/templates/checks.py`,
 `healer/embeddings/checks.py`) in a list named CHECKS; config checks live here.
 """
@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from healer.checkpoint import Checkpoint
 from healer.errors import CheckpointError
+from healer.model_dir import ModelDir
 from healer.report import Check, Context, Finding, Report, fix_command
 
 
@@ -44,7 +44,7 @@ def read_corpus(path: str | Path | None) -> tuple[str, ...]:
 def diagnose(path: str | Path, *, corpus: str | Path | None = None, check_weights: bool = False) -> Report:
     """Run every check on the model dir at `path`; raises CheckpointError if it cannot be read at all."""
     with gc_paused():
-        ckpt = Checkpoint(path)
+        ckpt = ModelDir(path)
         _ = ckpt.config, ckpt.generation_config  # unreadable configs: nothing else can be diagnosed
         if ckpt.has_weights:
             ckpt.check_head_tensors()  # a transposed or integer embedding: every check on it would mislead
@@ -73,7 +73,7 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def check_vocab_sizes(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
+def check_vocab_sizes(ckpt: ModelDir, ctx: Context) -> list[Finding]:
     """config.vocab_size, embedding rows, lm_head rows and tokenizer length must fit together."""
     from healer.tokenizers.inventory import inventory
 
@@ -116,7 +116,7 @@ def _sizes(sizes: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sizes.items())
 
 
-def check_tied(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
+def check_tied(ckpt: ModelDir, ctx: Context) -> list[Finding]:
     """tie_word_embeddings must agree with whether an lm_head tensor is stored."""
     if not ckpt.has_weights or ckpt.embed_name is None:
         return []

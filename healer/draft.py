@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from healer.checkpoint import Checkpoint
+from healer.model_dir import ModelDir
 from healer.report import Change, Finding
 
 
@@ -27,9 +27,9 @@ class Options:
 
 
 class Draft:
-    """The output being planned: replaced files (bytes) and tensors, over an input Checkpoint."""
+    """The output being planned: replaced files (bytes) and tensors, over an input ModelDir."""
 
-    def __init__(self, ckpt: Checkpoint):
+    def __init__(self, ckpt: ModelDir):
         self.ckpt = ckpt
         self.files: dict[str, bytes] = {}
         self.tensors: dict[str, Any] = {}

@@ -19,11 +19,11 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from healer.checkpoint import Checkpoint
 from healer.doctor import diagnose, read_corpus
 from healer.draft import Draft, Fix, Options
 from healer.embeddings import fixes as embedding_fixes
 from healer.errors import CheckpointError, HealerError, OutputError
+from healer.model_dir import ModelDir
 from healer.outputs import (
     refuse_overlap,
     remove,
@@ -96,7 +96,7 @@ def repair(path: str | Path, out: str | Path, *, chatml: bool = False, template:
            all_untrained: bool = False, dataset: str | Path | None = None,
            out_of_range: str = "auto") -> FixReport:
     """Repair the checkpoint at `path` into `out` (never touching `path`); returns what was done."""
-    src = Checkpoint(path)
+    src = ModelDir(path)
     out = Path(out)
     _check_output(out, force, [src.path, corpus, dataset])
     if not src.has_tokenizer:
@@ -116,7 +116,7 @@ def repair(path: str | Path, out: str | Path, *, chatml: bool = False, template:
         return report
     with terminate_as_interrupt(), _staging(out, src.path) as (stage_one, stage_two):
         _write(draft, stage_one)
-        middle = Checkpoint(stage_one)
+        middle = ModelDir(stage_one)
         mid_report = diagnose(stage_one, corpus=corpus)
         second = _plan(middle, mid_report.findings, opts, PHASE_TWO)
         _write(second, stage_two)
@@ -155,7 +155,7 @@ def still_failing(claimed: set[str], earlier: list[Report], after: Report) -> li
     return out
 
 
-def _plan(ckpt: Checkpoint, findings: list[Finding], opts: Options, fixes: list[Fix]) -> Draft:
+def _plan(ckpt: ModelDir, findings: list[Finding], opts: Options, fixes: list[Fix]) -> Draft:
     draft = Draft(ckpt)
     for fix in fixes:
         fix.apply(draft, findings, opts)

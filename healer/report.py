@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
-    from healer.checkpoint import Checkpoint
+    from healer.model_dir import ModelDir
 
 REPORT_NAME = "healer_report.json"  # the FixReport fix writes into its output
 
@@ -29,7 +29,7 @@ class Context:
     check_weights: bool = False
 
 
-def fix_command(ckpt: Checkpoint, extra: str = "") -> str:
+def fix_command(ckpt: ModelDir, extra: str = "") -> str:
     """The command that repairs `ckpt`, writing beside it (the input is never modified)."""
     out = ckpt.path.parent / f"{ckpt.path.name}-fixed"
     return f"healer fix {ckpt.path} -o {out}{extra}"
@@ -53,7 +53,7 @@ class Finding:
         return self.check.split(".", 1)[0]
 
 
-Check = Callable[["Checkpoint", Context], list[Finding]]
+Check = Callable[["ModelDir", Context], list[Finding]]
 """A check: a small function over a model dir with a stable id per finding (`tokenizer.fast_mismatch`, ...)."""
 
 

@@ -120,11 +120,11 @@ def test_demo_refuses_a_non_empty_directory_it_did_not_write(tmp_path):
 
 @pytest.mark.slow
 def test_demo_trains_with_one_bos_first(demo_out):
-    from healer.checkpoint import Checkpoint
+    from healer.model_dir import ModelDir
     from trainer.data import prepare_model_data
 
     out, _ = demo_out
-    ckpt = Checkpoint(out / "fixed-model")
+    ckpt = ModelDir(out / "fixed-model")
     _, data = prepare_model_data(ckpt, out / "reverse-chat.jsonl", None, max_seq_len=256, train_on_inputs=False,
                                  limit=20)
     bos = ckpt.hf_tokenizer().bos_token_id
@@ -145,9 +145,9 @@ def test_demo_gguf_answers_in_llama_cpp_as_the_merged_model_does(demo_out):
     _, held_out = reversal_chats(N_ROWS, N_HELD_OUT)
     questions = [q for q, _ in held_out[:5]]
     want = greedy_answers(out / "merged", questions)
-    from healer.checkpoint import Checkpoint
+    from healer.model_dir import ModelDir
 
-    tok = Checkpoint(out / "merged").hf_tokenizer()
+    tok = ModelDir(out / "merged").hf_tokenizer()
     stops = {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
     got = []
     with LlamaCppFile(out / "model-q8_0.gguf", n_ctx=128) as llm:

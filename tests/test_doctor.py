@@ -17,7 +17,7 @@ import sentencepiece as spm
 import testdata
 
 import healer
-from healer.checkpoint import Checkpoint
+from healer.model_dir import ModelDir
 from healer.tokenizers.convert import convert_verified
 from healer.tokenizers.corpus import builtin_corpus
 
@@ -280,7 +280,7 @@ def test_padded_embedding_rows_are_info(tmp_path):
 
 def test_tied_mismatch_when_config_says_tied_but_head_is_stored(llama2, tmp_path):
     model = copy(llama2, tmp_path)
-    assert Checkpoint(model).lm_head_name == "lm_head.weight"
+    assert ModelDir(model).lm_head_name == "lm_head.weight"
     edit_json(model / "config.json", tie_word_embeddings=True)
     (finding,) = diagnose(model).by_check("config.tied_mismatch")
     assert finding.severity == "warning"

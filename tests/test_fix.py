@@ -350,7 +350,7 @@ def test_a_fix_adding_ids_after_the_rows_were_grown_is_refused(example):
     from healer.embeddings.fixes import grow_rows
     from healer.tokenizers.surgery import append_token
 
-    draft = Draft(healer.Checkpoint(example))
+    draft = Draft(healer.ModelDir(example))
     grow_rows(draft, [], Options())
     with pytest.raises(AssertionError, match="needs"):
         append_token(draft, "<|late|>", user_defined=True)

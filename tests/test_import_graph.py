@@ -97,3 +97,21 @@ def test_the_packages_sit_in_one_direction():
     upward = sorted((m, t) for m, targets in graph.items() for t in targets
                     if t.split(".")[0] in ABOVE.get(m.split(".")[0], ()))
     assert upward == []
+
+
+def test_old_names_of_the_public_api_still_import_and_say_they_are_deprecated():
+    import warnings
+
+    import healer
+    from healer.model_dir import ModelDir
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        from healer.checkpoint import Checkpoint
+
+        assert Checkpoint is ModelDir and healer.Checkpoint is ModelDir
+    assert [w.category for w in caught] == [DeprecationWarning] * 2
+    assert "healer.model_dir" in str(caught[0].message) and "healer.ModelDir" in str(caught[1].message)
+    from healer.fix import repair
+
+    assert healer.repair is repair  # DESIGN's library entry points: healer.diagnose, healer.repair

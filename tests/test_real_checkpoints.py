@@ -71,13 +71,13 @@ def chat_ids(model: Path) -> list[int]:
     """The ids `trainer run` trains a chat on: template rendered, no special tokens, BOS once by the rule."""
     from transformers import AutoTokenizer
 
-    from healer.checkpoint import Checkpoint
+    from healer.model_dir import ModelDir
     from healer.tokenizers.bos import starts_with_bos, with_one_bos
 
     tok = AutoTokenizer.from_pretrained(str(model))
     text = tok.apply_chat_template(CHAT, tokenize=False)
     ids = tok.encode(text, add_special_tokens=False)
-    ckpt = Checkpoint(model)
+    ckpt = ModelDir(model)
     if starts_with_bos(ckpt.model_type, ckpt.tokenizer_config):
         ids, _ = with_one_bos(ids, None, tok.bos_token_id)
     return ids
@@ -273,7 +273,7 @@ def test_after_fix_one_bos_where_the_family_uses_one(real, tmp_path, name):
     if tok.chat_template:
         ids = chat_ids(tmp_path / "out")
         assert ids[0] == bos and ids[:2] != [bos, bos]
-        rendered = render_sample(healer.Checkpoint(tmp_path / "out"))
+        rendered = render_sample(healer.ModelDir(tmp_path / "out"))
         assert rendered.rstrip().endswith(("<|eot_id|>", "<end_of_turn>", "</s>"))
 
 

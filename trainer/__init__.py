@@ -29,13 +29,13 @@ def train(config: TrainConfig, *, console=None, resume: bool = False) -> RunResu
 def preview(config: TrainConfig, n: int):
     """The first `n` examples exactly as `train(config)` would train them (ids, labels -100 where no loss
     is taken), and the tokenizer; loads no weights and writes nothing."""
-    from healer.checkpoint import Checkpoint
+    from healer.model_dir import ModelDir
     from trainer.config import check_template_file, validate
     from trainer.data import prepare_model_data
 
     cfg = validate(config, required=PREVIEW_REQUIRED)
     check_template_file(cfg.template)  # the checks `train` makes before it loads anything
-    ckpt = Checkpoint(cfg.model)
+    ckpt = ModelDir(cfg.model)
     _, data = prepare_model_data(ckpt, cfg.data, cfg.template, max_seq_len=cfg.max_seq_len,
                                  train_on_inputs=cfg.train_on_inputs, limit=n)
     return data.examples, ckpt.hf_tokenizer()

@@ -255,7 +255,7 @@ def prepare_data(path: str | Path, tokenizer, template: Template, *, max_seq_len
 
 def prepare_model_data(ckpt, data: str | Path, template: str | None, *, max_seq_len: int, train_on_inputs: bool,
                        limit: int | None = None) -> tuple[Template, PreparedData]:
-    """The template and the prepared examples of `data` for the model dir `ckpt` (a healer Checkpoint):
+    """The template and the prepared examples of `data` for the model dir `ckpt` (a healer ModelDir):
     what `trainer run` trains on, and what `trainer run --preview` shows."""
     from healer.tokenizers.bos import bos_first
 

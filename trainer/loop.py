@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from healer.checkpoint import Checkpoint
 from healer.errors import CheckpointError
+from healer.model_dir import ModelDir
 from healer.outputs import atomic_file, refuse_overlap, remove, terminate_as_interrupt, write_atomic
 from trainer.config import (
     MAX_PLANNED_SEQUENCES,
@@ -91,7 +91,7 @@ def check_model(model_dir: str | Path) -> None:
             raise ModelCheckError(f"{model_dir}: {f.message}{fix}")
 
 
-def check_lora_rank(r: int, ckpt: Checkpoint) -> None:
+def check_lora_rank(r: int, ckpt: ModelDir) -> None:
     """ConfigError for a rank wider than the model's layers: it adds parameters and memory, no capacity."""
     hidden = ckpt.config.get("hidden_size")
     if isinstance(hidden, int) and r > hidden:
@@ -107,7 +107,7 @@ def check_plan_size(cfg: TrainConfig, examples: int) -> None:
                           f"(at most {MAX_PLANNED_SEQUENCES:,}); lower --epochs or set --max-steps")
 
 
-def repair_untrained_rows(model: nn.Module, ckpt: Checkpoint, token_ids: Iterable[int], *,
+def repair_untrained_rows(model: nn.Module, ckpt: ModelDir, token_ids: Iterable[int], *,
                           fix: bool) -> dict[int, str]:
     """Give tokens the data uses whose embedding rows were never trained the mean of the trained rows.
 
@@ -455,7 +455,7 @@ def _train(cfg: TrainConfig, console, resume: bool, dp: DataParallel | None, for
     if dp is not None:
         dp.barrier()  # every rank has looked at the run dir before rank 0 writes to it
     model_dir = Path(cfg.model).resolve()
-    ckpt = Checkpoint(model_dir)
+    ckpt = ModelDir(model_dir)
     ModelSpec.from_config(ckpt.config)  # an unsupported architecture fails before any work
     check_lora_rank(cfg.lora_r, ckpt)
     check_model(model_dir)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from healer.checkpoint import check_adapter_config
+from healer.model_dir import check_adapter_config
 from healer.outputs import replace_dir
 from trainer.config import DEFAULT_TARGET_MODULES, ConfigError
 from trainer.options import DEFAULT_OPTIONS, ModelOptions

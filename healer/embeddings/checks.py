@@ -13,36 +13,36 @@ from typing import Any
 
 import torch
 
-from healer.checkpoint import Checkpoint
 from healer.embeddings.repair import EmbeddingNames, checkpoint_untrained_rows
 from healer.embeddings.rows import EPS, StoredMatrix, row_absmax, row_chunks, stored_matrix
 from healer.embeddings.usage import Vocab, describe, load_vocab, protected_ids, special_token_ids, token_use
 from healer.errors import CheckpointError
+from healer.model_dir import ModelDir
 from healer.report import Check, Context, Finding
 
 SHOWN = 20
-_absmax_cache: weakref.WeakKeyDictionary[Checkpoint, dict[str, torch.Tensor]] = weakref.WeakKeyDictionary()
+_absmax_cache: weakref.WeakKeyDictionary[ModelDir, dict[str, torch.Tensor]] = weakref.WeakKeyDictionary()
 
 
-def _absmax(ckpt: Checkpoint, name: str) -> torch.Tensor:
+def _absmax(ckpt: ModelDir, name: str) -> torch.Tensor:
     cache = _absmax_cache.setdefault(ckpt, {})
     if name not in cache:
         cache[name] = row_absmax(stored_matrix(ckpt, name))
     return cache[name]
 
 
-def _vocab(ckpt: Checkpoint) -> Vocab | None:
+def _vocab(ckpt: ModelDir) -> Vocab | None:
     try:
         return load_vocab(ckpt)
     except CheckpointError:
         return None  # the tokenizer checks report unreadable tokenizer files
 
 
-def _fix_command(ckpt: Checkpoint, *flags: str) -> str:
+def _fix_command(ckpt: ModelDir, *flags: str) -> str:
     return " ".join([f"healer fix {ckpt.path} -o OUT", *flags])
 
 
-def check_untrained(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
+def check_untrained(ckpt: ModelDir, ctx: Context) -> list[Finding]:
     """Embedding rows within 1e-16 of zero (confirmed on a separate lm_head) that were never trained."""
     if not ckpt.has_weights or ckpt.embed_name is None:
         return []
@@ -96,7 +96,7 @@ STOP_ROLES = ("eos", "config.eos_token_id", "generation_config.eos_token_id")
 END_OF_TURN = "template end of turn"
 
 
-def stop_token_ids(ckpt: Checkpoint, vocab: Vocab | None) -> dict[int, list[str]]:
+def stop_token_ids(ckpt: ModelDir, vocab: Vocab | None) -> dict[int, list[str]]:
     """id -> why generation stops at it: eos_token, the config/generation_config eos ids, the template's end of turn."""
     from healer.templates.checks import template_end_of_turn
 
@@ -109,7 +109,7 @@ def stop_token_ids(ckpt: Checkpoint, vocab: Vocab | None) -> dict[int, list[str]
     return dict(sorted(out.items()))
 
 
-def check_untrained_stop_tokens(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
+def check_untrained_stop_tokens(ckpt: ModelDir, ctx: Context) -> list[Finding]:
     """Tokens generation stops at (eos ids, the template's end of turn) with an untrained embedding or lm_head row.
 
     embeddings.untrained leaves bos/eos/pad/unk out by design (a zero pad row is normal), so a base model
@@ -147,7 +147,7 @@ def check_untrained_stop_tokens(ckpt: Checkpoint, ctx: Context) -> list[Finding]
     )]
 
 
-def check_embeddings_nonfinite(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
+def check_embeddings_nonfinite(ckpt: ModelDir, ctx: Context) -> list[Finding]:
     """NaN or Inf anywhere in the input embedding or lm_head."""
     if not ckpt.has_weights or ckpt.embed_name is None:
         return []
@@ -169,7 +169,7 @@ def check_embeddings_nonfinite(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
                     details=bad)]
 
 
-def _nonfinite_count(ckpt: Checkpoint, name: str) -> int:
+def _nonfinite_count(ckpt: ModelDir, name: str) -> int:
     path = ckpt.weight_map[name]
     if path.suffix == ".safetensors":
         m: StoredMatrix | torch.Tensor = StoredMatrix(path, name, any_shape=True)
@@ -181,7 +181,7 @@ def _nonfinite_count(ckpt: Checkpoint, name: str) -> int:
     return sum(int((~torch.isfinite(chunk)).sum()) for _, chunk in row_chunks(m))
 
 
-def check_weights_nonfinite(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
+def check_weights_nonfinite(ckpt: ModelDir, ctx: Context) -> list[Finding]:
     """NaN or Inf in any tensor (every tensor streamed; only with --check-weights)."""
     if not ctx.check_weights or not ckpt.has_weights:
         return []

@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from healer.checkpoint import Checkpoint
 from healer.embeddings.rows import (
     EPS,
     Matrix,
@@ -35,6 +34,7 @@ from healer.embeddings.usage import (
     token_use,
 )
 from healer.errors import CheckpointError
+from healer.model_dir import ModelDir
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class EmbeddingNames:
     tied_copy: str | None  # an lm_head stored although tied: kept equal to the embedding
 
     @classmethod
-    def of(cls, ckpt: Checkpoint) -> EmbeddingNames:
+    def of(cls, ckpt: ModelDir) -> EmbeddingNames:
         embed = ckpt.embed_name
         if embed is None:
             raise CheckpointError(f"{ckpt.path}: no input embedding tensor (looked for model.embed_tokens.weight, ...)")
@@ -56,13 +56,13 @@ class EmbeddingNames:
         return cls(embed, None, head)
 
 
-def _load(ckpt: Checkpoint, name: str) -> torch.Tensor:
+def _load(ckpt: ModelDir, name: str) -> torch.Tensor:
     m = stored_matrix(ckpt, name)
     # a private, writable copy: repairs must never write through to the input's pages
     return m.load() if not isinstance(m, torch.Tensor) else m.clone()
 
 
-def checkpoint_untrained_rows(ckpt: Checkpoint, protected_ids: Iterable[int] = (), eps: float = EPS,
+def checkpoint_untrained_rows(ckpt: ModelDir, protected_ids: Iterable[int] = (), eps: float = EPS,
                               absmax: torch.Tensor | None = None) -> dict[int, str]:
     """untrained_rows over the checkpoint's embedding and separate lm_head, streamed from disk."""
     names = EmbeddingNames.of(ckpt)
@@ -71,7 +71,7 @@ def checkpoint_untrained_rows(ckpt: Checkpoint, protected_ids: Iterable[int] = (
                           absmax=absmax)
 
 
-def repair_untrained(ckpt: Checkpoint, rows: Iterable[int], untrained: Mapping[int, str] | Iterable[int],
+def repair_untrained(ckpt: ModelDir, rows: Iterable[int], untrained: Mapping[int, str] | Iterable[int],
                      ) -> dict[str, torch.Tensor]:
     """New embedding (and lm_head) tensors whose `rows` hold the mean of the trained rows.
 
@@ -92,7 +92,7 @@ def repair_untrained(ckpt: Checkpoint, rows: Iterable[int], untrained: Mapping[i
     return out
 
 
-def grow_embeddings(ckpt: Checkpoint, n_new: int, untrained: Mapping[int, str] | Iterable[int] | None = None,
+def grow_embeddings(ckpt: ModelDir, n_new: int, untrained: Mapping[int, str] | Iterable[int] | None = None,
                     protected_ids: Iterable[int] = ()) -> dict[str, torch.Tensor]:
     """Embedding (and lm_head) tensors with `n_new` rows appended, each the mean of the trained rows.
 
@@ -129,7 +129,7 @@ class RepairPlan:
     use: TokenUse
     vocab: Vocab | None
 
-    def updates(self, ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+    def updates(self, ckpt: ModelDir) -> dict[str, torch.Tensor]:
         """The replaced tensors, for write_weights."""
         return repair_untrained(ckpt, self.rows, self.untrained)
 
@@ -148,7 +148,7 @@ class RepairPlan:
         }
 
 
-def plan_repair(ckpt: Checkpoint, dataset: str | Path | None = None, all_untrained: bool = False) -> RepairPlan:
+def plan_repair(ckpt: ModelDir, dataset: str | Path | None = None, all_untrained: bool = False) -> RepairPlan:
     """Find the untrained rows and choose those to repair: special, template and dataset tokens, or all."""
     vocab = load_vocab(ckpt) if ckpt.has_tokenizer else None
     untrained = checkpoint_untrained_rows(ckpt, protected_ids(ckpt, vocab))

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from healer.checkpoint import Checkpoint, safetensors_header
 from healer.errors import CheckpointError
+from healer.model_dir import ModelDir, safetensors_header
 
 EPS = 1e-16
 # 2**25 elements: 64 MiB of bfloat16 (128 MiB once a chunk is upcast to float32)
@@ -101,7 +101,7 @@ class StoredMatrix:
 Matrix = torch.Tensor | StoredMatrix
 
 
-def stored_matrix(ckpt: Checkpoint, name: str) -> Matrix:
+def stored_matrix(ckpt: ModelDir, name: str) -> Matrix:
     """A checkpoint tensor by rows: a StoredMatrix for safetensors, the tensor itself for .bin weights."""
     path = ckpt.weight_map.get(name)
     if path is None:

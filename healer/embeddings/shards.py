@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from healer.checkpoint import Checkpoint, read_json, safetensors_header
 from healer.embeddings.rows import SAFETENSORS_DTYPES
 from healer.errors import CheckpointError, OutputError
+from healer.model_dir import ModelDir, read_json, safetensors_header
 from healer.outputs import atomic_file, write_atomic
 
 INDEX = "model.safetensors.index.json"
@@ -98,7 +98,7 @@ def _sizes(header: Mapping[str, Any]) -> tuple[int, int]:
             sum(math.prod(v["shape"]) for v in entries))
 
 
-def write_weights(ckpt: Checkpoint, updates: Mapping[str, torch.Tensor], out_dir: str | Path) -> dict[str, str]:
+def write_weights(ckpt: ModelDir, updates: Mapping[str, torch.Tensor], out_dir: str | Path) -> dict[str, str]:
     """Write the checkpoint's safetensors weights into out_dir with `updates` replacing tensors.
 
     Returns file name -> `rewritten`, `linked` or `copied` for every file written (shards and

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from healer.checkpoint import Checkpoint
 from healer.errors import CheckpointError, HealerError
+from healer.model_dir import ModelDir
 
 ROLE_TOKENS = ("bos", "eos", "pad", "unk")
 
@@ -48,20 +48,20 @@ class Vocab:
     special_added: dict[int, str]  # added tokens flagged special: id -> text
 
 
-_vocabs: weakref.WeakKeyDictionary[Checkpoint, Vocab | None] = weakref.WeakKeyDictionary()
+_vocabs: weakref.WeakKeyDictionary[ModelDir, Vocab | None] = weakref.WeakKeyDictionary()
 
 
-def load_vocab(ckpt: Checkpoint) -> Vocab | None:
+def load_vocab(ckpt: ModelDir) -> Vocab | None:
     """The checkpoint's tokenizer as a Vocab (tokenizer.json when present, else transformers'), or None.
 
-    Loaded once per Checkpoint object: a 128k-token tokenizer.json takes seconds to parse.
+    Loaded once per ModelDir object: a 128k-token tokenizer.json takes seconds to parse.
     """
     if ckpt not in _vocabs:
         _vocabs[ckpt] = _load_vocab(ckpt)
     return _vocabs[ckpt]
 
 
-def _load_vocab(ckpt: Checkpoint) -> Vocab | None:
+def _load_vocab(ckpt: ModelDir) -> Vocab | None:
     if ckpt.has_fast:
         tok = ckpt.fast_tokenizer()
         return Vocab(
@@ -104,7 +104,7 @@ def _token_texts(value: Any) -> list[str]:
     return []
 
 
-def special_token_ids(ckpt: Checkpoint, vocab: Vocab | None) -> dict[int, list[str]]:
+def special_token_ids(ckpt: ModelDir, vocab: Vocab | None) -> dict[int, list[str]]:
     """id -> the roles naming it (`bos`, `eos`, ..., `additional`, `config.eos_token_id`, ...)."""
     out: dict[int, list[str]] = {}
 
@@ -128,17 +128,17 @@ def special_token_ids(ckpt: Checkpoint, vocab: Vocab | None) -> dict[int, list[s
     return out
 
 
-def protected_ids(ckpt: Checkpoint, vocab: Vocab | None) -> set[int]:
+def protected_ids(ckpt: ModelDir, vocab: Vocab | None) -> set[int]:
     """bos/eos/pad/unk of the tokenizer and config.json: never counted as untrained."""
     protected = {"bos", "eos", "pad", "unk", "config.bos_token_id", "config.eos_token_id", "config.pad_token_id"}
     return {i for i, roles in special_token_ids(ckpt, vocab).items() if protected.intersection(roles)}
 
 
-def _template_variables(ckpt: Checkpoint) -> dict[str, str]:
+def _template_variables(ckpt: ModelDir) -> dict[str, str]:
     return {f"{r}_token": t for r in ROLE_TOKENS if (t := ckpt.special_token(r)) is not None}
 
 
-def template_token_ids(ckpt: Checkpoint, vocab: Vocab | None) -> dict[int, str]:
+def template_token_ids(ckpt: ModelDir, vocab: Vocab | None) -> dict[int, str]:
     """id -> `rendered` or `text`: the tokens the chat template itself emits (see the module doc)."""
     from healer.templates.render import TemplateError, render_source
 
@@ -163,7 +163,7 @@ def template_token_ids(ckpt: Checkpoint, vocab: Vocab | None) -> dict[int, str]:
     return out
 
 
-def dataset_texts(ckpt: Checkpoint, path: str | Path) -> list[str]:
+def dataset_texts(ckpt: ModelDir, path: str | Path) -> list[str]:
     """The training texts of a dataset file (any record shape healer.templates.formats reads), templated.
 
     Chat records are rendered with the checkpoint's chat template; `text` records are used as is.
@@ -186,7 +186,7 @@ def dataset_texts(ckpt: Checkpoint, path: str | Path) -> list[str]:
     return texts
 
 
-def dataset_token_counts(ckpt: Checkpoint, vocab: Vocab, path: str | Path, batch: int = 1024) -> Counter[int]:
+def dataset_token_counts(ckpt: ModelDir, vocab: Vocab, path: str | Path, batch: int = 1024) -> Counter[int]:
     """How often each id occurs in the dataset's templated texts (encoded without added specials)."""
     texts = dataset_texts(ckpt, path)
     counts: Counter[int] = Counter()
@@ -210,7 +210,7 @@ class TokenUse:
                                         ("dataset", self.dataset[i] > 0)) if hit]
 
 
-def token_use(ckpt: Checkpoint, vocab: Vocab | None = None, dataset: str | Path | None = None) -> TokenUse:
+def token_use(ckpt: ModelDir, vocab: Vocab | None = None, dataset: str | Path | None = None) -> TokenUse:
     """Collect special, template and (with `dataset`) dataset token ids of a checkpoint."""
     if vocab is None and ckpt.has_tokenizer:
         vocab = load_vocab(ckpt)

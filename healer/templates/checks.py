@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from healer.checkpoint import Checkpoint
+from healer.model_dir import ModelDir
 from healer.report import Check, Context, Finding, fix_command
 from healer.templates.render import TemplateError, render_source
 from healer.tokenizers.inventory import inventory
@@ -26,7 +26,7 @@ class TemplateRenderError(Exception):
     pass
 
 
-def render(template: str, messages: list[dict], ckpt: Checkpoint, add_generation_prompt: bool = False) -> str:
+def render(template: str, messages: list[dict], ckpt: ModelDir, add_generation_prompt: bool = False) -> str:
     """Render like transformers' apply_chat_template(tokenize=False) does, with the checkpoint's special tokens."""
     specials = {f"{n}_token": ckpt.special_token(n) for n in ("bos", "eos", "pad", "unk")}
     try:
@@ -38,7 +38,7 @@ def render(template: str, messages: list[dict], ckpt: Checkpoint, add_generation
         raise TemplateRenderError(f"{type(cause).__name__}: {cause}") from e
 
 
-def render_sample(ckpt: Checkpoint) -> str | None:
+def render_sample(ckpt: ModelDir) -> str | None:
     """The checkpoint's template over a short conversation (without a system turn if it refuses one)."""
     if not ckpt.chat_template:
         return None
@@ -51,7 +51,7 @@ def render_sample(ckpt: Checkpoint) -> str | None:
             return None
 
 
-def check_template(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
+def check_template(ckpt: ModelDir, ctx: Context) -> list[Finding]:
     if not ckpt.has_tokenizer:
         return []
     template = ckpt.chat_template
@@ -94,7 +94,7 @@ def check_template(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
     return findings
 
 
-def _generation_prompt_ignored(ckpt: Checkpoint, messages: list[dict], rendered: str,
+def _generation_prompt_ignored(ckpt: ModelDir, messages: list[dict], rendered: str,
                                eot: str | None) -> list[Finding]:
     """A conversation ending in an assistant turn must render ending with that turn when
     add_generation_prompt is off, and (where the template has a generation prompt at all) unlike
@@ -121,14 +121,14 @@ def _generation_prompt_ignored(ckpt: Checkpoint, messages: list[dict], rendered:
     )]
 
 
-def _safe_render(ckpt: Checkpoint, messages: list[dict], add_generation_prompt: bool = False) -> str | None:
+def _safe_render(ckpt: ModelDir, messages: list[dict], add_generation_prompt: bool = False) -> str | None:
     try:
         return render(ckpt.chat_template, messages, ckpt, add_generation_prompt=add_generation_prompt)
     except TemplateRenderError:
         return None
 
 
-def _equivalent_when_asked(ckpt: Checkpoint):
+def _equivalent_when_asked(ckpt: ModelDir):
     """The registry entry the template equals with add_generation_prompt on, for every probe and either flag
     (what a template that always writes the generation prompt is meant to be)."""
     from healer.templates.detect import PROBE_VARIABLES, PROBES
@@ -152,7 +152,7 @@ def _equivalent_when_asked(ckpt: Checkpoint):
     return None
 
 
-def _registry_entry(ckpt: Checkpoint):
+def _registry_entry(ckpt: ModelDir):
     """The registry entry the checkpoint's template renders like (None when it is none of them)."""
     from healer.templates import TemplateError, detect, get
 
@@ -164,17 +164,17 @@ def _registry_entry(ckpt: Checkpoint):
     return get(name) if name else None
 
 
-def template_end_of_turn(ckpt: Checkpoint) -> str | None:
+def template_end_of_turn(ckpt: ModelDir) -> str | None:
     """The token the checkpoint's chat template ends assistant turns with (None: no template, or it writes none)."""
     rendered = render_sample(ckpt)
     return None if rendered is None else _end_of_turn(ckpt, _registry_entry(ckpt), rendered)
 
 
-def _end_of_turn(ckpt: Checkpoint, entry, rendered: str) -> str | None:
+def _end_of_turn(ckpt: ModelDir, entry, rendered: str) -> str | None:
     return entry.end_of_turn(ckpt.special_token("eos")) if entry else end_of_turn(rendered, ckpt)
 
 
-def end_of_turn(rendered: str, ckpt: Checkpoint) -> str | None:
+def end_of_turn(rendered: str, ckpt: ModelDir) -> str | None:
     """The special token written right after the assistant's reply (None if the template writes none)."""
     at = rendered.rfind(REPLY)
     if at < 0:
@@ -186,7 +186,7 @@ def end_of_turn(rendered: str, ckpt: Checkpoint) -> str | None:
     return max(matches, key=len) if matches else None
 
 
-def _eos_mismatch(ckpt: Checkpoint, tok, eot: str) -> list[Finding]:
+def _eos_mismatch(ckpt: ModelDir, tok, eot: str) -> list[Finding]:
     eos = ckpt.special_token("eos")
     if tok.convert_tokens_to_ids(eot) in (None, tok.unk_token_id):
         return []  # not a token at all: tokens_not_single reports it
@@ -205,7 +205,7 @@ def _eos_mismatch(ckpt: Checkpoint, tok, eot: str) -> list[Finding]:
     )]
 
 
-def _missing(ckpt: Checkpoint) -> list[Finding]:
+def _missing(ckpt: ModelDir) -> list[Finding]:
     names = " ".join(str(x) for x in (ckpt.path.name, ckpt.config.get("_name_or_path", "")))
     vocab = {c.content for c in inventory(ckpt).claims}
     turn = [t for t in TURN_TOKENS if t in vocab]

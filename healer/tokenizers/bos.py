@@ -33,7 +33,7 @@ def starts_with_bos(model_type: str | None, tokenizer_config: Mapping[str, Any])
 
 
 def bos_first(ckpt: Any) -> int | None:
-    """The BOS id every sequence of the model dir `ckpt` (a Checkpoint) starts with; None if it uses none."""
+    """The BOS id every sequence of the model dir `ckpt` (a ModelDir) starts with; None if it uses none."""
     if not starts_with_bos(ckpt.model_type, ckpt.tokenizer_config):
         return None
     return ckpt.hf_tokenizer().bos_token_id

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from healer.checkpoint import Checkpoint
+from healer.model_dir import ModelDir
 from healer.report import Check, Context, Finding, fix_command
 from healer.tokenizers.bos import chat_ids, starts_with_bos
 from healer.tokenizers.corpus import builtin_corpus
@@ -11,7 +11,7 @@ from healer.tokenizers.inventory import inventory, special_tokens
 MAX_LISTED = 20
 
 
-def check_missing_fast(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
+def check_missing_fast(ckpt: ModelDir, ctx: Context) -> list[Finding]:
     """Only tokenizer.model: info when transformers' on-the-fly conversion encodes like
     sentencepiece, an error when it does not (measured on the corpus)."""
     if not ckpt.has_sentencepiece or ckpt.has_fast:
@@ -37,7 +37,7 @@ def check_missing_fast(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
     )]
 
 
-def loader_disagreements(ckpt: Checkpoint, ctx: Context) -> tuple[int, list[str], list[tuple[str, list, list]]]:
+def loader_disagreements(ckpt: ModelDir, ctx: Context) -> tuple[int, list[str], list[tuple[str, list, list]]]:
     """How many corpus strings the transformers tokenizer of the dir encodes unlike sentencepiece,
     the strings, and the first five (text, sentencepiece ids, transformers ids)."""
     strings = list(builtin_corpus()) + list(ctx.corpus)
@@ -47,7 +47,7 @@ def loader_disagreements(ckpt: Checkpoint, ctx: Context) -> tuple[int, list[str]
     return len(differing), strings, differing[:5]
 
 
-def check_fast_mismatch(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
+def check_fast_mismatch(ckpt: ModelDir, ctx: Context) -> list[Finding]:
     if not (ckpt.has_sentencepiece and ckpt.has_fast):
         return []
     from healer.tokenizers.compare import compare_encodings
@@ -70,7 +70,7 @@ def check_fast_mismatch(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
     )]
 
 
-def check_loader_mismatch(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
+def check_loader_mismatch(ckpt: ModelDir, ctx: Context) -> list[Finding]:
     """What AutoTokenizer builds from the dir encodes unlike the files it was given.
 
     transformers 5's LlamaTokenizer (and its relatives) replace tokenizer.json's normalizer and
@@ -107,7 +107,7 @@ def check_loader_mismatch(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
     )]
 
 
-def tokenizer_json_disagreements(ckpt: Checkpoint, strings: list[str]) -> tuple[int, list[str], list]:
+def tokenizer_json_disagreements(ckpt: ModelDir, strings: list[str]) -> tuple[int, list[str], list]:
     """Like `loader_disagreements`, with tokenizer.json as written (tokenizers' own loader) as the reference."""
     fast = ckpt.fast_tokenizer()
     want = [e.ids for e in fast.encode_batch_fast(strings, add_special_tokens=False)]
@@ -116,7 +116,7 @@ def tokenizer_json_disagreements(ckpt: Checkpoint, strings: list[str]) -> tuple[
     return len(differing), strings, differing[:5]
 
 
-def check_id_out_of_range(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
+def check_id_out_of_range(ckpt: ModelDir, ctx: Context) -> list[Finding]:
     rows = ckpt.embedding_rows
     if rows is None or not ckpt.has_tokenizer:
         return []
@@ -133,7 +133,7 @@ def check_id_out_of_range(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
     )]
 
 
-def check_dangling_added_token(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
+def check_dangling_added_token(ckpt: ModelDir, ctx: Context) -> list[Finding]:
     if not ckpt.has_tokenizer:
         return []
     inv = inventory(ckpt)
@@ -186,7 +186,7 @@ def check_dangling_added_token(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
     return findings
 
 
-def check_bos(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
+def check_bos(ckpt: ModelDir, ctx: Context) -> list[Finding]:
     """BOS on both paths into the model: encode() for raw text, the rendered template for chats."""
     bos = ckpt.special_token("bos")
     if not ckpt.has_tokenizer or not bos:
@@ -228,7 +228,7 @@ def check_bos(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
     return findings
 
 
-def check_setting_ignored(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
+def check_setting_ignored(ckpt: ModelDir, ctx: Context) -> list[Finding]:
     """tokenizer_config.json's add_bos_token / add_eos_token against what encode() really does.
 
     transformers 5 loads most tokenizer.json dirs as TokenizersBackend, which leaves BOS/EOS to
@@ -266,7 +266,7 @@ def check_setting_ignored(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
     )]
 
 
-def check_pad(ckpt: Checkpoint, ctx: Context) -> list[Finding]:
+def check_pad(ckpt: ModelDir, ctx: Context) -> list[Finding]:
     if not ckpt.has_tokenizer:
         return []
     pad, eos = ckpt.special_token("pad"), ckpt.special_token("eos")

@@ -11,8 +11,8 @@ import json
 import re
 from typing import Any
 
-from healer.checkpoint import Checkpoint
 from healer.draft import Draft, Fix, Options
+from healer.model_dir import ModelDir
 from healer.report import Finding
 from healer.tokenizers.surgery import CHATML_TOKENS, RESERVED, append_at, append_token
 
@@ -178,7 +178,7 @@ def use_fast_class(draft: Draft, check: str) -> None:
                  "tokenizer.json as written", before, FAST_CLASS)
 
 
-def wants_bos(ckpt: Checkpoint, tc: dict[str, Any]) -> bool:
+def wants_bos(ckpt: ModelDir, tc: dict[str, Any]) -> bool:
     """Whether encode() should add BOS: configured, or the family is trained with it."""
     from healer.tokenizers.bos import starts_with_bos
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 
-from healer.checkpoint import Checkpoint
+from healer.model_dir import ModelDir
 
 
 @dataclass(frozen=True)
@@ -163,14 +163,14 @@ class Inventory:
         return {b.source for b in self.base} | {c.source for c in self.added}
 
 
-def inventory(ckpt: Checkpoint) -> Inventory:
-    """Collect the claims of every tokenizer file present (built once per Checkpoint; read-only)."""
+def inventory(ckpt: ModelDir) -> Inventory:
+    """Collect the claims of every tokenizer file present (built once per ModelDir; read-only)."""
     if "_inventory" not in ckpt.__dict__:
         ckpt.__dict__["_inventory"] = _collect(ckpt)
     return ckpt.__dict__["_inventory"]
 
 
-def _collect(ckpt: Checkpoint) -> Inventory:
+def _collect(ckpt: ModelDir) -> Inventory:
     base: list[BaseVocab] = []
     added: list[Claim] = []
     if ckpt.has_sentencepiece:
@@ -196,7 +196,7 @@ def _collect(ckpt: Checkpoint) -> Inventory:
     return Inventory(base, added)
 
 
-def special_tokens(ckpt: Checkpoint) -> dict[str, str]:
+def special_tokens(ckpt: ModelDir) -> dict[str, str]:
     """Declared special tokens: {'bos': '<s>', 'eos': '</s>', ...} plus additional specials by content."""
     out = {name: t for name in ("bos", "eos", "pad", "unk") if (t := ckpt.special_token(name))}
     extra = ckpt.tokenizer_config.get("additional_special_tokens") or ckpt.special_tokens_map.get(

@@ -10,7 +10,6 @@ import testdata
 import torch
 from safetensors.torch import load_file, save_file
 
-from healer.checkpoint import Checkpoint
 from healer.doctor import Context
 from healer.embeddings.checks import (
     CHECKS,
@@ -19,6 +18,7 @@ from healer.embeddings.checks import (
     check_weights_nonfinite,
 )
 from healer.embeddings.usage import load_vocab, template_token_ids
+from healer.model_dir import ModelDir
 from healer.templates import registry
 
 EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
@@ -54,7 +54,7 @@ def test_nonfinite_embedding_and_lm_head_rows_are_an_error(tmp_path):
         t[EMBED][8, 0] = float("inf")
         t[LM_HEAD][9, 1:4] = float("-inf")
     tensors = _edit(tmp_path, plant)
-    (finding,) = check_embeddings_nonfinite(Checkpoint(tmp_path), Context())
+    (finding,) = check_embeddings_nonfinite(ModelDir(tmp_path), Context())
     assert finding.check == "embeddings.nonfinite" and finding.severity == "error"
     for name in (EMBED, LM_HEAD):
         t = tensors[name]
@@ -72,7 +72,7 @@ def test_weights_nonfinite_streams_every_tensor_only_under_check_weights(tmp_pat
     tensors[LAYER][0, :5] = float("nan")
     tensors[LAYER][3, 2] = float("inf")
     save_file(tensors, str(shard), metadata={"format": "pt"})
-    ckpt = Checkpoint(tmp_path)
+    ckpt = ModelDir(tmp_path)
     assert check_weights_nonfinite(ckpt, Context()) == []
     (finding,) = check_weights_nonfinite(ckpt, Context(check_weights=True))
     assert finding.severity == "error"
@@ -82,13 +82,13 @@ def test_weights_nonfinite_streams_every_tensor_only_under_check_weights(tmp_pat
 
 def test_checkpoint_without_weights_gets_no_embedding_findings(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 10}))
-    ckpt = Checkpoint(tmp_path)
+    ckpt = ModelDir(tmp_path)
     assert [f for check in CHECKS for f in check(ckpt, Context(check_weights=True))] == []
 
 
 def test_healthy_random_model_has_no_embedding_findings(tmp_path):
     builders.save_tiny_model(tmp_path, "llama", 300)
-    ckpt = Checkpoint(tmp_path)
+    ckpt = ModelDir(tmp_path)
     assert [f for check in CHECKS for f in check(ckpt, Context(check_weights=True))] == []
 
 
@@ -106,7 +106,7 @@ def test_untrained_rows_of_unused_tokens_are_a_warning(llama2, spm_model, tmp_pa
             t[name][unused] = 0
             t[name][sp.unk_id()] = 0  # unk is protected: never counted, but shown
     _edit(src, plant)
-    (finding,) = check_untrained(Checkpoint(src), Context())
+    (finding,) = check_untrained(ModelDir(src), Context())
     assert finding.severity == "warning"
     assert finding.details["count"] == 2
     assert [(d["id"], d["token"]) for d in finding.details["first"]] == [(i, sp.id_to_piece(i)) for i in sorted(unused)]
@@ -126,7 +126,7 @@ def test_untrained_row_of_a_template_piece_is_an_error_on_a_sentencepiece_checkp
         t[EMBED][inst] = 0
         t[LM_HEAD][inst] = 0
     _edit(src, plant)
-    (finding,) = check_untrained(Checkpoint(src), Context())
+    (finding,) = check_untrained(ModelDir(src), Context())
     assert finding.severity == "error"
     assert finding.details["template"] == [{"id": inst, "token": "INST"}]
 
@@ -134,7 +134,7 @@ def test_untrained_row_of_a_template_piece_is_an_error_on_a_sentencepiece_checkp
 def test_tied_embedding_rows_need_no_lm_head_confirmation(tmp_path):
     builders.save_tiny_model(tmp_path, "llama", 300, tie_word_embeddings=True)
     _edit(tmp_path, lambda t: t[EMBED].index_fill_(0, torch.tensor([11, 12]), 0))
-    (finding,) = check_untrained(Checkpoint(tmp_path), Context())
+    (finding,) = check_untrained(ModelDir(tmp_path), Context())
     assert finding.details["count"] == 2 and finding.details["rules"] == {"embed_zero": 2}
 
 
@@ -150,7 +150,7 @@ def test_template_tokens_skip_a_shape_the_template_refuses(llama2, spm_model, tm
     tc = json.loads((src / "tokenizer_config.json").read_text())
     tc["chat_template"] = registry.get("gemma").source
     (src / "tokenizer_config.json").write_text(json.dumps(tc))
-    ckpt = Checkpoint(src)
+    ckpt = ModelDir(src)
     hf = AutoTokenizer.from_pretrained(str(src))
     id_sets = []
     for words in (("alpha", "bravo", "charlie"), ("xray", "yankee", "zulu")):

@@ -8,7 +8,6 @@ import torch
 from embedding_fixtures import EMBED, LM_HEAD, assert_within_one_bf16_ulp, copy_non_weights
 from safetensors.torch import load_file
 
-from healer.checkpoint import Checkpoint
 from healer.doctor import Context
 from healer.embeddings import (
     checkpoint_untrained_rows,
@@ -23,6 +22,7 @@ from healer.embeddings import (
 from healer.embeddings.checks import check_untrained
 from healer.embeddings.rows import EMBED_AND_HEAD_ZERO, EMBED_ZERO_HEAD_SHARED
 from healer.embeddings.usage import dataset_token_counts, template_token_ids
+from healer.model_dir import ModelDir
 
 CONVERSATIONS = [
     [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a fruit."},
@@ -58,7 +58,7 @@ def hf_tok(llama3_untrained):
 
 @pytest.fixture(scope="module")
 def ckpt(llama3_untrained):
-    return Checkpoint(llama3_untrained.path)
+    return ModelDir(llama3_untrained.path)
 
 
 def _reference_mean(matrix: torch.Tensor, untrained) -> torch.Tensor:
@@ -96,7 +96,7 @@ def test_doctor_finds_exactly_the_zeroed_llama3_rows(ckpt, llama3_untrained):
 
 
 def test_doctor_is_silent_on_the_healthy_llama3_checkpoint(llama3_healthy):
-    assert check_untrained(Checkpoint(llama3_healthy.path), Context()) == []
+    assert check_untrained(ModelDir(llama3_healthy.path), Context()) == []
 
 
 def test_template_tokens_are_the_special_tokens_transformers_renders(ckpt, hf_tok):
@@ -148,7 +148,7 @@ def test_only_the_embedding_and_lm_head_shards_are_rewritten(repaired, llama3_un
 
 def test_doctor_after_repair_only_warns_about_unused_reserved_rows(repaired, llama3_untrained):
     out, _, _, _ = repaired
-    (finding,) = check_untrained(Checkpoint(out), Context())
+    (finding,) = check_untrained(ModelDir(out), Context())
     assert finding.severity == "warning"
     assert finding.details["count"] == len(llama3_untrained.reserved)
     assert finding.fix.endswith("--all-untrained")
@@ -161,7 +161,7 @@ def test_repair_all_untrained_leaves_nothing_for_doctor(ckpt, llama3_untrained, 
     out = tmp_path / "model"
     copy_non_weights(ckpt.path, out)
     write_weights(ckpt, repair_untrained(ckpt, rows, untrained), out)
-    assert check_untrained(Checkpoint(out), Context()) == []
+    assert check_untrained(ModelDir(out), Context()) == []
 
 
 def test_dataset_tokens_are_counted_after_the_template_and_selected(ckpt, hf_tok, tmp_path):

@@ -13,9 +13,9 @@ from embedding_fixtures import assert_within_one_bf16_ulp, copy_non_weights
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from healer.checkpoint import Checkpoint, safetensors_header
 from healer.embeddings import grow_embeddings, repair_untrained, untrained_rows, write_weights
 from healer.errors import CheckpointError, OutputError
+from healer.model_dir import ModelDir, safetensors_header
 
 EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
@@ -58,7 +58,7 @@ def tied_sharded(tmp_path_factory) -> Path:
 def test_growing_a_tied_embedding_rewrites_only_its_shard_and_transformers_sees_the_new_rows(tied_sharded, tmp_path):
     src = tied_sharded
     before = _state(src)
-    ckpt = Checkpoint(src)
+    ckpt = ModelDir(src)
     updates = grow_embeddings(ckpt, 2)
     assert list(updates) == [EMBED]  # tied, no lm_head stored: one tensor
     out = tmp_path / "out"
@@ -90,7 +90,7 @@ def test_growing_a_tied_embedding_rewrites_only_its_shard_and_transformers_sees_
 
 
 def test_rewritten_shard_keeps_tensor_order_dtypes_and_metadata(tied_sharded, tmp_path):
-    ckpt = Checkpoint(tied_sharded)
+    ckpt = ModelDir(tied_sharded)
     out = tmp_path / "out"
     out.mkdir()
     write_weights(ckpt, grow_embeddings(ckpt, 3), out)
@@ -120,7 +120,7 @@ def test_untied_single_file_repair_uses_each_matrix_own_trained_mean(tmp_path):
     tensors[LM_HEAD][rows] = 0.5  # identical non-zero rows (Llama 3.1): must not enter the lm_head mean
     tensors[LM_HEAD] += 0.01  # a mean far from the embedding's
     save_file(tensors, str(shard), metadata={"format": "pt"})
-    ckpt = Checkpoint(src)
+    ckpt = ModelDir(src)
     untrained = untrained_rows(tensors[EMBED], tensors[LM_HEAD])
     assert sorted(untrained) == rows
     updates = repair_untrained(ckpt, [3, 250], untrained)
@@ -140,7 +140,7 @@ def test_untied_single_file_repair_uses_each_matrix_own_trained_mean(tmp_path):
 def test_unchanged_shards_are_copied_across_filesystems(tied_sharded):
     if not Path("/dev/shm").is_dir() or os.stat("/dev/shm").st_dev == os.stat(tied_sharded).st_dev:
         pytest.skip("needs /dev/shm on another filesystem than the test data")
-    ckpt = Checkpoint(tied_sharded)
+    ckpt = ModelDir(tied_sharded)
     with tempfile.TemporaryDirectory(dir="/dev/shm") as tmp:
         written = write_weights(ckpt, {}, tmp)
         shards = sorted(p.name for p in tied_sharded.glob("*.safetensors"))
@@ -150,7 +150,7 @@ def test_unchanged_shards_are_copied_across_filesystems(tied_sharded):
 
 
 def test_write_weights_refuses_existing_files_and_bin_checkpoints(tied_sharded, tmp_path):
-    ckpt = Checkpoint(tied_sharded)
+    ckpt = ModelDir(tied_sharded)
     out = tmp_path / "out"
     out.mkdir()
     (out / ckpt.weight_map[EMBED].name).write_bytes(b"x")
@@ -163,4 +163,4 @@ def test_write_weights_refuses_existing_files_and_bin_checkpoints(tied_sharded, 
     (binary / "config.json").write_text(json.dumps({"model_type": "llama"}))
     torch.save({EMBED: torch.ones(4, 8)}, binary / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="only safetensors"):
-        write_weights(Checkpoint(binary), {}, out)
+        write_weights(ModelDir(binary), {}, out)

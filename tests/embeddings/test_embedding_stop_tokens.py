@@ -13,9 +13,9 @@ import torch
 from embedding_fixtures import EMBED, LM_HEAD
 from safetensors.torch import load_file, save_file
 
-from healer.checkpoint import Checkpoint
 from healer.doctor import Context, all_checks
 from healer.embeddings.checks import check_untrained, check_untrained_stop_tokens
+from healer.model_dir import ModelDir
 
 CHECK = "embeddings.untrained_stop_token"
 EOT = "<|eot_id|>"
@@ -51,14 +51,14 @@ def test_stop_token_check_is_registered_with_doctor():
 
 
 def test_healthy_checkpoint_gets_no_stop_token_finding(llama3_healthy):
-    ckpt = Checkpoint(llama3_healthy.path)
+    ckpt = ModelDir(llama3_healthy.path)
     assert check_untrained_stop_tokens(ckpt, Context()) == []
 
 
 def test_untrained_rows_of_tokens_that_do_not_stop_generation_give_no_stop_token_finding(llama3_healthy, tmp_path):
     reserved = hf_tokenizer(llama3_healthy.path).convert_tokens_to_ids("<|reserved_special_token_5|>")
     model = copy_with_zero_rows(llama3_healthy.path, tmp_path / "m", {EMBED: [reserved], LM_HEAD: [reserved]})
-    ckpt = Checkpoint(model)
+    ckpt = ModelDir(model)
     (untrained,) = check_untrained(ckpt, Context())
     assert untrained.details["first"][0]["id"] == reserved
     assert check_untrained_stop_tokens(ckpt, Context()) == []
@@ -67,7 +67,7 @@ def test_untrained_rows_of_tokens_that_do_not_stop_generation_give_no_stop_token
 def test_zeroed_eos_row_is_reported_although_untrained_rows_leave_eos_out(llama3_healthy, tmp_path):
     eos = hf_tokenizer(llama3_healthy.path).eos_token_id
     model = copy_with_zero_rows(llama3_healthy.path, tmp_path / "m", {EMBED: [eos], LM_HEAD: [eos]})
-    ckpt = Checkpoint(model)
+    ckpt = ModelDir(model)
     assert check_untrained(ckpt, Context()) == []  # by design: eos is a protected row
     (finding,) = check_untrained_stop_tokens(ckpt, Context())
     assert finding.check == CHECK and finding.severity == "warning"
@@ -85,7 +85,7 @@ def test_base_model_whose_eos_was_switched_to_an_untrained_eot_is_reported(llama
     edit_json(model / "tokenizer_config.json", eos_token=EOT)
     edit_json(model / "config.json", eos_token_id=eot)
     assert hf_tokenizer(model).eos_token_id == eot
-    ckpt = Checkpoint(model)
+    ckpt = ModelDir(model)
     assert check_untrained(ckpt, Context()) == []
     (finding,) = check_untrained_stop_tokens(ckpt, Context())
     assert list(by_id(finding)) == [eot]
@@ -97,18 +97,18 @@ def test_untrained_end_of_turn_in_generation_config_is_reported_with_the_fix_com
     eot = tok.convert_tokens_to_ids(EOT)
     model = copy_with_zero_rows(llama3_healthy.path, tmp_path / "m", {EMBED: [eot], LM_HEAD: [eot]})
     edit_json(model / "generation_config.json", eos_token_id=[tok.eos_token_id, eot])
-    (finding,) = check_untrained_stop_tokens(Checkpoint(model), Context())
+    (finding,) = check_untrained_stop_tokens(ModelDir(model), Context())
     assert list(by_id(finding)) == [eot]
     assert set(by_id(finding)[eot]["stops_as"]) == {"generation_config.eos_token_id", "template end of turn"}
     # not a protected row: embeddings.untrained reports it too, and healer fix repairs it
-    assert eot in [d["id"] for d in check_untrained(Checkpoint(model), Context())[0].details["template"]]
+    assert eot in [d["id"] for d in check_untrained(ModelDir(model), Context())[0].details["template"]]
     assert finding.fix.startswith(f"healer fix {model}")
 
 
 def test_end_of_turn_with_only_its_lm_head_row_zeroed_is_reported(llama3_healthy, tmp_path):
     eot = hf_tokenizer(llama3_healthy.path).convert_tokens_to_ids(EOT)
     model = copy_with_zero_rows(llama3_healthy.path, tmp_path / "m", {LM_HEAD: [eot]})
-    ckpt = Checkpoint(model)
+    ckpt = ModelDir(model)
     assert torch.count_nonzero(load_file(str(next(model.glob("*.safetensors"))))[EMBED][eot]) > 0
     (finding,) = check_untrained_stop_tokens(ckpt, Context())
     assert by_id(finding)[eot]["stops_as"] == ["template end of turn"]
@@ -125,5 +125,5 @@ def test_tied_checkpoint_without_tokenizer_is_checked_on_the_embedding_by_config
     save_file(tensors, str(shard), metadata={"format": "pt"})
     naming_eos = [f"{name}.eos_token_id" for name in ("config", "generation_config")
                   if json.loads((tmp_path / f"{name}.json").read_text()).get("eos_token_id") == 2]
-    (finding,) = check_untrained_stop_tokens(Checkpoint(tmp_path), Context())
+    (finding,) = check_untrained_stop_tokens(ModelDir(tmp_path), Context())
     assert finding.details["tokens"] == [{"id": 2, "token": None, "stops_as": naming_eos, "untrained_in": [EMBED]}]

@@ -135,9 +135,9 @@ CASES = [(f, "f16") for f in ("llama", "mistral", "qwen2", "qwen3", "gemma", "ge
 @pytest.mark.parametrize("family,quant", CASES)
 def test_every_tensor_reads_back_as_the_peft_merge_in_llama_cpp_layout(adapted, exported, family, quant):
     base, _, merged = adapted(family)
-    from healer.checkpoint import Checkpoint
+    from healer.model_dir import ModelDir
 
-    config = Checkpoint(base).config
+    config = ModelDir(base).config
     reader = exported(family, quant)
     want = expected_tensors(family, config, merged)
     got = {t.name: t for t in reader.tensors}
@@ -253,9 +253,9 @@ def test_llama3_bpe_vocab_merges_and_pre_tokenizer_equal_llama_cpps_gguf(llama3_
 
 def test_chat_template_is_written_verbatim(llama3_gguf):
     base, reader = llama3_gguf
-    from healer.checkpoint import Checkpoint
+    from healer.model_dir import ModelDir
 
-    assert field(reader, gguf.Keys.Tokenizer.CHAT_TEMPLATE) == Checkpoint(base).chat_template
+    assert field(reader, gguf.Keys.Tokenizer.CHAT_TEMPLATE) == ModelDir(base).chat_template
     assert field(reader, gguf.Keys.Tokenizer.CHAT_TEMPLATE) == testdata.template("meta-llama-Llama-3.1-8B-Instruct")
 
 

@@ -20,8 +20,8 @@ import testdata
 from export_helpers import LlamaCppModel, llama_cpp_required  # noqa: F401 (fixture)
 
 import export
-from healer.checkpoint import Checkpoint
 from healer.fix import repair
+from healer.model_dir import ModelDir
 from healer.templates.render import render_source
 from healer.tokenizers.bos import starts_with_bos
 from trainer.data import prepare_model_data
@@ -95,7 +95,7 @@ def test_training_ids_are_llama_cpp_ids_of_the_exported_gguf(tmp_path, family):
     messages = NO_SYSTEM if family == "llama2" else CHAT
     data = tmp_path / "chat.jsonl"
     data.write_text(json.dumps({"messages": messages}) + "\n", encoding="utf-8")
-    ckpt = Checkpoint(model)
+    ckpt = ModelDir(model)
     _, prepared = prepare_model_data(ckpt, data, None, max_seq_len=4096, train_on_inputs=False)
     (trained,) = [ex.input_ids for ex in prepared.examples]
     path = export.to_gguf(model, tmp_path / "model.gguf", "f16")

@@ -15,7 +15,7 @@ import pytest
 import testdata
 from template_refs import CONVERSATIONS, spans_after_prompt
 
-from healer.checkpoint import Checkpoint
+from healer.model_dir import ModelDir
 from healer.templates import IGNORE_INDEX
 
 KEYS = ["one_turn", "system_three_turns", "five_turns", "unicode", "multiline", "reasoning", "tool_response_text"]
@@ -26,7 +26,7 @@ def test_prepare_data_masks_with_the_models_own_template(tmp_path, name, entry):
     from trainer.data import prepare_data, resolve_template
 
     model = builders.real_checkpoint(tmp_path / "model", testdata.real_tokenizer(name), name)
-    ckpt = Checkpoint(model)
+    ckpt = ModelDir(model)
     tok = ckpt.hf_tokenizer()
     template = resolve_template(None, ckpt.chat_template, model, bos_token=tok.bos_token, eos_token=tok.eos_token)
     assert template.entry is not None and template.entry.name == entry
@@ -60,7 +60,7 @@ def test_reasoning_content_of_a_dataset_row_is_rendered_and_trained_with_qwen3(t
     # a second row without the field: datasets then fills it with None in the first row's schema
     data.write_text(json.dumps({"messages": conv}) + "\n" + json.dumps({"messages": conv[:1] + [
         {"role": "assistant", "content": "Hi."}]}) + "\n", encoding="utf-8")
-    ckpt = Checkpoint(model)
+    ckpt = ModelDir(model)
     tok = ckpt.hf_tokenizer()
     _, prepared = prepare_model_data(ckpt, data, None, max_seq_len=4096, train_on_inputs=False)
     ex = prepared.examples[0]

@@ -18,8 +18,8 @@ import pytest
 import testdata
 import tiny_runs
 
-from healer.checkpoint import Checkpoint
 from healer.fix import repair
+from healer.model_dir import ModelDir
 from trainer.data import IGNORE_INDEX, prepare_model_data
 
 pytestmark = pytest.mark.slow
@@ -65,7 +65,7 @@ def mistral_chatml(tmp_path_factory) -> Path:
 
 
 def training_ids(model: Path, data: Path, template: str | None = None) -> list[list[int]]:
-    _, prepared = prepare_model_data(Checkpoint(model), data, template, max_seq_len=4096, train_on_inputs=False)
+    _, prepared = prepare_model_data(ModelDir(model), data, template, max_seq_len=4096, train_on_inputs=False)
     return [ex.input_ids for ex in prepared.examples]
 
 
@@ -124,7 +124,7 @@ def test_plain_text_of_llama3_as_released_gets_bos_from_the_trainer(tmp_path):
 
 
 def test_bos_is_never_a_trained_label(fixed, data):
-    _, prepared = prepare_model_data(Checkpoint(fixed("llama3_1")), data, None, max_seq_len=4096,
+    _, prepared = prepare_model_data(ModelDir(fixed("llama3_1")), data, None, max_seq_len=4096,
                                      train_on_inputs=False)
     for ex in prepared.examples:
         assert ex.labels[0] == IGNORE_INDEX
@@ -145,7 +145,7 @@ def test_preview_json_prints_the_training_ids_and_writes_nothing(mistral_chatml,
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [line["row"] for line in lines] == [0, 1]
     assert [line["input_ids"] for line in lines] == training_ids(mistral_chatml, data)
-    _, prepared = prepare_model_data(Checkpoint(mistral_chatml), data, None, max_seq_len=4096, train_on_inputs=False)
+    _, prepared = prepare_model_data(ModelDir(mistral_chatml), data, None, max_seq_len=4096, train_on_inputs=False)
     assert [line["labels"] for line in lines] == [ex.labels for ex in prepared.examples]
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no run dir
 

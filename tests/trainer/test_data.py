@@ -10,8 +10,8 @@ import pytest
 import testdata
 import torch
 
-from healer.checkpoint import Checkpoint
 from healer.errors import HealerError
+from healer.model_dir import ModelDir
 from trainer.data import (
     IGNORE_INDEX,
     DataError,
@@ -42,7 +42,7 @@ def llama3(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tok(llama3):
-    return Checkpoint(llama3).hf_tokenizer()
+    return ModelDir(llama3).hf_tokenizer()
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -51,7 +51,7 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 
 def model_template(llama3):
-    return resolve_template(None, Checkpoint(llama3).chat_template, llama3, bos_token="<|begin_of_text|>",
+    return resolve_template(None, ModelDir(llama3).chat_template, llama3, bos_token="<|begin_of_text|>",
                             eos_token="<|eot_id|>")
 
 
@@ -90,7 +90,7 @@ def test_assistant_only_labels_match_transformers_generation_mask(llama3, tok, t
         (tmp_path / template).write_text(CUSTOM.replace("{GEN}", "").replace("{END}", ""), encoding="utf-8")
         template = str(tmp_path / template)
         tagged = CUSTOM.replace("{GEN}", "{% generation %}").replace("{END}", "{% endgeneration %}")
-    resolved = resolve_template(template, Checkpoint(llama3).chat_template, llama3, bos_token="<|begin_of_text|>",
+    resolved = resolve_template(template, ModelDir(llama3).chat_template, llama3, bos_token="<|begin_of_text|>",
                                 eos_token="<|eot_id|>")
     assert (resolved.entry is None) == template.endswith(".jinja") if template else resolved.entry.name == "llama-3.1"
     data = prepare_data(write_jsonl(tmp_path / "d.jsonl", [{"messages": c} for c in CHATS]), tok,

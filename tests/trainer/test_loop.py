@@ -15,8 +15,8 @@ import tiny_runs
 import torch
 from rich.console import Console
 
-from healer.checkpoint import Checkpoint
 from healer.errors import OutputError
+from healer.model_dir import ModelDir
 from trainer.config import TrainConfig
 from trainer.data import (
     IGNORE_INDEX,
@@ -261,7 +261,7 @@ def llama3_zero_rows(tmp_path_factory) -> Path:
 
 
 def llama3_data(path: Path, tmp_path: Path):
-    ckpt = Checkpoint(path)
+    ckpt = ModelDir(path)
     tok = ckpt.hf_tokenizer()
     template = resolve_template(None, ckpt.chat_template, path, bos_token=tok.bos_token, eos_token=tok.eos_token)
     data = prepare_data(tiny_runs.write_jsonl(tmp_path / "d.jsonl", tiny_runs.chat_rows(8)), tok, template,

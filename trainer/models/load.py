@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from healer.checkpoint import Checkpoint
 from healer.errors import CheckpointError
+from healer.model_dir import ModelDir
 from trainer.models.decoder import CausalLM, RotaryEmbedding
 from trainer.models.spec import ModelSpec
 from trainer.options import DEFAULT_OPTIONS, ModelOptions
@@ -23,7 +23,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
     quantization as it arrives, on `device`, so at most one 16-bit matrix is there at a time;
     embeddings, norms and lm_head stay in `dtype`. Base parameters are frozen (requires_grad=False).
     """
-    ckpt = Checkpoint(path)
+    ckpt = ModelDir(path)
     try:
         spec = ModelSpec.from_config(ckpt.config)
     except CheckpointError as e:
@@ -55,7 +55,7 @@ def _use_4bit_linears(model: CausalLM, dtype: torch.dtype) -> None:
                 compress_statistics=True, quant_type="nf4", device="meta"))
 
 
-def _load_parameter(ckpt: Checkpoint, model: CausalLM, name: str, param: nn.Parameter, dtype: torch.dtype,
+def _load_parameter(ckpt: ModelDir, model: CausalLM, name: str, param: nn.Parameter, dtype: torch.dtype,
                     device: torch.device) -> None:
     import bitsandbytes as bnb
 
