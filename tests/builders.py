@@ -2,6 +2,7 @@
 
 The weights come from transformers' own model classes (`save_pretrained`), so the files are
 exactly what a user's checkpoint looks like; only the sizes are tiny (hidden 64, 2 layers).
+tiny_model is the one place tests build such a model; save_tiny_model writes it.
 """
 
 from __future__ import annotations
@@ -53,14 +54,47 @@ def tiny_config(family: str, vocab_size: int, **overrides: Any):
     return AutoConfig.for_model(model_type, **kwargs)
 
 
-def save_tiny_model(out: Path, family: str, vocab_size: int, *, seed: int = 0, dtype=torch.float32,
-                    max_shard_size: str | None = None, **config_overrides: Any):
-    """Write config.json, generation_config.json and safetensors weights of a random tiny model."""
+def tiny_model(family: str, vocab_size: int, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+               spread: bool = False, **config_overrides: Any):
+    """A random tiny `family` transformers model (eval mode), initialized by transformers after
+    torch.manual_seed(seed); spread=True then redraws its weights with spread_weights."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     config = tiny_config(family, vocab_size, **config_overrides)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    if spread:
+        spread_weights(model, norm_offset=family.startswith("gemma"))
+    return model
+
+
+def spread_weights(model: torch.nn.Module, *, norm_offset: bool) -> None:
+    """Redraw `model`'s weights (a transformers model's, or our decoder's: the same names) wide enough that
+    every family switch shows, in its parameter order from torch's global generator.
+
+    transformers initializes linears with std 0.02, which makes attention nearly uniform and leaves
+    sliding windows, softcaps and norm offsets almost invisible in the logits; a parity test on such
+    weights could pass with a switch missing. Here norms get 1 +- 30% (+-30% around 0 where they
+    scale by (1 + w), norm_offset: Gemma's), other 1-D tensors (biases) N(0, 0.1), embeddings N(0, 1)
+    and matrices N(0, 1/fan_in).
+    """
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.randn_like(p) * 0.3 + (0.0 if norm_offset else 1.0))
+            elif p.ndim == 1:
+                p.copy_(torch.randn_like(p) * 0.1)
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5)
+
+
+def save_tiny_model(out: Path, family: str, vocab_size: int, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                    spread: bool = False, max_shard_size: str | None = None, **config_overrides: Any):
+    """Write config.json, generation_config.json and safetensors weights of tiny_model(...) to `out`;
+    return the model."""
+    model = tiny_model(family, vocab_size, seed=seed, dtype=dtype, spread=spread, **config_overrides)
     out.mkdir(parents=True, exist_ok=True)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out, **kwargs)

@@ -41,12 +41,11 @@ def test_only_unsloth_without_unsloth_says_what_to_carry_in_one_line_and_exits_2
 
 
 def test_unsloth_report_finds_no_unsloth_code_in_a_plain_peft_model():
+    from builders import tiny_model
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
-    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=4, target_modules=train_variants.LORA_TARGETS))
+    base = tiny_model("llama", 64, hidden_size=32, intermediate_size=64)  # 2 layers, 4 heads, 2 KV heads
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=train_variants.LORA_TARGETS))
     report = train_variants.unsloth_report(model)
     assert report["layers"] == 2 and report["fast_path"] is False
     assert report["fused_lora"] == {"qkv": 0, "o": 0, "mlp": 0}

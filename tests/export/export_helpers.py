@@ -72,16 +72,18 @@ def chatml_llama(path: Path, **config) -> Path:
     """A Llama 2 vocabulary with <|im_start|>/<|im_end|> added as special tokens by transformers
     (whose sentencepiece tokenizers prefix only the start of the text, not text after a special token)."""
     import builders
+    import sentencepiece as spm
     import testdata
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    builders.sentencepiece_checkpoint(path, testdata.sentencepiece_model("llama-spm"), family="llama", **config)
+    chatml = ["<|im_start|>", "<|im_end|>"]
+    sp_model = testdata.sentencepiece_model("llama-spm")
+    vocab_size = spm.SentencePieceProcessor(model_file=str(sp_model)).get_piece_size() + len(chatml)
+    builders.sentencepiece_checkpoint(path, sp_model, family="llama", vocab_size=vocab_size, **config)
     tok = AutoTokenizer.from_pretrained(str(path))
-    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.add_special_tokens({"additional_special_tokens": chatml})
+    assert len(tok) == vocab_size
     tok.save_pretrained(str(path))
-    model = AutoModelForCausalLM.from_pretrained(str(path))
-    model.resize_token_embeddings(len(tok), mean_resizing=False)
-    model.save_pretrained(str(path))
     return path
 
 

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from builders import tiny_config
+from builders import tiny_model
 from torch import nn
 
 from trainer.config import ConfigError
@@ -26,12 +26,7 @@ FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_tex
 
 
 def hf_model(family: str, seed: int = 0):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    config = tiny_config(family, 96, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return model.eval()
+    return tiny_model(family, 96, seed=seed, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
 def randomize_lora(model: nn.Module, seed: int = 1) -> None:
