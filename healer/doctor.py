@@ -60,8 +60,8 @@ def gc_paused() -> Iterator[None]:
     """Python's cyclic garbage collector paused for the block (restored after, also on errors).
 
     Parsing a 262K-token tokenizer.json, and transformers building its tokenizer from one, allocate
-    millions of lists and dicts; the collector's passes over them took about 1 s of the 5.6 s of
-    CPU time `healer doctor` spent on Gemma 3 (2-core machine). Reference counting still frees
+    millions of lists and dicts; the collector's passes over them were a large part of `healer doctor`'s
+    CPU time on Gemma 3 (bench/results/doctor-real-vocab-2cpu.txt). Reference counting still frees
     everything that is not a cycle; the cycles wait for the next collection after the block.
     """
     was_enabled = gc.isenabled()

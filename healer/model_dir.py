@@ -281,8 +281,8 @@ class ModelDir:
     def _load_hf_tokenizer(self):
         import transformers
 
-        # clear errors for broken JSON before transformers' tracebacks (the cached parses: tokenizer.json
-        # again cost 0.7 s of CPU time for Gemma 3's 262K vocabulary)
+        # clear errors for broken JSON before transformers' tracebacks (the cached parses: parsing a 262K-token
+        # tokenizer.json again costs a noticeable part of doctor's time: bench/results/doctor-real-vocab-2cpu.txt)
         _ = self.tokenizer_config, self.special_tokens_map, self.added_tokens_json, self.tokenizer_json
         _ = self.chat_template  # and for a template file that is not text (transformers reads it too)
         tj = self.tokenizer_json

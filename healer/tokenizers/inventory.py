@@ -28,7 +28,7 @@ class BaseVocab:
     """One base vocabulary as its file holds it: content -> id (BPE, WordPiece) or contents in id order.
 
     Kept as the file's own dict or list: one Claim object per entry of a 262K vocabulary cost
-    seconds (Gemma 3: 1.2 s of doctor's CPU time on the 2-core machine), and only added tokens
+    seconds of doctor's time on Gemma 3's (bench/results/doctor-real-vocab-2cpu.txt), and only added tokens
     and ids that disagree are ever looked at one by one.
     """
 
