@@ -122,7 +122,8 @@ def repair(path: str | Path, out: str | Path, *, chatml: bool = False, template:
         _write(second, stage_two)
         report.changes = draft.changes + second.changes
         report.unfixable = draft.unfixable + second.unfixable
-        report.after = diagnose(stage_two, corpus=corpus)
+        # diagnosed where it is staged; the report names where it will be
+        report.after = diagnose(stage_two, corpus=corpus).relocated(str(stage_two), str(out))
         still = still_failing(report.claimed, [before, mid_report], report.after)
         if still:
             raise FixError(f"fix claimed to repair {', '.join(still)} but the output still fails "

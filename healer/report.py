@@ -7,6 +7,7 @@ A fix records each edit as a `Change`; `FixReport` is what `healer.fix.repair` r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -73,6 +74,22 @@ class Report:
 
     def checks(self) -> set[str]:
         return {f.check for f in self.findings}
+
+    def relocated(self, old: str, new: str) -> Report:
+        """This report with the directory `old` named `new` in its paths, messages, fix commands and details:
+        for a directory diagnosed in its staging place before it was renamed into place (healer fix)."""
+        def move(value: Any) -> Any:
+            if isinstance(value, str):
+                return value.replace(old, new)
+            if isinstance(value, list):
+                return [move(v) for v in value]
+            if isinstance(value, dict):
+                return {k: move(v) for k, v in value.items()}
+            return value
+
+        return Report(model=move(self.model), findings=[
+            dataclasses.replace(f, message=move(f.message), fix=move(f.fix), details=move(f.details))
+            for f in self.findings])
 
     def by_check(self, check: str) -> list[Finding]:
         return [f for f in self.findings if f.check == check]

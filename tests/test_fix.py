@@ -67,6 +67,8 @@ def test_fix_leaves_no_errors_and_a_report(fixed_example):
             "template.tokens_not_single"} <= claimed
     for c in saved["changes"]:
         assert set(c) == {"check", "target", "description", "before", "after"}
+    # the output is diagnosed in its staging dir before the rename; the saved report names where it is
+    assert saved["after"]["model"] == str(out) and f".{out.name}.healer" not in json.dumps(saved), saved["after"]
 
 
 def test_fix_never_modifies_its_input(example, fixed_example):

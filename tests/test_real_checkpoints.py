@@ -177,6 +177,20 @@ def test_fix_llama3_as_released(real, tmp_path):
     assert prompt.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
 
 
+def test_fix_chatml_on_llama3_as_released_keeps_the_chatml_template_asked_for(real, tmp_path):
+    """The released template ignores add_generation_prompt; --chatml replaces it, so the generation-prompt fix
+    (which would install the llama-3 entry) stands aside and the output's template is ChatML, which honours it."""
+    from transformers import AutoTokenizer
+
+    fixed = repair(real("llama3"), tmp_path / "out", chatml=True)
+    assert "template.generation_prompt_ignored" not in {c.check for c in fixed.changes}
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    prompt = tok.apply_chat_template(CHAT[:2], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>assistant\n")
+    assert not tok.apply_chat_template(CHAT[:2], tokenize=False).endswith("<|im_start|>assistant\n")
+    assert checks(healer.diagnose(tmp_path / "out"), "error") == set()
+
+
 # --------------------------------------------------------------------------- Llama 2 layout
 
 

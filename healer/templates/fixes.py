@@ -77,8 +77,8 @@ def fix_template(draft: Draft, findings: list[Finding], opts: Options) -> None:
 def fix_generation_prompt_ignored(draft: Draft, findings: list[Finding], opts: Options) -> None:
     """A template that always writes the generation prompt: the registry entry it renders like otherwise."""
     found = [f for f in findings if f.check == "template.generation_prompt_ignored"]
-    if not found or opts.template is not None:
-        return  # --template NAME replaces the template anyway
+    if not found or opts.template is not None or opts.chatml:
+        return  # --template NAME and --chatml replace the template anyway
     name = found[0].details.get("registry_equivalent")
     if name is None:
         draft.unfixable.append(Finding("template.generation_prompt_ignored", "error",
