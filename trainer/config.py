@@ -232,6 +232,7 @@ def validate(cfg: TrainConfig, required: tuple[str, ...] = REQUIRED) -> TrainCon
                           ("gradient_checkpointing", GRADIENT_CHECKPOINTING), ("kernels", KERNEL_MODES)):
         if getattr(cfg, name) not in allowed:
             raise ConfigError(f"setting {name} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
+    model_options(cfg)  # what only the options object can tell (kernels interpret without Triton's interpreter)
     return cfg
 
 

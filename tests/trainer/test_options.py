@@ -66,3 +66,18 @@ def test_no_environment_variable_is_read_outside_launch_and_cli_setup():
             if re.search(r"os\.environ|os\.getenv", path.read_text(encoding="utf-8")):
                 readers.add(path.relative_to(ROOT).as_posix())
     assert readers == {"trainer/distributed.py"}
+
+
+def test_kernels_interpret_without_tritons_interpreter_is_a_one_line_error_before_any_loading(tmp_path):
+    """The CLI in a fresh process without TRITON_INTERPRET: exit 2 and one line, before the model is read."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "trainer", "run", "--model", str(tmp_path / "no-model"), "--data",
+                           str(tmp_path / "no-data.jsonl"), "--out", str(tmp_path / "run"), "--kernels", "interpret"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == ["error: setting kernels=\"interpret\" needs TRITON_INTERPRET=1 set "
+                                                "before triton is imported"], proc.stderr
