@@ -487,6 +487,7 @@ def _train(cfg: TrainConfig, console, resume: bool, dp: DataParallel | None, for
                       f"rows: {', '.join(list(repaired.values())[:8])}")
     settings = apply_lora(model, LoRASettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora,
                                               list(cfg.target_modules), list(cfg.modules_to_save)))
+    console.print(f"code paths: {options}", soft_wrap=True)  # what print(model) shows at its top
     if cfg.fp8:
         marked = fp8_layers(model)
         console.print(f"--fp8: forward products of {marked} NF4 base layers in e4m3 (backward in {str(dtype)[6:]})")

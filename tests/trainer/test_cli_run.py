@@ -45,6 +45,9 @@ def test_trainer_run_subprocess_loss_falls_and_writes_a_complete_run_dir(llama2,
     assert "max_steps: 25" in resolved and "template: llama-2" in resolved and "load_in_4bit: true" in resolved
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "loss" in (out / "summary.txt").read_text() and "run dir" in proc.stdout
+    # the code paths, as the run resolved them (on this CPU: the plain paths, no recompute)
+    assert "code paths: ModelOptions(kernels='auto', flex_attention=True, fp8=False, recompute='off')" in proc.stderr
+    assert "kernels: auto" in resolved and "flex_attention: true" in resolved
     assert sorted(p.name for p in out.iterdir()) == ["adapter", "config.yaml", "loss.png", "metrics.jsonl",
                                                      "run.json", "summary.txt"]
 
