@@ -126,8 +126,9 @@ def repair(path: str | Path, out: str | Path, *, chatml: bool = False, template:
         report.after = diagnose(stage_two, corpus=corpus).relocated(str(stage_two), str(out))
         still = still_failing(report.claimed, [before, mid_report], report.after)
         if still:
+            why = next(f.message for f in report.after.findings if f.check in still)
             raise FixError(f"fix claimed to repair {', '.join(still)} but the output still fails "
-                           f"{'it' if len(still) == 1 else 'them'}; nothing was written", report)
+                           f"{'it' if len(still) == 1 else 'them'} ({why}); nothing was written", report)
         # a path that is not UTF-8 goes into the JSON as an escape (\udcff), not refused
         (stage_two / REPORT_NAME).write_text(report.to_json(), encoding="utf-8", errors="backslashreplace")
         replace_dir(stage_two, out, old=staging_path(out, f"{STAGING_TAG}-old"))

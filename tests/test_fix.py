@@ -356,3 +356,14 @@ def test_a_fix_adding_ids_after_the_rows_were_grown_is_refused(example):
     grow_rows(draft, [], Options())
     with pytest.raises(AssertionError, match="needs"):
         append_token(draft, "<|late|>", user_defined=True)
+
+
+def test_a_fix_whose_output_still_fails_says_why_in_one_line_and_writes_nothing(example, tmp_path):
+    """--chatml patches ChatML's markers in and claims template.tokens_not_single; --template zephyr then installs a
+    template whose markers are not tokens of this vocabulary: the output still fails the claimed check."""
+    result = subprocess.run([*HEALER, "fix", str(example), "-o", str(tmp_path / "out"), "--chatml", "--template",
+                             "zephyr"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "still fails it (" in line and "not single tokens, e.g. '<|" in line and "nothing was written" in line
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
