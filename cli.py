@@ -360,7 +360,7 @@ def _preview(config, n: int, as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--verify", is_flag=True,
               help="Then run the GGUF in llama.cpp (needs llama-cpp-python) on the run's first examples against "
-                   "the merged model in transformers: token ids, top-1 agreement, KL; writes verify.json beside it.")
+                   "the merged model in transformers: token ids, top-1 agreement, KL; writes OUT.verify.json beside it.")
 @friendly_errors
 def trainer_export(source: Path, out: Path, fmt: str, quant: str, dtype: str, base: Path | None, force: bool,
                    verify: bool) -> None:
@@ -394,7 +394,7 @@ def trainer_export(source: Path, out: Path, fmt: str, quant: str, dtype: str, ba
 def _verify_gguf(source: Path, gguf_path: Path, base: Path | None, quant: str) -> None:
     from rich.table import Table
 
-    from export.verify import RESULT_FILE, verify_gguf
+    from export.verify import result_path, verify_gguf
 
     result = verify_gguf(source, gguf_path, base=base)
     table = Table("example", "tokens", "ids equal", "top-1", "mean KL", title=f"{gguf_path.name} ({quant}) in "
@@ -405,7 +405,7 @@ def _verify_gguf(source: Path, gguf_path: Path, base: Path | None, quant: str) -
     table.add_row("all", str(sum(e.tokens for e in result.examples)), "yes" if result.ids_equal else "no",
                   f"{result.top1:.1%}", f"{result.kl:.5f}")
     _console().print(table)
-    _console().print(f"Wrote {gguf_path.parent / RESULT_FILE}", highlight=False)
+    _console().print(f"Wrote {result_path(gguf_path)}", highlight=False, soft_wrap=True)
     if not result.ids_equal:
         click.echo("error: llama.cpp tokenizes the run's data differently from training (see the table): the "
                    "served model would see other tokens than it learned; check the chat template and tokenizer",

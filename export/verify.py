@@ -20,9 +20,13 @@ import torch
 
 from export.errors import ExportError, UnsupportedError
 from export.source import open_source
+from healer.outputs import write_atomic
 
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
-RESULT_FILE = "verify.json"
+def result_path(gguf_path: Path) -> Path:
+    """Where verify_gguf writes its result: beside the file, named after it (model.gguf -> model.gguf.verify.json),
+    so the checks of several exports into one directory do not overwrite each other."""
+    return gguf_path.with_name(gguf_path.name + ".verify.json")
 
 
 @dataclass
@@ -169,7 +173,7 @@ def _run_examples(run_dir: Path, ckpt, limit: int):
 
 def verify_gguf(source: str | Path, gguf_path: str | Path, *, base: str | Path | None = None, examples: int = 8,
                 max_tokens: int = 256) -> VerifyResult:
-    """Check the GGUF at `gguf_path` (exported from the run dir `source`) in llama.cpp; writes verify.json beside it."""
+    """Check the GGUF at `gguf_path` (exported from the run dir `source`) in llama.cpp; writes result_path(gguf_path)."""
     require_llama_cpp()
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -198,5 +202,5 @@ def verify_gguf(source: str | Path, gguf_path: str | Path, *, base: str | Path |
     finally:
         llama.close()
     result = VerifyResult(str(gguf_path), checks)
-    (gguf_path.parent / RESULT_FILE).write_text(json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8")
+    write_atomic(result_path(gguf_path), json.dumps(result.to_json(), indent=2) + "\n")
     return result

@@ -45,11 +45,11 @@ def test_verify_reports_equal_ids_and_close_logits_for_a_healed_chatml_model(tmp
     run = chatml_run(tmp_path, healed_chatml_llama(tmp_path / "base", **INIT))
     result = cli_export(run, tmp_path / "m.gguf", "--quant", "f16", "--verify")
     assert result.exit_code == 0, result.output
-    report = json.loads((tmp_path / "verify.json").read_text())
+    report = json.loads((tmp_path / "m.gguf.verify.json").read_text())
     assert report["ids_equal"] and len(report["examples"]) == len(CHATS)
     # f16 weights, f16 activations in llama.cpp: same argmax nearly everywhere, KL ~ 1e-5
     assert report["top1"] >= 0.9 and report["kl"] < 1e-3
-    assert "all" in result.output and "verify.json" in result.output
+    assert "all" in result.output and "m.gguf.verify.json" in result.output
 
 
 @pytest.mark.slow
@@ -59,7 +59,7 @@ def test_verify_exits_1_when_llama_cpp_tokenizes_the_training_text_differently(t
     run = chatml_run(tmp_path, chatml_llama(tmp_path / "base", **INIT))
     result = cli_export(run, tmp_path / "m.gguf", "--quant", "q8_0", "--verify")
     assert result.exit_code == 1, result.output
-    report = json.loads((tmp_path / "verify.json").read_text())
+    report = json.loads((tmp_path / "m.gguf.verify.json").read_text())
     assert not report["ids_equal"] and report["examples"][0]["first_difference"] == 2
     assert "error: llama.cpp tokenizes the run's data differently" in result.output
 
