@@ -487,7 +487,6 @@ def _train(cfg: TrainConfig, console, resume: bool, dp: DataParallel | None, for
                       f"rows: {', '.join(list(repaired.values())[:8])}")
     settings = apply_lora(model, LoRASettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora,
                                               list(cfg.target_modules), list(cfg.modules_to_save)))
-    console.print(f"code paths: {options}", soft_wrap=True)  # what print(model) shows at its top
     if cfg.fp8:
         marked = fp8_layers(model)
         console.print(f"--fp8: forward products of {marked} NF4 base layers in e4m3 (backward in {str(dtype)[6:]})")
@@ -539,6 +538,8 @@ def _run(cfg: TrainConfig, model: nn.Module, settings, data, sequences: list[Tra
     if latest is not None:
         progress = load_checkpoint(latest, model, optimizer, scheduler, dp)
         console.print(f"resuming from {latest} (step {progress.step} of {len(plan)})")
+    # once the run can start (a refused resume stays one line): what print(model) shows at its top
+    console.print(f"code paths: {model.options}", soft_wrap=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     trained = wrap(model, dp) if dp is not None else model
