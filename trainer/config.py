@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from healer.errors import HealerError
-from trainer.options import KERNEL_MODES, RECOMPUTE_MODES, ModelOptions
+from trainer.options import RECOMPUTE_MODES, ModelOptions
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LR_SCHEDULERS = ("linear", "cosine")
@@ -229,10 +229,10 @@ def validate(cfg: TrainConfig, required: tuple[str, ...] = REQUIRED) -> TrainCon
         raise ConfigError("setting fp8 needs lora_dropout 0 (it runs in the fused LoRA projections, which have "
                           "no dropout)")
     for name, allowed in (("lr_scheduler", LR_SCHEDULERS), ("device", DEVICES), ("dtype", DTYPES),
-                          ("gradient_checkpointing", GRADIENT_CHECKPOINTING), ("kernels", KERNEL_MODES)):
+                          ("gradient_checkpointing", GRADIENT_CHECKPOINTING)):
         if getattr(cfg, name) not in allowed:
             raise ConfigError(f"setting {name} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
-    model_options(cfg)  # what only the options object can tell (kernels interpret without Triton's interpreter)
+    model_options(cfg)  # the kernels mode, and interpret without Triton's interpreter: ModelOptions checks them
     return cfg
 
 

@@ -76,7 +76,7 @@ def unsupported_reason(model: nn.Module, max_tokens: int | None = None) -> str |
     decoder = getattr(model, "model", None)
     if decoder is None or not hasattr(decoder, "offloader"):
         return "not a trainer CausalLM"
-    if model.model.offloader is not None and not max_tokens:
+    if decoder.offloader is not None and not max_tokens:
         return "offloaded gradient checkpointing needs the largest micro-batch's token count for its host buffers"
     if any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
         return "LoRA dropout"

@@ -11,6 +11,7 @@ adapter_config.json and adapter_model.safetensors with keys
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -86,10 +87,11 @@ class LoRALinear(nn.Module):
         self.reset_lora_parameters()
 
     def rebuilt(self, options: ModelOptions) -> LoRALinear:
-        """This layer built with other options: the same base layer and the same LoRA factors (shared, not
-        copied, so gradients reach this layer's), to run one set of weights down another path."""
-        twin = LoRALinear(self.base_layer, self.r, 1.0, options=options)
-        twin.lora_A, twin.lora_B, twin.lora_dropout, twin.scaling = self.lora_A, self.lora_B, self.lora_dropout, self.scaling
+        """This layer with other options: the same base layer and the same LoRA factors (shared, not copied,
+        so gradients reach this layer's), to run one set of weights down another path. A shallow copy, so
+        no factors are allocated or drawn from the random generator only to be dropped."""
+        twin = copy.copy(self)
+        twin.options = options
         return twin
 
     def reset_lora_parameters(self) -> None:
